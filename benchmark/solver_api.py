@@ -1,0 +1,214 @@
+"""Floor 3/4 boundary: what a solver is, and how solver files are discovered.
+
+A solver approximates v = (G + λI)⁻¹ g, where G is the Gauss-Newton matrix of the *mean* training loss
+(G = (1/N) Σᵢ Jᵢᵀ Hᵢ Jᵢ, Hᵢ the Hessian of the cross-entropy in the logits) of the explained model, and
+turns it into influence scores with the sign convention of DESIGN.md:
+
+    τ(q, i) = −∇f(z_q)ᵀ (G + λI)⁻¹ ∇L(z_i)      (positive = up-weighting i helps the query's measurement f)
+    self(i) =  ∇L(z_i)ᵀ (G + λI)⁻¹ ∇L(z_i)       (rank descending to find mislabeled points)
+
+Scale: τ is the derivative of f with respect to the weight ε of an extra term ε·L(z_i) added to the mean
+loss. Removing train point i is ε = −1/N, so retraining without i changes f by about −τ(q, i)/N
+(tests/test_solvers.py checks this against actual leave-one-out retraining).
+
+A solver file in ``solvers/`` defines one subclass of :class:`Solver` with a unique ``name``; adding the
+file adds a leaderboard row. Shared math (per-sample gradients, GGN products, Kronecker factors) lives
+in ``benchmark/curvature.py``; solver files stay thin.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, ClassVar
+
+import torch
+from torch import nn
+
+from . import curvature
+from .curvature import SolverError  # defined on floor 3 so curvature code can raise it; re-exported here
+
+__all__ = ["Task", "Solver", "SolverError", "DAMPING_GRID", "available", "get"]
+
+# Memory the generic chunked scores may use for gradient blocks (query and train chunks together).
+DEFAULT_MEMORY_BUDGET_MB = 1024
+
+# The damping grid every damped solver searches (absolute λ, in units of G of the *mean* loss), so solvers
+# are compared at the same λ. It spans the values the paper's §6 error analysis is about.
+DAMPING_GRID = [1e-4, 1e-3, 1e-2, 1e-1, 1.0]
+
+
+@dataclass
+class Task:
+    """Everything a solver needs about the explained model.
+
+    ``train_x``/``train_y`` are the data the curvature is fitted on (the model's own training data).
+    ``measurement`` names the query function f: "margin" (default) or "loss".
+    A Task describes one fixed model: do not change the model's weights after creating it (solvers memoise
+    damping-independent curvature by the content of the model and data, see ``curvature.CACHE``).
+    """
+
+    model: nn.Module
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    num_classes: int
+    measurement: str = "margin"
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    seed: int = 0  # for solvers that sample (LiSSA mini-batches, random projections)
+
+    def fingerprint(self) -> str:
+        """Content hash of the model and its training data (cached on first use)."""
+        if getattr(self, "_fingerprint", None) is None:
+            self._fingerprint = curvature.fingerprint(self.model, self.train_x, self.train_y)
+        return self._fingerprint
+
+
+class Solver:
+    """Base class. Subclasses set ``name``, ``parameters`` (a grid per hyper-parameter, searched on
+    validation queries by the runner) and ``defaults`` (every parameter the solver takes; those without a
+    grid are fixed options), and implement ``fit`` (calling ``super().fit(task)`` first) and ``ihvp``.
+    ``scores``/``self_scores`` have chunked generic implementations built on ``ihvp``; solvers with a
+    cheaper structure may override them.
+    """
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    parameters: ClassVar[dict[str, list]] = {}
+    defaults: ClassVar[dict] = {}
+    max_params: ClassVar[int | None] = None  # largest model (parameter count) the solver accepts
+    memory_budget_mb: ClassVar[int] = DEFAULT_MEMORY_BUDGET_MB
+
+    def __init__(self, **params):
+        unknown = set(params) - set(self.defaults)
+        if unknown:
+            raise SolverError(f"solver {self.name!r} has no parameter(s) {sorted(unknown)}; "
+                              f"it takes {sorted(self.defaults)}")
+        self.params = {**self.defaults, **params}
+        if "damping" in self.params:
+            d = self.params["damping"]
+            if isinstance(d, bool) or not isinstance(d, (int, float)) or not math.isfinite(d) or d < 0:
+                raise SolverError(f"solver {self.name!r}: damping must be a finite number >= 0, got {d!r}")
+        self.task: Task | None = None
+        self._shared_seconds = 0.0  # build time of the damping-independent results this fit used
+        self._built_seconds = 0.0  # ... of those that this fit built (not taken from the cache)
+
+    # -- to implement -------------------------------------------------------------------------
+    def fit(self, task: Task) -> "Solver":
+        """Validate the task and keep it. Subclasses call this first, then fit their curvature."""
+        n = sum(p.numel() for p in task.model.parameters())
+        if self.max_params is not None and n > self.max_params:
+            raise SolverError(f"solver {self.name!r} accepts models up to {self.max_params:,} parameters; this model "
+                              f"has {n:,}. Use cg, lissa, kfac, ekfac or identity for models this large.")
+        if len(task.train_y) == 0 or len(task.train_x) != len(task.train_y):
+            raise SolverError(f"task has {len(task.train_x)} training inputs and {len(task.train_y)} labels; "
+                              f"need the same positive number of each")
+        for name, param in task.model.named_parameters():
+            curvature.check_finite(param.detach(), f"model parameter {name!r}", None)
+        if task.train_x.is_floating_point():
+            curvature.check_finite(task.train_x, "training input")
+        if task.measurement not in ("margin", "loss"):
+            raise SolverError(f"unknown measurement {task.measurement!r}; use 'margin' or 'loss'")
+        task.model.eval()
+        self.task = task
+        return self
+
+    def ihvp(self, vectors: torch.Tensor) -> torch.Tensor:
+        """(B, P) flat vectors -> (B, P) approximations of (G + λI)⁻¹ v."""
+        raise NotImplementedError
+
+    # -- provided -----------------------------------------------------------------------------
+    def functional(self, dtype=None) -> curvature.FunctionalModel:
+        return curvature.FunctionalModel(self._require_fit().model, dtype)
+
+    def cached(self, what: str, build: Callable[[], object], **options):
+        """Memoise a damping-independent result for this task (content-keyed, shared across fits)."""
+        task = self._require_fit()
+        key = (task.fingerprint(), str(task.device), what, tuple(sorted(options.items())))
+        value, seconds, built = curvature.CACHE.get(key, build)
+        self._shared_seconds += seconds
+        if built:
+            self._built_seconds += seconds
+        return value
+
+    def chunk_sizes(self, query_chunk: int | None = None, train_chunk: int | None = None) -> tuple[int, int]:
+        """Rows of (P,)-vectors per block. The query block (gradients + their IHVPs) gets 3/4 of the budget,
+        because every query block costs one more pass of train gradients (1 GiB holds 2,000 preconditioned
+        queries of the 46,730-parameter MNIST CNN: one pass); the train block gets 1/4."""
+        P = sum(p.numel() for p in self._require_fit().model.parameters())
+        row = 4 * P  # bytes of one float32 gradient
+        budget = self.memory_budget_mb * 2**20
+        q = query_chunk or max(1, min(8192, budget * 3 // 4 // (2 * row)))
+        t = train_chunk or max(1, min(4096, budget // 4 // row))
+        return int(q), int(t)
+
+    def scores(self, query_x: torch.Tensor, query_y: torch.Tensor, train_x: torch.Tensor,
+               train_y: torch.Tensor, *, query_chunk: int | None = None,
+               train_chunk: int | None = None) -> torch.Tensor:
+        """(Q, N) influence scores τ of every train point on every query's measurement.
+
+        Queries are preconditioned (ihvp) a block at a time; train gradients are computed a block at a
+        time and dropped after their dot products, so memory is bounded by the chunk sizes.
+        """
+        task = self._require_fit()
+        fm = curvature.FunctionalModel(task.model)
+        qc, tc = self.chunk_sizes(query_chunk, train_chunk)
+        out = torch.empty(len(query_y), len(train_y), dtype=torch.float32)
+        for qs in curvature.chunks(len(query_y), qc):
+            gq = curvature.per_sample_grads(fm, query_x[qs], query_y[qs], task.measurement)
+            curvature.check_finite(gq, f"query gradient ({task.measurement})", qs.start)
+            rq = self.ihvp(gq)
+            curvature.check_finite(rq, f"inverse-curvature product of a query gradient ({self.name})", qs.start)
+            rq = rq.to(fm.dtype)
+            for ts in curvature.chunks(len(train_y), tc):
+                gt = curvature.per_sample_grads(fm, train_x[ts], train_y[ts], "loss")
+                curvature.check_finite(gt, "train loss gradient", ts.start)
+                out[qs, ts] = -(rq @ gt.T).float().cpu()
+        return out
+
+    def self_scores(self, train_x: torch.Tensor, train_y: torch.Tensor, *,
+                    train_chunk: int | None = None) -> torch.Tensor:
+        """(N,) self-influence ∇L(zᵢ)ᵀ (G + λI)⁻¹ ∇L(zᵢ)."""
+        task = self._require_fit()
+        fm = curvature.FunctionalModel(task.model)
+        _, tc = self.chunk_sizes(None, train_chunk)
+        out = torch.empty(len(train_y), dtype=torch.float32)
+        for ts in curvature.chunks(len(train_y), tc):
+            g = curvature.per_sample_grads(fm, train_x[ts], train_y[ts], "loss")
+            curvature.check_finite(g, "train loss gradient", ts.start)
+            r = self.ihvp(g)
+            curvature.check_finite(r, f"inverse-curvature product of a train gradient ({self.name})", ts.start)
+            out[ts] = (g.double() * r.double()).sum(-1).float().cpu()
+        return out
+
+    def info(self) -> dict:
+        """Diagnostics for the run record (e.g. CG residuals, LiSSA step size); JSON-serialisable.
+        ``shared_seconds``: build time of the damping-independent curvature this fit used (also when it
+        came from the cache, so a grid search can report the true cost of one configuration)."""
+        return {"shared_seconds": round(self._shared_seconds, 3), "cache_hit": self._built_seconds == 0
+                and self._shared_seconds > 0}
+
+    def _require_fit(self) -> Task:
+        if self.task is None:
+            raise SolverError(f"solver {self.name!r}: call fit(task) before ihvp/scores/self_scores")
+        return self.task
+
+
+def available() -> dict[str, type[Solver]]:
+    """Every Solver subclass defined in a ``solvers/*.py`` file (and ``$TDABENCH_SOLVERS_PATH``)."""
+    from .plugins import load_plugins
+
+    found: dict[str, type[Solver]] = {}
+    for module in load_plugins("solvers"):
+        for obj in vars(module).values():
+            if isinstance(obj, type) and issubclass(obj, Solver) and obj.name and obj.__module__ == module.__name__:
+                if obj.name in found and found[obj.name] is not obj:
+                    raise SolverError(f"two solver files define the name {obj.name!r}")
+                found[obj.name] = obj
+    return dict(sorted(found.items()))
+
+
+def get(name: str) -> type[Solver]:
+    solvers = available()
+    if name not in solvers:
+        raise SolverError(f"unknown solver {name!r}; available: {', '.join(solvers) or '(none)'}")
+    return solvers[name]

@@ -1,0 +1,39 @@
+"""ekfac: eigenvalue-corrected K-FAC (§5.2; George et al. 2018, Grosse et al. 2023).
+
+Keeps K-FAC's Kronecker eigenbasis Q = Q_A ⊗ Q_Y per layer but replaces the eigenvalues Λ_A ⊗ Λ_Y with
+the mean squared projection of the per-example pseudo-gradients on that basis,
+Λ_ii = E[((Q_A ⊗ Q_Y)ᵀ Dθ)_i²], then (G + λI)⁻¹ v ≈ Q (Λ + λI)⁻¹ Qᵀ v. With ``pseudo_labels="all"`` Λ is
+exactly the diagonal of each layer's block of G in the Kronecker eigenbasis: the best diagonal
+approximation there. The eigenbasis is shared with (and memoised for) K-FAC.
+"""
+
+from benchmark import curvature
+from benchmark.solver_api import DAMPING_GRID, Solver
+
+
+class EKFAC(Solver):
+    name = "ekfac"
+    description = "EK-FAC: K-FAC eigenbasis with eigenvalues refitted to projected per-example pseudo-gradients"
+    parameters = {"damping": DAMPING_GRID}
+    defaults = {"damping": 1e-3, "pseudo_labels": "sampled"}
+
+    def fit(self, task):
+        super().fit(task)
+        self.layers = curvature.kron_layers(task.model)
+        fm = self.functional()
+        labels, seed = self.params["pseudo_labels"], task.seed
+        self.bases = self.cached("kronecker-eigenbases", lambda: curvature.kronecker_eigenbases(
+            fm, self.layers, task.train_x, labels, seed), pseudo_labels=labels, seed=seed)
+        self.eigenvalues = self.cached("ekfac-eigenvalues", lambda: curvature.ekfac_eigenvalues(
+            fm, self.layers, task.train_x, self.bases, labels, seed), pseudo_labels=labels, seed=seed)
+        self.scale = curvature.damped_eigenvalues(self.eigenvalues, self.params["damping"], self.name)
+        self.layout = fm.layout
+        return self
+
+    def ihvp(self, vectors):
+        self._require_fit()
+        return curvature.kron_apply(self.layers, self.layout, vectors, self.bases, self.scale)
+
+    def info(self):
+        return {**super().info(), "layers": [layer.path for layer in self.layers],
+                "pseudo_labels": self.params["pseudo_labels"]}

@@ -1,0 +1,89 @@
+"""Shared fixtures for the evaluation tests: a small synthetic ground truth and toy solver *files*.
+
+The toy solvers are written into temporary solver folders found through ``$TDABENCH_SOLVERS_PATH``,
+exactly as a user adds a solver, so these tests do not depend on the real solvers in ``solvers/``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import shutil
+import tempfile
+import textwrap
+from functools import lru_cache
+from pathlib import Path
+
+from benchmark import groundtruth, mislabel
+from benchmark.config import Protocol
+from benchmark.executors import LocalExecutor
+
+# Enough subsets that Spearman over them separates a good attribution from noise; still seconds to build.
+EVAL_PROTOCOL = Protocol(alpha=0.5, subsets=24, seeds=2, queries=20, validation_queries=12, full_models=1,
+                         seed_policy="shared")
+
+TOY_SOLVER = textwrap.dedent('''
+    """Toy solver for tests: the exact damped Gauss-Newton inverse, dense (tiny models only).
+
+    It implements only ``fit`` and ``ihvp``; scores and self-influence come from the Solver base class.
+    """
+    import torch
+    from torch.func import functional_call, jacrev, vmap
+
+    from benchmark.solver_api import Solver
+
+
+    class ToyExact(Solver):
+        name = "{name}"
+        parameters = {{"damping": [1e-3, 1e-1, 10.0]}}
+        defaults = {{"damping": 1e-1}}
+        max_params = 5000
+
+        def fit(self, task):
+            super().fit(task)
+            model, x = task.model, task.train_x
+            theta = {{n: p.detach() for n, p in model.named_parameters()}}
+
+            def logits(th, xi):
+                return functional_call(model, th, (xi.unsqueeze(0),)).squeeze(0)
+
+            jac = vmap(jacrev(logits), in_dims=(None, 0))(theta, x)
+            J = torch.cat([jac[n].reshape(len(x), jac[n].shape[1], -1) for n in theta], -1).double()
+            with torch.no_grad():
+                p = torch.softmax(model(x).double(), -1)
+            H = torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2)
+            G = torch.einsum("ncp,ncd,ndq->pq", J, H, J) / len(x)
+            self._inv = torch.linalg.inv(G + self.params["damping"] * torch.eye(len(G), dtype=G.dtype))
+            return self
+
+        def ihvp(self, vectors):
+            return {sign} * (vectors.double() @ self._inv)
+''')
+
+
+def write_solver(folder: Path, name: str = "toy-exact", sign: int = 1, filename: str | None = None) -> Path:
+    """Write a toy solver file; ``sign=-1`` makes a deliberately broken one (anti-correlated scores)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / (filename or f"{name.replace('-', '_')}.py")
+    path.write_text(TOY_SOLVER.format(name=name, sign=sign))
+    return path
+
+
+_ROOT = Path(tempfile.mkdtemp(prefix="tdabench-eval-tests-"))
+atexit.register(shutil.rmtree, _ROOT, ignore_errors=True)
+
+
+@lru_cache(maxsize=None)
+def synthetic_gt(setting: str = "synthetic-mlp") -> Path:
+    """A complete small ground truth (built once per test session) under a temporary gt root."""
+    gt_root = _ROOT / "gt"
+    groundtruth.build(setting, EVAL_PROTOCOL, gt_root=gt_root, executor=LocalExecutor(1), progress=False,
+                      log=lambda *a: None)
+    return gt_root
+
+
+@lru_cache(maxsize=None)
+def synthetic_mislabel(setting: str = "synthetic-mlp") -> Path:
+    """A mislabel artifact (10% flipped, one corrupted-label model) under a temporary root."""
+    root = _ROOT / "mislabel"
+    mislabel.build(setting, mislabel.Spec(), root=root, device="cpu", log=lambda *a: None)
+    return root

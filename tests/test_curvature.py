@@ -1,0 +1,350 @@
+"""Numerical truths of the shared curvature math (benchmark/curvature.py), each checked against an
+independent construction: plain autograd loops, explicit Jacobians, torch.autograd.functional.hessian.
+
+Everything runs in float64 on models with a few hundred parameters, so agreement is to ~1e-10.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from benchmark import curvature as cv
+from benchmark.curvature import SolverError
+from benchmark.models import MEASUREMENTS
+
+TOL = dict(rtol=1e-9, atol=1e-11)
+
+
+def tiny_mlp(seed=0, classes=4):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Flatten(), nn.Linear(12, 6), nn.Tanh(), nn.Linear(6, classes)).double().eval()
+
+
+def tiny_cnn(seed=0, classes=4):
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(3, 2, 2, stride=1, bias=False), nn.ReLU(), nn.Flatten(),
+        nn.Linear(2 * 2 * 2, classes),
+    ).double().eval()
+
+
+def data(n=20, shape=(1, 6, 6), classes=4, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, *shape, generator=g, dtype=torch.float64), torch.randint(0, classes, (n,), generator=g)
+
+
+MODELS = {"mlp": (tiny_mlp, (1, 3, 4)), "cnn": (tiny_cnn, (1, 6, 6))}
+
+
+def flat_grad(model, scalar):
+    model.zero_grad()
+    scalar.backward()
+    return torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+
+
+def explicit_ggn(model, x):
+    """Σ JᵢᵀHᵢJᵢ / N with Jᵢ from torch.autograd.functional.jacobian, one example at a time."""
+    names = [n for n, _ in model.named_parameters()]
+    params = tuple(p.detach() for p in model.parameters())
+    total = 0
+    for xi in x:
+        def logits(*ps):
+            return torch.func.functional_call(model, dict(zip(names, ps)), (xi[None],))[0]
+
+        J = torch.cat([j.reshape(j.shape[0], -1) for j in torch.autograd.functional.jacobian(logits, params)], 1)
+        p = torch.softmax(logits(*params), -1)
+        total = total + J.T @ (torch.diag(p) - torch.outer(p, p)) @ J
+    return total / len(x)
+
+
+# ---------------------------------------------------------------- layout
+
+def test_layout_roundtrip_and_order():
+    model = tiny_cnn()
+    fm = cv.FunctionalModel(model)
+    theta = fm.theta()
+    assert torch.equal(theta, torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+    V = torch.randn(3, fm.numel, dtype=torch.float64)
+    assert torch.equal(fm.layout.flatten(fm.layout.unflatten(V), batch_dims=1), V)
+    assert fm.layout.numel == sum(p.numel() for p in model.parameters())
+    with pytest.raises(ValueError, match="parameters"):
+        fm.layout.unflatten(torch.zeros(fm.numel + 1))
+
+
+# ---------------------------------------------------------------- per-example gradients
+
+@pytest.mark.parametrize("arch", sorted(MODELS))
+@pytest.mark.parametrize("measurement", ["loss", "margin"])
+def test_per_sample_grads_match_autograd_loop(arch, measurement):
+    build, shape = MODELS[arch]
+    model = build()
+    x, y = data(9, shape)
+    fm = cv.FunctionalModel(model)
+    got = cv.per_sample_grads(fm, x, y, measurement, chunk=4)
+    fn = MEASUREMENTS[measurement]
+    want = torch.stack([flat_grad(model, fn(model(x[i:i + 1]), y[i:i + 1]).sum()) for i in range(len(y))])
+    torch.testing.assert_close(got, want, **TOL)
+
+
+def test_float64_copy_leaves_model_untouched():
+    model = tiny_mlp().float()
+    fm = cv.FunctionalModel(model, "float64")
+    assert fm.dtype == torch.float64 and next(model.parameters()).dtype == torch.float32
+    x, y = data(5, (1, 3, 4))
+    g64 = cv.per_sample_grads(fm, x.float(), y)
+    g32 = cv.per_sample_grads(cv.FunctionalModel(model), x.float(), y)
+    assert g64.dtype == torch.float64
+    torch.testing.assert_close(g64.float(), g32, rtol=1e-4, atol=1e-6)
+
+
+# ---------------------------------------------------------------- logit Hessian
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(2, 7), st.integers(0, 2**31 - 1), st.floats(0.1, 20.0))
+def test_logit_hessian_factor(classes, seed, scale):
+    z = torch.randn(3, classes, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * scale
+    L = cv.logit_hessian_factor(z)
+    H = cv.logit_hessian(z)
+    torch.testing.assert_close(L @ L.transpose(-1, -2), H, rtol=1e-10, atol=1e-14)
+    y = torch.zeros(3, dtype=torch.long)
+    for i in range(3):  # and H is the cross-entropy Hessian in the logits, whatever the label
+        h = torch.autograd.functional.hessian(lambda zi: F.cross_entropy(zi[None], y[i:i + 1]), z[i])
+        torch.testing.assert_close(H[i], h, rtol=1e-9, atol=1e-12)
+
+
+# ---------------------------------------------------------------- Gauss-Newton and Hessian
+
+@pytest.mark.parametrize("arch", sorted(MODELS))
+def test_dense_ggn_matches_explicit_jacobians(arch):
+    build, shape = MODELS[arch]
+    model = build()
+    x, _ = data(12, shape)
+    G = cv.dense_ggn(cv.FunctionalModel(model), x, batch_size=5)
+    torch.testing.assert_close(G, explicit_ggn(model, x), **TOL)
+    assert torch.linalg.eigvalsh(G).min() > -1e-12  # PSD by construction
+
+
+@pytest.mark.parametrize("arch", sorted(MODELS))
+def test_ggn_vector_product_matches_dense(arch):
+    build, shape = MODELS[arch]
+    model = build()
+    x, _ = data(15, shape)
+    fm = cv.FunctionalModel(model)
+    G = cv.dense_ggn(fm, x)
+    V = torch.randn(4, fm.numel, dtype=torch.float64)
+    torch.testing.assert_close(cv.ggn_vector_product(fm, V, x, batch_size=4), V @ G, **TOL)
+
+
+def test_dense_ggn_in_blocks_on_a_larger_model():
+    """Above 1024 parameters G is multiplied block-triangle by block-triangle and mirrored."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(100, 15), nn.Tanh(), nn.Linear(15, 10)).double()
+    x = torch.randn(30, 100, dtype=torch.float64)
+    fm = cv.FunctionalModel(model)
+    assert fm.numel // 512 >= 3
+    G = cv.dense_ggn(fm, x, batch_size=8)
+    assert torch.equal(G, G.T)
+    V = torch.randn(3, fm.numel, dtype=torch.float64)
+    torch.testing.assert_close(V @ G, cv.ggn_vector_product(fm, V, x), **TOL)
+
+
+def test_hessian_matches_autograd_and_equals_ggn_for_linear_logits():
+    model = tiny_mlp()
+    x, y = data(10, (1, 3, 4))
+    fm = cv.FunctionalModel(model)
+
+    def mean_loss(theta):
+        return F.cross_entropy(torch.func.functional_call(model, fm.layout.unflatten(theta), (x,)), y)
+
+    H = cv.dense_hessian(fm, x, y, batch_size=3, chunk_size=50)
+    torch.testing.assert_close(H, torch.autograd.functional.hessian(mean_loss, fm.theta()), **TOL)
+    V = torch.randn(3, fm.numel, dtype=torch.float64)
+    torch.testing.assert_close(cv.hessian_vector_product(fm, V, x, y), V @ H, **TOL)
+    # the MLP's Hessian differs from its GGN (tanh curvature)...
+    assert (H - cv.dense_ggn(fm, x)).abs().max() > 1e-6
+    lr = nn.Sequential(nn.Flatten(), nn.Linear(12, 4)).double()  # ...logistic regression's does not
+    flr = cv.FunctionalModel(lr)
+    torch.testing.assert_close(cv.dense_hessian(flr, x, y), cv.dense_ggn(flr, x), **TOL)
+
+
+def test_top_eigenvalue_power_iteration():
+    model = tiny_mlp()
+    x, _ = data(30, (1, 3, 4))
+    fm = cv.FunctionalModel(model)
+    G = cv.dense_ggn(fm, x)
+    top = cv.top_eigenvalue(lambda v: cv.ggn_vector_product(fm, v, x), fm.numel, iters=300,
+                            generator=torch.Generator().manual_seed(0))
+    assert top == pytest.approx(float(torch.linalg.eigvalsh(G).max()), rel=1e-6)
+
+
+# ---------------------------------------------------------------- Kronecker factors
+
+def layer_positions(layer, layout):
+    """(out, D) integer positions of the layer's [W | b] entries in the flat parameter vector."""
+    pos = layout.unflatten(torch.arange(layout.numel, dtype=torch.float64).unsqueeze(0))
+    return layer.to_matrix(pos).squeeze(0).round().long()
+
+
+def test_layer_pseudo_grads_reconstruct_per_sample_grads():
+    """Σ_t dy_t ã_tᵀ with the true-label cotangent is each example's loss gradient: checks the unfold
+    order, stride/padding, the bias column and the mapping back to the flat layout."""
+    model = tiny_cnn()
+    x, y = data(7)
+    fm = cv.FunctionalModel(model)
+    layers = cv.kron_layers(model)
+    assert [layer.bias is not None for layer in layers] == [True, False, True]
+
+    def ce_logit_grad(z):
+        return (torch.softmax(z, -1) - F.one_hot(y, z.shape[-1]).double()).unsqueeze(0)
+
+    grads = cv.layer_pseudo_grads(fm, layers, x, ce_logit_grad)
+    want = cv.per_sample_grads(fm, x, y, "loss")
+    got = torch.zeros_like(want)
+    for layer in layers:
+        a, dy = grads[layer.path]
+        got[:, layer_positions(layer, fm.layout).flatten()] = torch.einsum("nto,ntd->nod", dy[0], a).reshape(len(y), -1)
+    torch.testing.assert_close(got, want, **TOL)
+
+
+def kron_block(A, Y):
+    """A ⊗ Y arranged on row-major (out, D) matrix entries: entry ((o,d),(o',d')) = Y[o,o'] A[d,d']."""
+    return torch.einsum("ab,de->adbe", Y, A).reshape(Y.shape[0] * A.shape[0], -1)
+
+
+def test_kfac_exact_for_one_linear_layer_and_one_example():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(5, 3)).double()
+    x, _ = data(1, (5,), classes=3)
+    fm = cv.FunctionalModel(model)
+    layer, = cv.kron_layers(model)
+    (A, Y), = cv.kronecker_factors(fm, [layer], x, "all").values()
+    idx = layer_positions(layer, fm.layout).flatten()
+    G = cv.dense_ggn(fm, x)
+    torch.testing.assert_close(kron_block(A, Y), G[idx][:, idx], **TOL)
+
+
+def test_kfac_exact_when_every_example_has_the_same_logit_hessian():
+    """W = 0: every example has p = softmax(b), so G = E[ããᵀ] ⊗ H exactly, for any number of examples."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(5, 3)).double()
+    with torch.no_grad():
+        model[1].weight.zero_()
+        model[1].bias.copy_(torch.tensor([0.3, -1.0, 0.5]))
+    x, _ = data(40, (5,), classes=3)
+    fm = cv.FunctionalModel(model)
+    layer, = cv.kron_layers(model)
+    (A, Y), = cv.kronecker_factors(fm, [layer], x, "all", batch_size=16).values()
+    idx = layer_positions(layer, fm.layout).flatten()
+    torch.testing.assert_close(kron_block(A, Y), cv.dense_ggn(fm, x)[idx][:, idx], **TOL)
+
+
+def test_sampled_pseudo_labels_are_unbiased():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(5, 3)).double()
+    x, _ = data(30, (5,), classes=3)
+    fm = cv.FunctionalModel(model)
+    layers = cv.kron_layers(model)
+    (_, Y_all), = cv.kronecker_factors(fm, layers, x, "all").values()
+    Y_mean = sum(cv.kronecker_factors(fm, layers, x, "sampled", seed=s)[layers[0].path][1] for s in range(300)) / 300
+    torch.testing.assert_close(Y_mean, Y_all, rtol=0, atol=0.05 * float(Y_all.abs().max()))
+
+
+@pytest.mark.parametrize("arch", sorted(MODELS))
+def test_ekfac_eigenvalues_are_the_ggn_diagonal_in_the_kronecker_basis(arch):
+    """With every label, EK-FAC's refitted Λ equals diag(Qᵀ G_l Q) for each layer's block G_l of the
+    dense GGN, Q = Q_A ⊗ Q_Y — for convolutions too (positions summed inside each example)."""
+    build, shape = MODELS[arch]
+    model = build()
+    x, _ = data(11, shape)
+    fm = cv.FunctionalModel(model)
+    layers = cv.kron_layers(model)
+    bases = cv.kronecker_eigenbases(fm, layers, x, "all", batch_size=4)
+    lam = cv.ekfac_eigenvalues(fm, layers, x, bases, "all", batch_size=3)
+    G = cv.dense_ggn(fm, x)
+    for layer in layers:
+        idx = layer_positions(layer, fm.layout).flatten()
+        Q = kron_block(bases[layer.path]["q_a"], bases[layer.path]["q_y"])  # columns: basis matrices q_y qₐᵀ
+        want = torch.einsum("pi,pq,qi->i", Q, G[idx][:, idx], Q).reshape(layer.out_dim, layer.in_dim)
+        torch.testing.assert_close(lam[layer.path], want, **TOL)
+
+
+def test_kron_apply_inverts_the_kronecker_product():
+    model = tiny_cnn()
+    x, _ = data(9)
+    fm = cv.FunctionalModel(model)
+    layers = cv.kron_layers(model)
+    bases = cv.kronecker_eigenbases(fm, layers, x, "all")
+    lam = {p: b["lam_y"][:, None] * b["lam_a"][None, :] for p, b in bases.items()}
+    scale = cv.damped_eigenvalues(lam, 0.1, "test")
+    V = torch.randn(2, fm.numel, dtype=torch.float64)
+    R = cv.kron_apply(layers, fm.layout, V, bases, scale)
+    factors = cv.kronecker_factors(fm, layers, x, "all")
+    for layer in layers:  # (A ⊗ Y + λI) R = V, layer by layer, as matrices: Y R A + λR = V
+        A, Y = factors[layer.path]
+        Rm = layer.to_matrix(fm.layout.unflatten(R))
+        torch.testing.assert_close(Y @ Rm @ A + 0.1 * Rm, layer.to_matrix(fm.layout.unflatten(V)), **TOL)
+
+
+class Shared(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.lin(torch.tanh(self.lin(x)))
+
+
+@pytest.mark.parametrize("model, match", [
+    (nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 3)), "only nn.Linear and nn.Conv2d"),
+    (nn.Sequential(nn.Conv2d(2, 2, 3, groups=2), nn.Flatten()), "groups=1"),
+    (nn.Sequential(nn.Conv2d(1, 2, 3, padding="same"), nn.Flatten()), "explicit integer padding"),
+    (nn.Sequential(nn.Embedding(5, 3)), "only nn.Linear and nn.Conv2d"),
+])
+def test_unsupported_layers_are_a_clear_error(model, match):
+    with pytest.raises(SolverError, match=match):
+        cv.kron_layers(model)
+
+
+def test_shared_layer_is_a_clear_error():
+    model = Shared().double()
+    fm = cv.FunctionalModel(model)
+    with pytest.raises(SolverError, match="more than once"):
+        cv.kronecker_factors(fm, cv.kron_layers(model), torch.randn(3, 4, dtype=torch.float64))
+
+
+# ---------------------------------------------------------------- errors and cache
+
+def test_check_finite_names_the_example():
+    t = torch.zeros(5, 3)
+    t[3, 1] = float("nan")
+    with pytest.raises(SolverError, match="non-finite train gradient for example 13"):
+        cv.check_finite(t, "train gradient", offset=10)
+    cv.check_finite(torch.zeros(2, 2), "fine")
+
+
+def test_cache_builds_once_and_evicts_by_bytes():
+    cache = cv.CurvatureCache(max_bytes=3 * 8 * 100)
+    calls = []
+
+    def build(tag):
+        calls.append(tag)
+        return torch.zeros(100, dtype=torch.float64)
+
+    v1, _, built1 = cache.get(("a",), lambda: build("a"))
+    v2, _, built2 = cache.get(("a",), lambda: build("a"))
+    assert built1 and not built2 and v1 is v2 and calls == ["a"]
+    for k in "bcd":
+        cache.get((k,), lambda k=k: build(k))
+    _, _, rebuilt = cache.get(("a",), lambda: build("a"))  # evicted: four 800-byte entries exceed 2400 bytes
+    assert rebuilt and calls == ["a", "b", "c", "d", "a"]
+
+
+def test_fingerprint_tracks_content():
+    model = tiny_mlp()
+    x, y = data(4, (1, 3, 4))
+    f0 = cv.fingerprint(model, x, y)
+    assert cv.fingerprint(model, x, y) == f0
+    with torch.no_grad():
+        next(model.parameters())[0, 0] += 1e-9
+    assert cv.fingerprint(model, x, y) != f0

@@ -1,0 +1,189 @@
+"""Metrics against independent references: scipy, brute-force loops, hand-built rankings."""
+
+import time
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import mannwhitneyu, spearmanr
+
+from benchmark import metrics
+
+
+def brute_force_lds(scores, masks, target):
+    """The paper's definition, literally: one Spearman per query over the M subsets."""
+    out = []
+    for q in range(scores.shape[0]):
+        g = [sum(scores[q, i] for i in range(masks.shape[1]) if masks[j, i]) for j in range(masks.shape[0])]
+        out.append(spearmanr(g, target[:, q]).statistic)
+    return np.array(out)
+
+
+@pytest.fixture
+def lds_problem():
+    rng = np.random.default_rng(3)
+    m, n, q = 15, 40, 6
+    masks = rng.random((m, n)) < 0.5
+    scores = rng.normal(size=(q, n))
+    target = masks.astype(float) @ scores.T + rng.normal(scale=2.0, size=(m, q))
+    target[:, 0] = np.round(target[:, 0])  # ties in the target
+    return scores, masks, target
+
+
+def test_lds_matches_scipy_brute_force(lds_problem):
+    scores, masks, target = lds_problem
+    np.testing.assert_allclose(metrics.lds_per_query(scores, masks, target), brute_force_lds(scores, masks, target),
+                               atol=1e-12)
+    # torch input and chunked accumulation give the same numbers
+    chunked = metrics.subset_predictions(torch.from_numpy(scores), masks, chunk=4)
+    np.testing.assert_allclose(chunked, masks.astype(float) @ scores.T, atol=1e-12)
+
+
+def test_lds_is_one_for_a_linear_datamodel_and_minus_one_reversed(lds_problem):
+    scores, masks, _ = lds_problem
+    exact = masks.astype(float) @ scores.T
+    assert np.allclose(metrics.lds_per_query(scores, masks, exact), 1.0)
+    assert np.allclose(metrics.lds_per_query(-scores, masks, exact), -1.0)
+    # a monotone transform of the target does not change a rank correlation
+    assert np.allclose(metrics.lds_per_query(scores, masks, np.exp(exact / 10)), 1.0)
+
+
+def test_lds_summary_mean_se_bootstrap_and_ceiling(lds_problem):
+    scores, masks, target = lds_problem
+    per_query = brute_force_lds(scores, masks, target)
+    res = metrics.lds(scores, masks, target, ceiling=0.8)
+    assert res["mean"] == pytest.approx(per_query.mean())
+    assert res["se"] == pytest.approx(per_query.std(ddof=1) / np.sqrt(len(per_query)))
+    assert res["ci_low"] <= res["mean"] <= res["ci_high"]
+    assert res["of_ceiling"] == pytest.approx(res["mean"] / 0.8)
+    assert res["n"] == len(per_query) and res["n_undefined"] == 0
+
+
+def test_bootstrap_interval_agrees_with_normal_theory():
+    v = np.random.default_rng(0).normal(0.3, 1.0, size=2000)
+    lo, hi = metrics.bootstrap_ci(v, n_boot=4000)
+    se = v.std(ddof=1) / np.sqrt(len(v))
+    assert lo == pytest.approx(v.mean() - 1.96 * se, abs=0.25 * se)
+    assert hi == pytest.approx(v.mean() + 1.96 * se, abs=0.25 * se)
+
+
+def test_undefined_queries_are_counted_not_averaged():
+    masks = np.array([[1, 0], [0, 1], [1, 1]], dtype=bool)
+    scores = np.array([[1.0, 2.0], [1.0, 2.0]])
+    target = np.array([[0.0, 1.0], [0.0, 2.0], [0.0, 3.0]])  # query 0: constant target
+    res = metrics.lds(scores, masks, target)
+    assert res["n_undefined"] == 1 and res["n"] == 1
+    assert res["mean"] == pytest.approx(1.0)
+
+
+def test_lds_rejects_bad_input(lds_problem):
+    scores, masks, target = lds_problem
+    bad = scores.copy()
+    bad[2, 5] = np.nan
+    with pytest.raises(ValueError, match="non-finite"):
+        metrics.lds_per_query(bad, masks, target)
+    with pytest.raises(ValueError, match="do not match"):
+        metrics.lds_per_query(scores[:, :-1], masks, target)
+    with pytest.raises(ValueError, match="boolean"):
+        metrics.lds_per_query(scores, masks.astype(int), target)
+
+
+# ---------------------------------------------------------------- mislabel detection
+
+def test_recall_on_a_hand_built_ranking():
+    # 10 points, flipped {2, 7}; ranking by score: 7, 0, 2, 1, ... -> top1 finds 1 of 2, top3 finds both
+    scores = np.array([9.0, 1.0, 8.0, 0.5, 0.4, 0.3, 0.2, 10.0, 0.1, 0.0])
+    rec = metrics.recall_at(scores, [2, 7], fractions=(0.1, 0.2, 0.3, 0.5, 1.0))
+    np.testing.assert_allclose(rec, [0.5, 0.5, 1.0, 1.0, 1.0])
+    out = metrics.mislabel(scores, [2, 7])
+    assert out["recall_10"] == 0.5 and out["recall_30"] == 1.0
+    # AUC: 7 beats all 8 clean points, 2 beats 7 of 8 (not point 0) -> 15/16
+    assert out["auc"] == pytest.approx(15 / 16)
+
+
+def test_recall_perfect_and_worst():
+    n, flipped = 100, np.arange(90, 100)
+    perfect = np.zeros(n)
+    perfect[flipped] = 1.0
+    out = metrics.mislabel(perfect, flipped)
+    assert out["recall_10"] == 1.0 and out["auc"] == 1.0
+    worst = metrics.mislabel(-perfect, flipped)
+    assert worst["recall_50"] == 0.0 and worst["auc"] == 0.0
+
+
+def test_ties_are_broken_randomly_not_by_index():
+    # Flipped points are the first indices: a stable sort of a constant score would "find" them all.
+    n, flipped = 1000, np.arange(100)
+    rec = metrics.recall_at(np.zeros(n), flipped, fractions=(0.1, 0.5))
+    assert 0.02 < rec[0] < 0.2 and 0.35 < rec[1] < 0.65
+    assert metrics.roc_auc(np.zeros(n), flipped) == 0.5
+
+
+def test_auc_matches_scipy_mann_whitney_with_ties():
+    rng = np.random.default_rng(1)
+    scores = np.round(rng.normal(size=300), 1)  # many ties
+    flipped = rng.choice(300, 30, replace=False)
+    pos = np.zeros(300, bool)
+    pos[flipped] = True
+    u = mannwhitneyu(scores[pos], scores[~pos]).statistic
+    assert metrics.roc_auc(scores, flipped) == pytest.approx(u / (30 * 270))
+
+
+def test_recall_curve_area_is_affine_in_auc():
+    # With one curve point per training point, the area under recall-vs-fraction is exactly p/2 + (1-p)·AUC.
+    rng = np.random.default_rng(2)
+    scores = rng.normal(size=100)
+    flipped = rng.choice(100, 10, replace=False)
+    scores[flipped] += 1.0
+    out = metrics.mislabel(scores, flipped)
+    p = 10 / 100
+    assert out["recall_curve_area"] == pytest.approx(p / 2 + (1 - p) * out["auc"])
+
+
+def test_random_baseline_is_the_expectation_of_random_orders():
+    n, n_flipped = 200, 20
+    base = metrics.random_baseline(n, n_flipped)
+    rng = np.random.default_rng(0)
+    flipped = np.arange(n_flipped)
+    sims = np.array([metrics.recall_at(rng.random(n), flipped) for _ in range(3000)])
+    np.testing.assert_allclose(sims.mean(0), [base[f"recall_{p}"] for p in (10, 20, 30, 40, 50)], atol=0.01)
+    assert base["auc"] == 0.5
+
+
+def test_auc_se_matches_simulation_under_the_null():
+    n1, n0 = 20, 180
+    rng = np.random.default_rng(0)
+    flipped = np.arange(n1)
+    aucs = [metrics.roc_auc(rng.random(n1 + n0), flipped) for _ in range(3000)]
+    assert metrics.auc_se(0.5, n1, n0) == pytest.approx(np.std(aucs), rel=0.1)
+    assert metrics.recall_se(0.5, 100) == pytest.approx(0.05)
+
+
+def test_mislabel_rejects_bad_indices():
+    with pytest.raises(ValueError, match="duplicates"):
+        metrics.mislabel(np.zeros(10), [1, 1])
+    with pytest.raises(ValueError, match="lie in"):
+        metrics.mislabel(np.zeros(10), [10])
+    with pytest.raises(ValueError, match="not finite"):
+        metrics.mislabel(np.array([np.nan] + [0.0] * 9), [1])
+
+
+# ---------------------------------------------------------------- cost
+
+def test_cost_measures_time_and_peak_memory():
+    cost = metrics.Cost("cpu")
+    with cost.stage("alloc"):
+        block = np.ones(50 * 2**20 // 8)  # 50 MiB, touched
+        block += 1
+        del block
+        time.sleep(0.05)
+    rec = cost.stages["alloc"]
+    assert rec["seconds"] >= 0.05
+    if rec["start_mb"] is not None:  # Linux: resident-set accounting
+        assert rec["peak_mb"] - rec["start_mb"] >= 45
+    with pytest.raises(RuntimeError, match="nest"):
+        with cost.stage("outer"):
+            with cost.stage("inner"):
+                pass
+    assert cost.seconds("missing") is None
+    assert cost.seconds("alloc") == pytest.approx(rec["seconds"])

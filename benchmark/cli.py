@@ -174,6 +174,9 @@ def _cmd_ihvp_error(args) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    if args.replot:
+        print(f"wrote {ihvp_error.replot()}")
+        return 0
     ihvp_error.run(args.setting or None, args.solver or None, args.damping or None, args.queries)
     return 0
 
@@ -195,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--damping", action="append", type=float, help="damping λ (repeatable; default: the solvers' grid)")
     s.add_argument("--queries", type=int, default=100, help="test-query gradients (default 100)")
     s.add_argument("--threads", type=int, help="torch threads (1 avoids oversubscription on a busy machine)")
+    s.add_argument("--replot", action="store_true", help="only redraw the figure from results/ihvp_error*.csv")
     s.set_defaults(func=_cmd_ihvp_error)
 
     s = sub.add_parser("data", help="fetch and verify a setting's data files")

@@ -105,8 +105,10 @@ def influence_grid(setting: str, solvers: list[str], queries: list[int] | None =
         pos, neg = order[:top], order.flip(0)[:top]
         q = int(q_idx[qi])
         _show(axes[r][0], data.test_x[q], f"test #{q}\nlabel {_label(data, int(data.test_y[q]))}",
-              title=f"{name}\n" + ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
-                                            for k, v in params.items()))
+              title="query" if r == 0 else None)
+        axes[r][0].set_ylabel(f"{name}\n" + "\n".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+                                                      for k, v in params.items()), fontsize=7, rotation=0,
+                              ha="right", va="center", labelpad=4)
         for j, i in enumerate(pos.tolist()):
             _show(axes[r][1 + j], data.train_x[i], f"#{i} y={_label(data, int(data.train_y[i]))}\nτ={tau[i]:+.3g}",
                   POSITIVE, "most helpful" if (r == 0 and j == 0) else None)

@@ -141,8 +141,11 @@ def collect(settings: list[str] | None = None, *, runs_root: Path = runner.RUNS_
                 status.append("setting no longer registered: its record cannot be checked for staleness")
             if (setting, solver) in failures:
                 status.append(f"last rerun failed: {failures[(setting, solver)]}")
+            by_reason: dict[str, list[str]] = {}
             for section, why in stale.items():
-                status.append(f"{section} STALE: {'; '.join(why)}")
+                by_reason.setdefault("; ".join(why), []).append(section)
+            for why, sections in by_reason.items():
+                status.append(f"STALE ({', '.join(sections)}): {why}")
             if not lds and solver != "baseline-loss":
                 status.append("LDS not yet run")
             if not mis and has_mis:
@@ -291,7 +294,9 @@ def figures(df: pd.DataFrame, records: dict, out_dir: Path = FIGURES, log=print)
     written = []
     # One colour per solver across both figures.
     names = sorted(set(df["solver"]) - set(runner.BASELINES))
-    palette = dict(zip(names, sns.color_palette("colorblind", max(1, len(names)))))
+    cb = sns.color_palette("colorblind", 10)
+    order = [0, 1, 2, 4, 9, 5, 3, 8, 6, 7]  # colorblind-safe; similar hues (orange/vermillion, pinks) kept apart
+    palette = {n: cb[order[i % len(order)]] for i, n in enumerate(names)}
     palette.update({"baseline-random": (0.6, 0.6, 0.6), "baseline-loss": (0.1, 0.1, 0.1)})
 
     lds = df[df["lds"].notna()]

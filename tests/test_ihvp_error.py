@@ -26,3 +26,4 @@ def test_ihvp_error_end_to_end(tmp_path):
     lissa = pd.read_csv(tmp_path / "ihvp_error_lissa.csv")
     assert sorted(lissa["depth"]) == [1, 3, 10, 20]
     assert fig.stat().st_size > 10_000
+    assert ihvp_error.replot(out, tmp_path / "again.png").stat().st_size > 10_000

@@ -9,7 +9,7 @@ STAMP      := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
 TDABENCH   := $(PY) -m benchmark
 
 .PHONY: venv data test test-fast lds-mnist lds-fmnist gt-mnist gt-fmnist gt-small gt-verify bench-train clean-venv help
-.PHONY: leaderboard mislabel-mnist figures-mnist regress
+.PHONY: leaderboard mislabel-mnist figures-mnist regress ihvp-error bench-solvers
 
 # Solvers the evaluation targets run (Table 1's method by default): make lds-mnist SOLVERS="ekfac identity"
 SOLVERS    ?= ekfac
@@ -22,6 +22,8 @@ help:
 	@echo "make gt-mnist     build/resume the mnist-cnn ground truth (hours on CPU; resumable)"
 	@echo "make gt-verify    verify every committed ground-truth artifact"
 	@echo "make bench-train  training throughput: plain loop vs vmap-batched, models per minute"
+	@echo "make ihvp-error   IHVP error of every solver vs the exact damped inverse (mnist-lr, mnist-mlp-small)"
+	@echo "make bench-solvers solver cost on mnist-cnn: fit, 2000x60000 scores (extrapolated), peak memory"
 	@echo "make gpu-runbook  GPU: ground truth + EK-FAC for the timm settings (docs/large-settings.md)"
 	@echo "make leaderboard  rerun stale/missing runs, write results/leaderboard.{csv,md} and figures"
 	@echo "make mislabel-mnist  mislabel detection on mnist-cnn (10% flipped) vs random and training loss"
@@ -84,6 +86,12 @@ gt-verify: venv
 
 bench-train: venv
 	$(PY) -m benchmark.bench_train
+
+ihvp-error: venv
+	$(TDABENCH) ihvp-error
+
+bench-solvers: venv
+	$(PY) -m benchmark.bench_solvers
 
 # On a GPU machine: ground truth + EK-FAC for the timm settings, within BUDGET_S seconds, resumable
 # (docs/large-settings.md). e.g. make gpu-runbook BUDGET_S=3600 RUNBOOK_SETTINGS="fmnist-resnet mnist-vit"

@@ -153,7 +153,8 @@ def collect(settings: list[str] | None = None, *, runs_root: Path = runner.RUNS_
             cost = rec.get("cost", {})
             row.update(status="; ".join(status) or "ok", fit_s=cost.get("fit_s"), score_s=cost.get("score_s"),
                        self_score_s=cost.get("self_score_s"), peak_mb=cost.get("peak_mb"), device=rec.get("device"),
-                       params=_fmt_params(rec.get("params")), record=runner._rel(runner.run_path(setting, solver, runs_root)))
+                       params=_fmt_params(rec.get("params")),
+                       record=runner._rel(runner.run_path(setting, solver, runs_root)))
             rows.append(row)
     return pd.DataFrame(rows, columns=list(COLUMNS)), records
 
@@ -186,7 +187,8 @@ def update(settings: list[str] | None = None, solvers: list[str] | None = None, 
             rec = runner.read_record(setting, solver, runs_root)
             tasks = []
             # A stale record is rerun even on an unfinished ground truth: someone asked for it once.
-            can_lds = solver != "baseline-loss" and gt_path is not None and bool(gt_complete or include_incomplete or rec)
+            can_lds = (solver != "baseline-loss" and gt_path is not None
+                       and bool(gt_complete or include_incomplete or rec))
             if rec is None:
                 tasks = (["lds"] if can_lds else []) + (["mislabel"] if has_mislabel else [])
                 why = "no record"
@@ -316,8 +318,8 @@ def figures(df: pd.DataFrame, records: dict, out_dir: Path = FIGURES, log=print)
             paper = part["paper_lds"].dropna()
             if len(paper):
                 ax.axhline(paper.iloc[0], color="crimson", ls="--", lw=1.5, label=f"paper {paper.iloc[0]:.2f}")
-            labels = [s + ("*" if "incomplete" in (st or "").lower() else "") + (" (stale)" if "STALE" in (st or "") else "")
-                      for s, st in zip(part["solver"], part["status"])]
+            labels = [s + ("*" if "incomplete" in (st or "").lower() else "")
+                      + (" (stale)" if "STALE" in (st or "") else "") for s, st in zip(part["solver"], part["status"])]
             ax.set_xticks(x, labels, rotation=30, ha="right")
             ax.set_title(setting + ("\n* incomplete ground truth" if any("*" in lab for lab in labels) else ""))
             ax.legend(loc="upper right", fontsize=8, frameon=True)
@@ -411,8 +413,9 @@ def ensure_record(setting: str, solver: str, tasks: list[str], *, force: bool = 
         stale = runner.stale_reasons(rec, gt_root=gt_root, mislabel_root=mislabel_root)
         todo = [t for t in tasks if t not in rec or t in stale]
         if not todo:
-            log(f"{setting} / {solver}: using the fresh run record {runner._rel(runner.run_path(setting, solver, runs_root))} "
-                f"(created {rec.get('created')}; --force recomputes)")
+            path = runner._rel(runner.run_path(setting, solver, runs_root))
+            log(f"{setting} / {solver}: using the fresh run record {path} (created {rec.get('created')}; "
+                f"--force recomputes)")
             return rec
         tasks = todo
     return runner.run(setting, solver, tasks=tasks, log=log, **kw)
@@ -449,7 +452,8 @@ def table1(setting: str, solvers: list[str], *, force: bool = False, log=print, 
                      f"{lds['ci_high']:.3f}] {ceiling:>13s} {frac:>10s} {paper:>6s}  {_fmt_params(lds['params'])}")
     lines += sorted(notes)
     lines.append(f"LDS: Spearman over {rows[0][1]['lds']['subsets']} subsets, mean over {rows[0][1]['lds']['queries']} "
-                 f"queries, measurement {rows[0][1]['lds']['measurement']}; hyper-parameters chosen on validation queries.")
+                 f"queries, measurement {rows[0][1]['lds']['measurement']}; hyper-parameters chosen on validation "
+                 f"queries.")
     return "\n".join(lines)
 
 

@@ -150,7 +150,8 @@ def param_grid(cls, fixed: dict | None = None, grid: dict | None = None) -> list
     for k in keys:
         if not isinstance(space[k], (list, tuple)) or not space[k]:
             raise RunError(f"solver {cls.name!r}: the grid for {k!r} must be a non-empty list, got {space[k]!r}")
-    return [{**cls.defaults, **dict(zip(keys, combo)), **fixed} for combo in itertools.product(*(space[k] for k in keys))]
+    return [{**cls.defaults, **dict(zip(keys, combo)), **fixed}
+            for combo in itertools.product(*(space[k] for k in keys))]
 
 
 def check_applicable(cls, model: torch.nn.Module) -> None:
@@ -290,10 +291,10 @@ def evaluate_lds(setting: str, solver: str, params: dict | None = None, *, searc
             except (solver_api.SolverError, ValueError, torch.linalg.LinAlgError) as exc:
                 fitted, trial = None, {"params": cand, "validation_lds": None, "error": f"{type(exc).__name__}: {exc}"}
             trials.append(trial)
-            log(f"  {solver} {cand}: validation LDS "
-                + (f"{trial['validation_lds']:.4f} ± {trial['validation_lds_se']:.4f}" if trial.get("validation_lds")
-                   is not None and math.isfinite(trial["validation_lds"]) else f"failed ({trial.get('error', 'undefined')})"))
             ok = trial.get("validation_lds") is not None and math.isfinite(trial["validation_lds"])
+            log(f"  {solver} {cand}: validation LDS "
+                + (f"{trial['validation_lds']:.4f} ± {trial['validation_lds_se']:.4f}" if ok
+                   else f"failed ({trial.get('error', 'undefined')})"))
             if ok and (best is None or trial["validation_lds"] > best[0]["validation_lds"]):
                 best = (trial, fitted, trial_cost)  # keep the fitted solver: no second fit for the winner
         if best is None:
@@ -360,11 +361,13 @@ def evaluate_mislabel(setting: str, solver: str, params: dict | None = None, *, 
         fitted = _fit(cls, chosen, models, tx, ty, data.num_classes, "loss", device, cost, "fit")
         self_inf = _self_scores(fitted, tx, ty, cost, "self_score")
         section = metrics.mislabel(self_inf, art.flipped, seed)
-        section["definition"] = "self-influence ∇L(zᵢ)ᵀ(G+λI)⁻¹∇L(zᵢ) on the corrupted-label model, largest first"
+        section["definition"] = ("self-influence ∇L(zᵢ)ᵀ(G+λI)⁻¹∇L(zᵢ) on the corrupted-label model, "
+                                 "largest first")
         section["params"] = chosen
         section["solver_info"] = _info(fitted)
     section["artifact"] = mislabel_reference(art.root)
-    section["cost"] = {"fit_s": _fit_seconds(cost, section.get("solver_info", [])), "fit_measured_s": cost.seconds("fit"),
+    section["cost"] = {"fit_s": _fit_seconds(cost, section.get("solver_info", [])),
+                       "fit_measured_s": cost.seconds("fit"),
                        "self_score_s": cost.seconds("self_score", "score"), "peak_mb": cost.peak_mb(),
                        "stages": cost.to_dict(), "machine": metrics.machine_load()}
     return section
@@ -507,7 +510,8 @@ def run(setting: str, solver: str, params: dict | None = None, *, tasks=None, se
         if "lds" in record:
             mis_params, source = record["lds"].get("params"), "chosen for LDS on validation queries (this run)"
         elif old and "lds" in old and "lds" not in stale_reasons(old, gt_root=gt_root, mislabel_root=mislabel_root):
-            mis_params, source = old["lds"].get("params"), f"chosen for LDS on validation queries ({old.get('created')})"
+            mis_params = old["lds"].get("params")
+            source = f"chosen for LDS on validation queries ({old.get('created')})"
         else:
             mis_params, source = params, "given by the user" if params else "solver defaults"
         if mis_params and params:

@@ -27,7 +27,8 @@ def toy(tmp_path, monkeypatch):
 
 @pytest.fixture
 def roots(tmp_path):
-    return {"gt_root": synthetic_gt(), "mislabel_root": synthetic_mislabel(), "runs_root": tmp_path / "results" / "runs"}
+    return {"gt_root": synthetic_gt(), "mislabel_root": synthetic_mislabel(),
+            "runs_root": tmp_path / "results" / "runs"}
 
 
 def test_run_selects_on_validation_and_reports_the_brute_force_lds(toy, roots, monkeypatch):

@@ -114,7 +114,12 @@ def environment(device: torch.device | str | None = None, **extra) -> dict:
     }
     if device is not None:
         device = torch.device(device)
-        env["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
+        if device.type != "cuda":
+            env["device"] = f"cpu ({os.cpu_count()} cores)"
+        elif torch.cuda.is_available():
+            env["device"] = torch.cuda.get_device_name(device)
+        else:  # e.g. the head node of a cluster whose GPUs are on the workers: the units record their own GPU
+            env["device"] = "cuda (not visible to this process)"
     env.update(extra)
     return env
 

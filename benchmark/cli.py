@@ -164,6 +164,8 @@ def _cmd_solvers(args) -> int:
         for key, default in cls.defaults.items():
             grid = f"  grid {cls.parameters[key]}" if key in cls.parameters else ""
             print(f"{'':10s}   {key} = {default!r}{grid}")
+    print("every solver also takes: " + ", ".join(f"{k} = {v!r}" for k, v in solver_api.COMMON_OPTIONS.items())
+          + " (last_blocks=k: influence through the model's last k blocks and head only)")
     return 0
 
 

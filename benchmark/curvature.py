@@ -28,7 +28,7 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -52,8 +52,15 @@ class ParamLayout:
     shapes: tuple[torch.Size, ...]
 
     @classmethod
-    def of(cls, model: nn.Module) -> "ParamLayout":
+    def of(cls, model: nn.Module, names: Iterable[str] | None = None) -> "ParamLayout":
+        """All of the model's parameters, or only ``names`` (kept in ``named_parameters()`` order)."""
         named = list(model.named_parameters())
+        if names is not None:
+            keep = set(names)
+            unknown = keep - {n for n, _ in named}
+            if unknown:
+                raise SolverError(f"the model has no parameter(s) {sorted(unknown)[:5]}")
+            named = [(n, p) for n, p in named if n in keep]
         return cls(tuple(n for n, _ in named), tuple(p.shape for _, p in named))
 
     @property
@@ -91,6 +98,45 @@ class ParamLayout:
                 for (name, sl), shape in zip(self.slices().items(), self.shapes)}
 
 
+def model_blocks(model: nn.Module, prefix: str = "") -> list[str]:
+    """The model's blocks in order: parameterised children of nn.Sequential / nn.ModuleList containers,
+    outermost only — a ResNet's residual blocks across its stages, a ViT's transformer blocks, the layers of
+    a plain nn.Sequential model. A lone outermost block is a wrapper (e.g. input normalisation + the
+    network): the blocks are looked for inside it."""
+    found = []
+    for path, m in model.named_modules():
+        if isinstance(m, (nn.Sequential, nn.ModuleList)):
+            found += [f"{path}.{name}" if path else name for name, child in m.named_children()
+                      if any(True for _ in child.parameters())]
+    outer = [b for b in found if not any(b.startswith(other + ".") for other in found)]
+    if len(outer) == 1:
+        inner = model_blocks(model.get_submodule(outer[0]), f"{prefix}{outer[0]}.")
+        if inner:
+            return inner
+    return [prefix + b for b in outer]
+
+
+def last_blocks_parameters(model: nn.Module, k: int) -> tuple[list[str], dict]:
+    """Names of the parameters of the model's last ``k`` blocks (:func:`model_blocks`) and of everything
+    registered after the last block (the head and a final norm), with a record of the choice."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise SolverError(f"last_blocks must be a positive integer (or None for every parameter), got {k!r}")
+    blocks = model_blocks(model)
+    if k > len(blocks):
+        raise SolverError(f"last_blocks={k}, but the model has {len(blocks)} blocks ({', '.join(blocks) or 'none'}); "
+                          f"use at most {len(blocks)}, or last_blocks=None for every parameter")
+    names = [n for n, _ in model.named_parameters()]
+
+    def block_of(name):
+        return next((b for b in blocks if name.startswith(b + ".")), None)
+
+    end = max(i for i, n in enumerate(names) if block_of(n) == blocks[-1])
+    chosen = set(blocks[-k:])
+    keep = [n for i, n in enumerate(names) if block_of(n) in chosen or (i > end and block_of(n) is None)]
+    head = [n for i, n in enumerate(names) if i > end and block_of(n) is None]
+    return keep, {"last_blocks": k, "of_blocks": len(blocks), "blocks": blocks[-k:], "head": head}
+
+
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
@@ -106,20 +152,26 @@ class FunctionalModel:
     """A model with frozen parameters, as pure functions for ``torch.func`` transforms.
 
     ``dtype`` makes a copy of the parameters in that precision (e.g. float64 curvature for a float32
-    model); the model object itself is never modified.
+    model); the model object itself is never modified. ``attributed`` names the parameters influence is
+    computed through (default: all); the others are held constant, so gradients, curvature products and
+    the flat layout cover only the attributed ones (the GGN of a subset is the sub-block of the full GGN).
     """
 
-    def __init__(self, model: nn.Module, dtype: torch.dtype | str | None = None):
+    def __init__(self, model: nn.Module, dtype: torch.dtype | str | None = None,
+                 attributed: Iterable[str] | None = None):
         self.module = model
-        self.layout = ParamLayout.of(model)
+        self.layout = ParamLayout.of(model, attributed)
         if self.layout.numel == 0:
             raise SolverError("the model has no parameters to attribute through")
         first = next(model.parameters())
         self.dtype = as_dtype(dtype) if dtype is not None else first.dtype
         self.device = first.device
-        self.params = {n: p.detach().to(self.dtype) for n, p in model.named_parameters()}
-        self.buffers = {n: (b.detach().to(self.dtype) if b.is_floating_point() else b.detach())
-                        for n, b in model.named_buffers()}
+        keep = set(self.layout.names)
+        self.params = {n: p.detach().to(self.dtype) for n, p in model.named_parameters() if n in keep}
+        # held-constant parameters travel with the buffers into functional_call
+        self.buffers = {n: p.detach().to(self.dtype) for n, p in model.named_parameters() if n not in keep}
+        self.buffers.update({n: (b.detach().to(self.dtype) if b.is_floating_point() else b.detach())
+                             for n, b in model.named_buffers()})
 
     @property
     def numel(self) -> int:
@@ -392,28 +444,78 @@ class KronLayer:
         return {self.weight: mat[..., :-1].reshape(*lead, *w_shape), self.bias: mat[..., -1]}
 
 
-def kron_layers(model: nn.Module) -> list[KronLayer]:
-    """The model's parameterised layers for K-FAC; anything but Linear / plain Conv2d is a SolverError."""
-    layers = []
+# Layers K-FAC has no Kronecker factor for. Their parameters can be held constant (excluded from influence),
+# as Kronfluence and most users of large models do; the exclusion is recorded with its reason.
+NORM_LAYERS = tuple(getattr(nn, n) for n in ("LayerNorm", "GroupNorm", "RMSNorm") if hasattr(nn, n)) + (
+    nn.modules.batchnorm._NormBase,)
+
+
+def _kron_unsupported(m: nn.Module, own: list[str]) -> str | None:
+    """Why K-FAC cannot factor this module's parameters, or None if it can."""
+    kind = type(m).__name__
+    if isinstance(m, NORM_LAYERS):
+        return f"normalisation layer ({kind})"
+    if not isinstance(m, (nn.Linear, nn.Conv2d)):
+        return f"not an nn.Linear or nn.Conv2d ({kind}: embeddings, tokens and other free parameters)"
+    if set(own) - {"weight", "bias"}:
+        return f"{kind} with extra parameters {sorted(set(own) - {'weight', 'bias'})}"
+    if isinstance(m, nn.Conv2d):
+        if m.groups != 1:
+            return f"grouped convolution (groups={m.groups}); K-FAC/EK-FAC need groups=1"
+        if m.padding_mode != "zeros" or isinstance(m.padding, str):
+            return (f"padding {m.padding!r} / padding_mode {m.padding_mode!r}; K-FAC/EK-FAC unfold patches with "
+                    f"explicit integer padding (zeros)")
+    return None
+
+
+def kron_partition(model: nn.Module, within: Iterable[str] | None = None
+                   ) -> tuple[list[KronLayer], dict[str, str]]:
+    """Split the model's parameters (or those in ``within``) into K-FAC layers (nn.Linear / plain
+    nn.Conv2d) and the rest, ``{parameter name: why it cannot be factored}``."""
+    keep = None if within is None else set(within)
+    layers, excluded = [], {}
     for path, m in model.named_modules():
-        own = dict(m.named_parameters(recurse=False))
-        if not own:
-            continue
-        where = f"layer {path or '<root>'!r} ({type(m).__name__})"
-        if not isinstance(m, (nn.Linear, nn.Conv2d)) or set(own) - {"weight", "bias"}:
-            raise SolverError(
-                f"K-FAC/EK-FAC support only nn.Linear and nn.Conv2d layers, but {where} has parameters "
-                f"{sorted(own)}. Use the exact, cg, lissa or identity solver for this model.")
-        if isinstance(m, nn.Conv2d):
-            if m.groups != 1:
-                raise SolverError(f"K-FAC/EK-FAC need groups=1 convolutions; {where} has groups={m.groups}. "
-                                  f"Use the cg, lissa or identity solver for this model.")
-            if m.padding_mode != "zeros" or isinstance(m.padding, str):
-                raise SolverError(f"K-FAC/EK-FAC unfold patches with explicit zero padding; {where} has padding "
-                                  f"{m.padding!r} / padding_mode {m.padding_mode!r}. Use explicit integer padding.")
         prefix = f"{path}." if path else ""
-        layers.append(KronLayer(path, m, prefix + "weight", prefix + "bias" if "bias" in own else None))
-    return layers
+        own = [n for n, _ in m.named_parameters(recurse=False)]
+        chosen = [n for n in own if keep is None or prefix + n in keep]
+        if not chosen:
+            continue
+        why = _kron_unsupported(m, own)
+        if why is None and "weight" not in chosen:
+            why = "a bias without its weight (the layer is only partly attributed)"
+        if why is not None:
+            excluded.update({prefix + n: why for n in chosen})
+            continue
+        layers.append(KronLayer(path, m, prefix + "weight", prefix + "bias" if "bias" in chosen else None))
+    return layers, excluded
+
+
+UNSUPPORTED_LAYERS = ("exclude", "error")
+
+
+def kron_layers_and_exclusions(model: nn.Module, within: Iterable[str] | None = None, unsupported: str = "error"
+                               ) -> tuple[list[KronLayer], dict[str, str]]:
+    """The model's K-FAC layers and ``{excluded parameter: why}``. Parameters K-FAC cannot factor are a
+    SolverError with ``unsupported="error"``, held constant (excluded from influence) with ``"exclude"``."""
+    if unsupported not in UNSUPPORTED_LAYERS:
+        raise SolverError(f"unsupported_layers must be one of {UNSUPPORTED_LAYERS}, got {unsupported!r}")
+    layers, excluded = kron_partition(model, within)
+    if excluded and unsupported == "error":
+        lines = "; ".join(f"{name}: {why}" for name, why in list(excluded.items())[:4])
+        more = f" (and {len(excluded) - 4} more)" if len(excluded) > 4 else ""
+        raise SolverError(
+            f"K-FAC/EK-FAC support only nn.Linear and nn.Conv2d layers; these parameters cannot be factored: "
+            f"{lines}{more}. Exclude them from influence (K-FAC/EK-FAC parameter unsupported_layers='exclude') "
+            f"or use the exact, cg, lissa or identity solver for this model.")
+    if not layers:
+        raise SolverError("K-FAC/EK-FAC found no nn.Linear or nn.Conv2d layer to factor among the attributed "
+                          "parameters; use the exact, cg, lissa or identity solver for this model.")
+    return layers, excluded
+
+
+def kron_layers(model: nn.Module, within: Iterable[str] | None = None) -> list[KronLayer]:
+    """The model's K-FAC layers; any parameter K-FAC cannot factor is a SolverError."""
+    return kron_layers_and_exclusions(model, within, "error")[0]
 
 
 @contextmanager
@@ -571,9 +673,9 @@ def damped_eigenvalues(eigenvalues: dict[str, torch.Tensor], damping: float, sol
 # ---------------------------------------------------------------- memoising damping-independent work
 
 def fingerprint(model: nn.Module, *tensors: torch.Tensor) -> str:
-    """Content hash of a model's parameters and some data tensors (e.g. the training set)."""
+    """Content hash of a model's parameters and buffers (batch-norm statistics) and some data tensors."""
     h = hashlib.blake2b(digest_size=16)
-    for name, p in model.named_parameters():
+    for name, p in [*model.named_parameters(), *model.named_buffers()]:
         h.update(name.encode())
         h.update(p.detach().to("cpu").contiguous().numpy().tobytes())
     for t in tensors:

@@ -453,6 +453,9 @@ def build(setting_name: str, protocol: Protocol | None = None, *, gt_root: Path 
     if trainer == "auto" and recorded:
         # loop and vmap agree only to float round-off: one artifact keeps the trainer it started with
         trainer = recorded
+    elif trainer == "auto" and setting.trainer:
+        trainer = setting.trainer
+        log(f"trainer: {trainer} (the setting's choice)")
     elif trainer == "auto":
         trainer, timing = choose_trainer(setting, torch.device(device), protocol.subsets * protocol.seeds)
         if timing:

@@ -11,6 +11,7 @@ evaluated on an unfinished ground truth say so; a stale record keeps its numbers
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import traceback
 from pathlib import Path
@@ -24,6 +25,7 @@ from . import runner
 from . import settings as settings_mod
 from . import solver_api
 from .artifacts import MANIFEST, read_json
+from .data import DataError
 from .plugins import REPO_ROOT
 
 RESULTS = REPO_ROOT / "results"
@@ -37,8 +39,8 @@ COLUMNS = ("setting", "solver", "status", "lds", "lds_se", "lds_ci_low", "lds_ci
 # ---------------------------------------------------------------- what the rows are
 
 def leaderboard_settings(runs_root: Path = runner.RUNS_ROOT) -> list[str]:
-    """Settings on real data (whose data files are pinned), plus any setting that has run records."""
-    names = [n for n, s in settings_mod.available().items() if s.data_spec.files]
+    """Settings on real data (pinned data files, or a Table 1 row), plus any setting that has run records."""
+    names = [n for n, s in settings_mod.available().items() if s.data_spec.files or s.paper_lds is not None]
     if Path(runs_root).is_dir():
         names += [p.name for p in Path(runs_root).iterdir() if p.is_dir() and any(p.glob("*.json"))]
     return sorted(set(names), key=lambda n: (n not in settings_mod.available(), n))
@@ -74,7 +76,14 @@ def _not_applicable(setting: str, solver: str) -> str | None:
         s = settings_mod.get(setting)
     except (solver_api.SolverError, KeyError) as exc:
         return str(exc)
-    n = s.model_spec()["parameters"]
+    try:
+        n = s.model_spec()["parameters"]
+    except DataError:  # pretrained weights not here: the same architecture, randomly initialised, counts alike
+        if not getattr(s.build_model, "pretrained", None):
+            return None
+        n = sum(p.numel() for p in dataclasses.replace(s.build_model, pretrained=None)().parameters())
+    except ImportError:  # timm not installed: the row says "not yet run", never guesses
+        return None
     if cls.max_params is not None and n > cls.max_params:
         return f"model has {n:,} parameters; {solver} accepts up to {cls.max_params:,}"
     return None
@@ -112,6 +121,8 @@ def collect(settings: list[str] | None = None, *, runs_root: Path = runner.RUNS_
                     row["status"] = f"failed: {failures[(setting, solver)]}"
                 elif na:
                     row["status"] = f"n/a: {na}"
+                elif gt_path is None and known and settings_mod.get(setting).requires:
+                    row["status"] = "not yet run (no ground truth; GPU runbook: docs/large-settings.md)"
                 elif gt_path is None:
                     row["status"] = "not yet run (no ground truth)"
                 elif "INCOMPLETE" in gt_text:

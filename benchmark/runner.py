@@ -34,7 +34,7 @@ from . import settings as settings_mod
 from . import solver_api
 from .artifacts import MANIFEST, ArtifactError, code_version, environment, read_json, write_json
 from .config import Protocol, stable_hash
-from .data import sha256_file
+from .data import DataError, sha256_file
 from .plugins import REPO_ROOT
 from .stats import noise_ceiling
 
@@ -143,9 +143,9 @@ def param_grid(cls, fixed: dict | None = None, grid: dict | None = None) -> list
     """Every combination of the solver's declared grid (or ``grid``), minus the parameters fixed by the user."""
     fixed = dict(fixed or {})
     space = dict(cls.parameters if grid is None else grid)
-    unknown = (set(space) | set(fixed)) - set(cls.defaults)
+    unknown = (set(space) | set(fixed)) - cls.accepted()
     if unknown:
-        raise RunError(f"solver {cls.name!r} has no parameter(s) {sorted(unknown)}; it takes {sorted(cls.defaults)}")
+        raise RunError(f"solver {cls.name!r} has no parameter(s) {sorted(unknown)}; it takes {sorted(cls.accepted())}")
     keys = sorted(k for k in space if k not in fixed)
     for k in keys:
         if not isinstance(space[k], (list, tuple)) or not space[k]:
@@ -217,6 +217,20 @@ def _fit_seconds(cost: metrics.Cost, infos: list) -> float | None:
     if measured is None:
         return None
     return measured + sum(float(i.get("shared_seconds") or 0.0) for i in infos if i.get("cache_hit"))
+
+
+def _log_scope(fitted, queries: int, train: int, log) -> None:
+    """Say what influence goes through (parameters held constant) and what scoring will cost in passes."""
+    info = fitted.info()
+    if info.get("attributed_params") is not None and info["attributed_params"] < info.get("total_params", 0):
+        held = "; ".join(f"{why}: {len(names)} tensors" for why, names in info.get("excluded", {}).items())
+        blocks = f"last {info['last_blocks']} of {info['of_blocks']} blocks" if info.get("last_blocks") else ""
+        log(f"  influence through {info['attributed_params']:,} of {info['total_params']:,} parameters"
+            + "".join(f" ({part})" for part in (blocks, held) if part))
+    qc, _ = fitted.chunk_sizes()
+    passes = math.ceil(queries / qc)
+    log(f"  scoring {queries:,} queries in {passes} block(s), one pass over {train:,} training examples each "
+        f"(more memory, fewer passes: TDABENCH_SCORE_MEMORY_MB, now {solver_api.score_memory_budget_mb():g})")
 
 
 def _device_name(device: torch.device) -> str:
@@ -311,6 +325,7 @@ def evaluate_lds(setting: str, solver: str, params: dict | None = None, *, searc
         chosen = candidates[0]
         selection["method"] = "given by the user" if fixed else "solver defaults (no search)"
         fitted = _fit(cls, chosen, models, tx, ty, data.num_classes, measurement, device, cost, "fit")
+    _log_scope(fitted[0], len(qy), len(ty), log)
     scores = _scores(fitted, qx, qy, tx, ty, cost, "score")
     info = _info(fitted)
     del fitted
@@ -404,7 +419,7 @@ def read_record(setting: str, solver: str, runs_root: Path = RUNS_ROOT) -> dict 
 def mislabel_available(setting: str, mislabel_root: Path = mislabel_mod.MISLABEL_ROOT) -> bool:
     try:
         return mislabel_mod.find(setting, MISLABEL_SPEC, mislabel_root) is not None
-    except KeyError:
+    except (KeyError, DataError, ImportError):  # unknown setting; its weights or timm are not here
         return False
 
 

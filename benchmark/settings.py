@@ -33,12 +33,17 @@ class Setting:
     paper_lds: float | None = None
     # Settings whose data or weights cannot be had everywhere say so instead of failing obscurely.
     requires: tuple[str, ...] = ()
+    # Ground-truth trainer when the user says "auto": None = calibrate loop vs vmap by timing; "loop" for models
+    # too large to stack (calibrating vmap over many ResNet-50s would itself exhaust memory).
+    trainer: str | None = None
 
     def __post_init__(self):
         if self.measurement not in MEASUREMENTS:
             raise ValueError(f"unknown measurement {self.measurement!r}; choose from {sorted(MEASUREMENTS)}")
         if "default" not in self.protocols:
             raise ValueError(f"setting {self.name}: protocols must include 'default'")
+        if self.trainer not in (None, "loop", "vmap"):
+            raise ValueError(f"setting {self.name}: trainer must be None, 'loop' or 'vmap', got {self.trainer!r}")
 
     def data(self) -> ImageData:
         """The setting's data, loaded once per process."""

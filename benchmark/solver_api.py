@@ -19,6 +19,7 @@ in ``benchmark/curvature.py``; solver files stay thin.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Callable, ClassVar
 
@@ -30,8 +31,23 @@ from .curvature import SolverError  # defined on floor 3 so curvature code can r
 
 __all__ = ["Task", "Solver", "SolverError", "DAMPING_GRID", "available", "get"]
 
-# Memory the generic chunked scores may use for gradient blocks (query and train chunks together).
+# Memory the generic chunked scores may use for gradient blocks (query and train chunks together). Every
+# block of queries costs one pass over the training set, so a large model on a large GPU wants a larger
+# budget (all queries in one block = one pass): set $TDABENCH_SCORE_MEMORY_MB.
 DEFAULT_MEMORY_BUDGET_MB = 1024
+
+
+def score_memory_budget_mb() -> float:
+    raw = os.environ.get("TDABENCH_SCORE_MEMORY_MB")
+    if raw is None or raw == "":
+        return DEFAULT_MEMORY_BUDGET_MB
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not math.isfinite(value) or value <= 0:
+        raise SolverError(f"TDABENCH_SCORE_MEMORY_MB must be a positive number of MiB, got {raw!r}")
+    return value
 
 # The damping grid every damped solver searches (absolute λ, in units of G of the *mean* loss), so solvers
 # are compared at the same λ. It spans the values the paper's §6 error analysis is about.
@@ -63,12 +79,22 @@ class Task:
         return self._fingerprint
 
 
+# Options every solver takes on top of its own ``defaults`` (recorded in a run's params only when given).
+# last_blocks: attribute through the parameters of the model's last k blocks and its head only (what most
+# users of large models do); None = every parameter. See curvature.last_blocks_parameters.
+COMMON_OPTIONS = {"last_blocks": None}
+
+
 class Solver:
     """Base class. Subclasses set ``name``, ``parameters`` (a grid per hyper-parameter, searched on
     validation queries by the runner) and ``defaults`` (every parameter the solver takes; those without a
     grid are fixed options), and implement ``fit`` (calling ``super().fit(task)`` first) and ``ihvp``.
     ``scores``/``self_scores`` have chunked generic implementations built on ``ihvp``; solvers with a
     cheaper structure may override them.
+
+    Influence goes through the *attributed* parameters: every parameter by default, those of the last k
+    blocks with ``last_blocks=k``, and a solver may narrow them further with :meth:`exclude` (K-FAC holds
+    normalisation layers constant). The others are held constant; ``info()`` records what was left out.
     """
 
     name: ClassVar[str] = ""
@@ -76,29 +102,43 @@ class Solver:
     parameters: ClassVar[dict[str, list]] = {}
     defaults: ClassVar[dict] = {}
     max_params: ClassVar[int | None] = None  # largest model (parameter count) the solver accepts
-    memory_budget_mb: ClassVar[int] = DEFAULT_MEMORY_BUDGET_MB
+    memory_budget_mb: ClassVar[float | None] = None  # None: $TDABENCH_SCORE_MEMORY_MB, else 1024
+
+    @classmethod
+    def accepted(cls) -> set[str]:
+        """Every parameter name the solver takes: its own and the common options."""
+        return set(cls.defaults) | set(COMMON_OPTIONS)
 
     def __init__(self, **params):
-        unknown = set(params) - set(self.defaults)
+        unknown = set(params) - self.accepted()
         if unknown:
             raise SolverError(f"solver {self.name!r} has no parameter(s) {sorted(unknown)}; "
-                              f"it takes {sorted(self.defaults)}")
+                              f"it takes {sorted(self.accepted())}")
         self.params = {**self.defaults, **params}
         if "damping" in self.params:
             d = self.params["damping"]
             if isinstance(d, bool) or not isinstance(d, (int, float)) or not math.isfinite(d) or d < 0:
                 raise SolverError(f"solver {self.name!r}: damping must be a finite number >= 0, got {d!r}")
+        k = self.params.get("last_blocks")
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+            raise SolverError(f"solver {self.name!r}: last_blocks must be a positive integer or None, got {k!r}")
         self.task: Task | None = None
+        self.attributed: list[str] | None = None  # None: every parameter
+        self.attribution: dict = {}
         self._shared_seconds = 0.0  # build time of the damping-independent results this fit used
         self._built_seconds = 0.0  # ... of those that this fit built (not taken from the cache)
 
     # -- to implement -------------------------------------------------------------------------
     def fit(self, task: Task) -> "Solver":
         """Validate the task and keep it. Subclasses call this first, then fit their curvature."""
-        n = sum(p.numel() for p in task.model.parameters())
+        self.attributed, self.attribution = None, {}
+        if self.params.get("last_blocks") is not None:
+            self.attributed, self.attribution = curvature.last_blocks_parameters(task.model, self.params["last_blocks"])
+        n = self._count(task.model, self.attributed)
         if self.max_params is not None and n > self.max_params:
             raise SolverError(f"solver {self.name!r} accepts models up to {self.max_params:,} parameters; this model "
-                              f"has {n:,}. Use cg, lissa, kfac, ekfac or identity for models this large.")
+                              f"has {n:,}{' attributed' if self.attributed is not None else ''}. Use cg, lissa, kfac, "
+                              f"ekfac or identity for models this large (or fewer parameters with last_blocks).")
         if len(task.train_y) == 0 or len(task.train_x) != len(task.train_y):
             raise SolverError(f"task has {len(task.train_x)} training inputs and {len(task.train_y)} labels; "
                               f"need the same positive number of each")
@@ -118,12 +158,31 @@ class Solver:
 
     # -- provided -----------------------------------------------------------------------------
     def functional(self, dtype=None) -> curvature.FunctionalModel:
-        return curvature.FunctionalModel(self._require_fit().model, dtype)
+        """The explained model as pure functions of its attributed parameters."""
+        return curvature.FunctionalModel(self._require_fit().model, dtype, self.attributed)
+
+    def exclude(self, excluded: dict[str, str]) -> None:
+        """Hold these parameters constant too (``{name: why}``), e.g. layers a curvature model cannot handle."""
+        if not excluded:
+            return
+        model = self._require_fit().model
+        current = self.attributed if self.attributed is not None else [n for n, _ in model.named_parameters()]
+        self.attributed = [n for n in current if n not in excluded]
+        by_reason: dict[str, list[str]] = {}
+        for name, why in excluded.items():
+            by_reason.setdefault(why, []).append(name)
+        self.attribution = {**self.attribution, "excluded": by_reason}
+
+    @staticmethod
+    def _count(model: nn.Module, names: list[str] | None) -> int:
+        keep = None if names is None else set(names)
+        return sum(p.numel() for n, p in model.named_parameters() if keep is None or n in keep)
 
     def cached(self, what: str, build: Callable[[], object], **options):
         """Memoise a damping-independent result for this task (content-keyed, shared across fits)."""
         task = self._require_fit()
-        key = (task.fingerprint(), str(task.device), what, tuple(sorted(options.items())))
+        scope = None if self.attributed is None else tuple(self.attributed)
+        key = (task.fingerprint(), str(task.device), what, scope, tuple(sorted(options.items())))
         value, seconds, built = curvature.CACHE.get(key, build)
         self._shared_seconds += seconds
         if built:
@@ -134,9 +193,9 @@ class Solver:
         """Rows of (P,)-vectors per block. The query block (gradients + their IHVPs) gets 3/4 of the budget,
         because every query block costs one more pass of train gradients (1 GiB holds 2,000 preconditioned
         queries of the 46,730-parameter MNIST CNN: one pass); the train block gets 1/4."""
-        P = sum(p.numel() for p in self._require_fit().model.parameters())
+        P = self._count(self._require_fit().model, self.attributed)
         row = 4 * P  # bytes of one float32 gradient
-        budget = self.memory_budget_mb * 2**20
+        budget = int((self.memory_budget_mb or score_memory_budget_mb()) * 2**20)
         q = query_chunk or max(1, min(8192, budget * 3 // 4 // (2 * row)))
         t = train_chunk or max(1, min(4096, budget // 4 // row))
         return int(q), int(t)
@@ -150,7 +209,7 @@ class Solver:
         time and dropped after their dot products, so memory is bounded by the chunk sizes.
         """
         task = self._require_fit()
-        fm = curvature.FunctionalModel(task.model)
+        fm = self.functional()
         qc, tc = self.chunk_sizes(query_chunk, train_chunk)
         out = torch.empty(len(query_y), len(train_y), dtype=torch.float32)
         for qs in curvature.chunks(len(query_y), qc):
@@ -169,7 +228,7 @@ class Solver:
                     train_chunk: int | None = None) -> torch.Tensor:
         """(N,) self-influence ∇L(zᵢ)ᵀ (G + λI)⁻¹ ∇L(zᵢ)."""
         task = self._require_fit()
-        fm = curvature.FunctionalModel(task.model)
+        fm = self.functional()
         _, tc = self.chunk_sizes(None, train_chunk)
         out = torch.empty(len(train_y), dtype=torch.float32)
         for ts in curvature.chunks(len(train_y), tc):
@@ -184,8 +243,14 @@ class Solver:
         """Diagnostics for the run record (e.g. CG residuals, LiSSA step size); JSON-serialisable.
         ``shared_seconds``: build time of the damping-independent curvature this fit used (also when it
         came from the cache, so a grid search can report the true cost of one configuration)."""
-        return {"shared_seconds": round(self._shared_seconds, 3), "cache_hit": self._built_seconds == 0
-                and self._shared_seconds > 0}
+        out = {"shared_seconds": round(self._shared_seconds, 3), "cache_hit": self._built_seconds == 0
+               and self._shared_seconds > 0}
+        if self.task is not None:
+            total = self._count(self.task.model, None)
+            out["attributed_params"] = self._count(self.task.model, self.attributed)
+            out["total_params"] = total
+            out.update(self.attribution)
+        return out
 
     def _require_fit(self) -> Task:
         if self.task is None:

@@ -38,5 +38,6 @@ register(Setting(
     protocols={"default": Protocol(alpha=0.5, subsets=100, seeds=4, queries=2000, validation_queries=500,
                                    full_models=4, seed_policy="shared")},
     paper_lds=0.46,
+    trainer="loop",  # one model at a time: vmap would stack 400 copies of the network and its activations
     requires=("timm", "datasets"),
 ))

@@ -39,5 +39,6 @@ register(Setting(
     protocols={"default": Protocol(alpha=0.5, subsets=100, seeds=2, queries=2000, validation_queries=500,
                                    full_models=2, seed_policy="shared")},
     paper_lds=0.43,
+    trainer="loop",  # one model at a time: vmap would stack 400 copies of the network and its activations
     requires=("timm", "datasets"),
 ))

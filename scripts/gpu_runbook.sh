@@ -14,6 +14,9 @@
 #              EXECUTOR   local (default) or ray; with ray, GPUS_PER_TASK (default 0.25 for the reduced
 #                         settings, 1 for the large ones) and RAY_ADDRESS (default: a Ray instance here)
 #              PY         python to use (default .venv/bin/python)
+#              LAST_BLOCKS  attribute through the last k blocks and the head only (default: every parameter)
+#              TDABENCH_SCORE_MEMORY_MB  memory for blocks of preconditioned query gradients; each block is one
+#                         pass over the training set (default here 65536 on cuda = one or a few passes)
 # Writes:      results/gt/<setting>/v*/, results/runs/<setting>/<solver>.json,
 #              results/gpu_runbook/timings.jsonl (one line per stage: seconds, exit status, GPU)
 set -uo pipefail
@@ -24,6 +27,8 @@ BUDGET_S=${BUDGET_S:-14400}
 DEVICE=${DEVICE:-cuda}
 SOLVER=${SOLVER:-ekfac}
 EXECUTOR=${EXECUTOR:-local}
+LAST_BLOCKS=${LAST_BLOCKS:-}
+if [ "$DEVICE" = cuda ]; then export TDABENCH_SCORE_MEMORY_MB=${TDABENCH_SCORE_MEMORY_MB:-65536}; fi
 SETTINGS=("$@")
 [ ${#SETTINGS[@]} -eq 0 ] && SETTINGS=(fmnist-resnet mnist-vit flowers102-resnet50 food101-vitb16)
 OUT=results/gpu_runbook
@@ -85,13 +90,10 @@ for i in "${!SETTINGS[@]}"; do
     fi
 
     # 2. ground truth: resumes from the units already written; timing out leaves a valid partial artifact
-    gt_args=(gt "$s" --device "$DEVICE" --quiet)
+    gt_args=(gt "$s" --device "$DEVICE" --quiet)  # the large settings choose the loop trainer themselves
     case "$s" in
-        flowers102-resnet50|food101-vitb16)
-            gt_args+=(--trainer loop)  # one large model at a time; vmap over 100 of them would not fit
-            gpt=${GPUS_PER_TASK:-1} ;;
-        *)
-            gpt=${GPUS_PER_TASK:-0.25} ;;
+        flowers102-resnet50|food101-vitb16) gpt=${GPUS_PER_TASK:-1} ;;
+        *) gpt=${GPUS_PER_TASK:-0.25} ;;
     esac
     if [ "$EXECUTOR" = ray ]; then
         gt_args+=(--executor ray --trainer loop)
@@ -111,8 +113,9 @@ for i in "${!SETTINGS[@]}"; do
         break
     fi
     if "$PY" -m benchmark gt "$s" --verify > "$OUT/$s.gt.json" 2> "$OUT/$s.gt.err"; then
-        stage "$s" "run-$SOLVER" "$left" "$PY" -m benchmark run --setting "$s" --solver "$SOLVER" --task lds \
-            --device "$DEVICE" \
+        run_args=(run --setting "$s" --solver "$SOLVER" --task lds --device "$DEVICE")
+        [ -n "$LAST_BLOCKS" ] && run_args+=(--param "last_blocks=$LAST_BLOCKS")
+        stage "$s" "run-$SOLVER" "$left" "$PY" -m benchmark "${run_args[@]}" \
             || echo "gpu_runbook: $SOLVER on $s did not finish (see above); rerun to retry"
     else
         echo "gpu_runbook: no ground truth to evaluate for $s yet: $(tail -n 1 "$OUT/$s.gt.err")"

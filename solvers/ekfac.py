@@ -4,7 +4,8 @@ Keeps K-FAC's Kronecker eigenbasis Q = Q_A ⊗ Q_Y per layer but replaces the ei
 the mean squared projection of the per-example pseudo-gradients on that basis,
 Λ_ii = E[((Q_A ⊗ Q_Y)ᵀ Dθ)_i²], then (G + λI)⁻¹ v ≈ Q (Λ + λI)⁻¹ Qᵀ v. With ``pseudo_labels="all"`` Λ is
 exactly the diagonal of each layer's block of G in the Kronecker eigenbasis: the best diagonal
-approximation there. The eigenbasis is shared with (and memoised for) K-FAC.
+approximation there. The eigenbasis is shared with (and memoised for) K-FAC. Layers it cannot factor are
+held constant or refused, as in K-FAC (``unsupported_layers``).
 """
 
 from benchmark import curvature
@@ -15,11 +16,14 @@ class EKFAC(Solver):
     name = "ekfac"
     description = "EK-FAC: K-FAC eigenbasis with eigenvalues refitted to projected per-example pseudo-gradients"
     parameters = {"damping": DAMPING_GRID}
-    defaults = {"damping": 1e-3, "pseudo_labels": "sampled"}
+    defaults = {"damping": 1e-3, "pseudo_labels": "sampled", "unsupported_layers": "exclude"}
 
     def fit(self, task):
         super().fit(task)
-        self.layers = curvature.kron_layers(task.model)
+        # Layers without a Kronecker factor (normalisation, tokens) are held constant, or a SolverError.
+        self.layers, excluded = curvature.kron_layers_and_exclusions(
+            task.model, self.attributed, self.params["unsupported_layers"])
+        self.exclude(excluded)
         fm = self.functional()
         labels, seed = self.params["pseudo_labels"], task.seed
         self.bases = self.cached("kronecker-eigenbases", lambda: curvature.kronecker_eigenbases(

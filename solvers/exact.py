@@ -25,7 +25,7 @@ class Exact(Solver):
         kind = self.params["curvature"]
 
         def build():
-            fm = curvature.FunctionalModel(task.model, torch.float64)
+            fm = self.functional(torch.float64)
             matrix = curvature.dense_curvature(fm, task.train_x, task.train_y, kind)
             curvature.check_finite(matrix, f"dense {kind} matrix", None)
             return matrix

@@ -8,6 +8,10 @@ Kronecker eigenbasis: (A ⊗ Y + λI)⁻¹ v = (Q_A ⊗ Q_Y)(Λ_A ⊗ Λ_Y + λI
 ``pseudo_labels``: "all" forms Y from every class's gradient weighted by √p (exact for the logit Hessian),
 "sampled" from one label drawn from the model's prediction per example (unbiased, C times cheaper; the
 choice of Kronfluence). The factors do not depend on λ and are memoised across a damping grid.
+
+``unsupported_layers``: parameters of layers K-FAC cannot factor (normalisation layers, ViT tokens and
+position embeddings, grouped convolutions) are held constant and left out of influence ("exclude", recorded
+in the run record) or refused ("error").
 """
 
 from benchmark import curvature
@@ -18,11 +22,14 @@ class KFAC(Solver):
     name = "kfac"
     description = "K-FAC: per-layer A ⊗ Y Kronecker factors, damped inverse in their eigenbasis"
     parameters = {"damping": DAMPING_GRID}
-    defaults = {"damping": 1e-3, "pseudo_labels": "sampled"}
+    defaults = {"damping": 1e-3, "pseudo_labels": "sampled", "unsupported_layers": "exclude"}
 
     def fit(self, task):
         super().fit(task)
-        self.layers = curvature.kron_layers(task.model)  # SolverError for unsupported layers
+        # Layers without a Kronecker factor (normalisation, tokens) are held constant, or a SolverError.
+        self.layers, excluded = curvature.kron_layers_and_exclusions(
+            task.model, self.attributed, self.params["unsupported_layers"])
+        self.exclude(excluded)
         fm = self.functional()
         labels = self.params["pseudo_labels"]
         self.bases = self.cached("kronecker-eigenbases", lambda: curvature.kronecker_eigenbases(

@@ -269,6 +269,83 @@ def test_ekfac_eigenvalues_are_the_ggn_diagonal_in_the_kronecker_basis(arch):
         torch.testing.assert_close(lam[layer.path], want, **TOL)
 
 
+class Tokens(nn.Module):
+    """Free parameters owned by a container (like a ViT's cls_token / pos_embed), then norms and linears."""
+
+    def __init__(self):
+        super().__init__()
+        self.shift = nn.Parameter(torch.randn(12))
+        self.body = nn.Sequential(nn.Linear(12, 6), nn.LayerNorm(6), nn.Tanh(), nn.Linear(6, 5), nn.BatchNorm1d(5),
+                                  nn.Tanh(), nn.Linear(5, 4))
+
+    def forward(self, x):
+        return self.body(x.flatten(1) + self.shift)
+
+
+def test_kfac_holds_unfactorable_parameters_constant_and_fits_the_subblock():
+    """With norms and free tokens excluded, the Kronecker layers are exactly the attributed ones, and EK-FAC's
+    refitted eigenvalues equal diag(Qᵀ G_l Q) for the block G_l of the *full* model's GGN (explicit Jacobians):
+    holding parameters constant must select the right sub-block, not change the curvature."""
+    torch.manual_seed(0)
+    model = Tokens().double().eval()
+    with torch.no_grad():  # non-trivial batch-norm statistics
+        model.body[4].running_mean.normal_()
+        model.body[4].running_var.uniform_(0.5, 2.0)
+    x, _ = data(9, (1, 3, 4))
+    layers, excluded = cv.kron_layers_and_exclusions(model, unsupported="exclude")
+    assert [layer.path for layer in layers] == ["body.0", "body.3", "body.6"]
+    assert sorted(excluded) == ["body.1.bias", "body.1.weight", "body.4.bias", "body.4.weight", "shift"]
+    assert "normalisation layer (LayerNorm)" == excluded["body.1.weight"] and "Tokens" in excluded["shift"]
+    with pytest.raises(SolverError, match="cannot be factored: shift.*unsupported_layers='exclude'"):
+        cv.kron_layers(model)
+
+    names = [n for layer in layers for n in (layer.weight, layer.bias)]
+    fm = cv.FunctionalModel(model, attributed=names)
+    assert fm.numel == sum(p.numel() for n, p in model.named_parameters() if n in names)
+    torch.testing.assert_close(fm.logits(x), model(x), **TOL)  # the constants still take part
+    bases = cv.kronecker_eigenbases(fm, layers, x, "all")
+    lam = cv.ekfac_eigenvalues(fm, layers, x, bases, "all")
+    full = cv.FunctionalModel(model)
+    G = explicit_ggn(model, x)
+    for layer in layers:
+        idx = layer_positions(layer, full.layout).flatten()
+        Q = kron_block(bases[layer.path]["q_a"], bases[layer.path]["q_y"])
+        want = torch.einsum("pi,pq,qi->i", Q, G[idx][:, idx], Q).reshape(layer.out_dim, layer.in_dim)
+        torch.testing.assert_close(lam[layer.path], want, **TOL)
+
+
+class Staged(nn.Module):
+    """The shape of a timm ResNet: a stem, stages of blocks (one with a nested downsample), a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Linear(4, 4)
+        self.stage1 = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+        self.stage2 = nn.Sequential(nn.Sequential(nn.Linear(4, 4), nn.Sequential(nn.Linear(4, 4))))
+        self.norm = nn.LayerNorm(4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(self.norm(self.stage2(self.stage1(self.stem(x)))))
+
+
+def test_last_blocks_selects_the_last_blocks_and_the_head():
+    model = Staged()
+    assert cv.model_blocks(model) == ["stage1.0", "stage1.1", "stage2.0"]
+    names, record = cv.last_blocks_parameters(model, 2)
+    assert names == ["stage1.1.weight", "stage1.1.bias", "stage2.0.0.weight", "stage2.0.0.bias",
+                     "stage2.0.1.0.weight", "stage2.0.1.0.bias", "norm.weight", "norm.bias", "head.weight", "head.bias"]
+    assert record == {"last_blocks": 2, "of_blocks": 3, "blocks": ["stage1.1", "stage2.0"],
+                      "head": ["norm.weight", "norm.bias", "head.weight", "head.bias"]}
+    with pytest.raises(SolverError, match="last_blocks=4, but the model has 3 blocks"):
+        cv.last_blocks_parameters(model, 4)
+    with pytest.raises(SolverError, match="positive integer"):
+        cv.last_blocks_parameters(model, 0)
+    # a plain nn.Sequential: its parameterised layers are the blocks; a wrapper is looked through
+    assert cv.model_blocks(tiny_cnn()) == ["0", "3", "6"]
+    assert cv.model_blocks(nn.Sequential(nn.Identity(), Staged())) == ["1.stage1.0", "1.stage1.1", "1.stage2.0"]
+
+
 def test_kron_apply_inverts_the_kronecker_product():
     model = tiny_cnn()
     x, _ = data(9)

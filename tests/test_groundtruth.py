@@ -199,3 +199,21 @@ def test_protocol_validation():
         Protocol(seed_policy="random")
     with pytest.raises(ValueError, match="exceed"):
         G.query_indices(Protocol(queries=90, validation_queries=20), 100)
+
+
+def test_a_settings_trainer_choice_replaces_calibration(tmp_path, monkeypatch):
+    """A setting that names its trainer (large models: "loop") is not calibrated; a bad choice is refused."""
+    import dataclasses
+
+    from benchmark import training
+
+    base = settings.get(SETTING)
+    monkeypatch.setitem(settings._REGISTRY, "synthetic-mlp-loop", dataclasses.replace(base, name="synthetic-mlp-loop",
+                                                                                       trainer="loop"))
+    monkeypatch.setattr(training, "choose_trainer", lambda *a, **k: pytest.fail("calibrated despite the setting"))
+    small = Protocol(alpha=0.5, subsets=2, seeds=1, queries=8, validation_queries=4, full_models=1)
+    root = G.build("synthetic-mlp-loop", protocol=small, gt_root=tmp_path, trainer="auto", executor=LocalExecutor(1),
+                   **quiet)
+    assert json.loads((root / G.MANIFEST).read_text())["environment"]["trainer"] == "loop"
+    with pytest.raises(ValueError, match="trainer must be None, 'loop' or 'vmap'"):
+        dataclasses.replace(base, trainer="fast")

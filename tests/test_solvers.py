@@ -266,6 +266,19 @@ def test_scores_follow_the_definition_and_chunking_changes_nothing(name):
     assert whole.shape == (5, 24) and selfs.shape == (24,)
 
 
+def test_score_memory_budget_sets_the_blocks(monkeypatch):
+    """$TDABENCH_SCORE_MEMORY_MB sizes the query block (3/4 of the budget, gradient + its IHVP per query) and
+    the train block (1/4); a bad value is a clear error."""
+    task, _, _ = problem("mlp")
+    s = solver_api.get("identity")().fit(task)
+    row = 4 * sum(p.numel() for p in task.model.parameters())
+    monkeypatch.setenv("TDABENCH_SCORE_MEMORY_MB", "0.25")
+    assert s.chunk_sizes() == (2**18 * 3 // 4 // (2 * row), 2**18 // 4 // row)
+    monkeypatch.setenv("TDABENCH_SCORE_MEMORY_MB", "lots")
+    with pytest.raises(SolverError, match="TDABENCH_SCORE_MEMORY_MB must be a positive number"):
+        s.chunk_sizes()
+
+
 def train_l2_logreg(x, y, mu, weights=None, init=None):
     """argmin (1/N) Σ wᵢ CE(zᵢ) + (μ/2)‖θ‖², float64 full-batch L-BFGS until every gradient entry is below
     1e-8 (the line search stalls near 1e-9, where the loss no longer changes in float64); the parameter error
@@ -358,8 +371,33 @@ def test_unsupported_layers_for_kfac(name):
     model = nn.Sequential(nn.Flatten(), nn.Linear(12, 6), nn.LayerNorm(6), nn.Linear(6, 4)).double().eval()
     x, y = data(10, (1, 3, 4))
     with pytest.raises(SolverError, match="only nn.Linear and nn.Conv2d.*LayerNorm.*exact, cg, lissa or identity"):
-        solver_api.get(name)(damping=0.1).fit(Task(model, x, y, num_classes=4))
+        solver_api.get(name)(damping=0.1, unsupported_layers="error").fit(Task(model, x, y, num_classes=4))
     solver_api.get("cg")(damping=0.1, max_iter=3).fit(Task(model, x, y, num_classes=4)).scores(x[:2], y[:2], x, y)
+    # by default the LayerNorm is held constant, and the run record says so
+    s = solver_api.get(name)(damping=0.1).fit(Task(model, x, y, num_classes=4))
+    info = s.info()
+    assert info["excluded"] == {"normalisation layer (LayerNorm)": ["2.weight", "2.bias"]}
+    assert (info["attributed_params"], info["total_params"]) == (12 * 6 + 6 + 6 * 4 + 4, 12 * 6 + 6 + 12 + 6 * 4 + 4)
+    assert s.scores(x[:2], y[:2], x, y).shape == (2, 10)
+
+
+def test_last_blocks_restricts_every_solver_to_the_subblock():
+    """Attributing through the last layer only is the dense problem on that layer's parameters: exact equals
+    (G_SS + λI)⁻¹ for the sub-block G_SS of the full GGN, and identity's scores are the full per-example
+    gradients' dot products restricted to those coordinates."""
+    task, _, _ = problem("mlp")
+    g, qx, qy = query_grads(task)
+    S = slice(12 * 6 + 6, None)  # the last Linear's weight and bias
+    G = cv.dense_ggn(cv.FunctionalModel(task.model, torch.float64), task.train_x)[S, S]
+    exact = solver_api.get("exact")(damping=0.01, last_blocks=1).fit(task)
+    assert exact.info()["attributed_params"] == 6 * 4 + 4 and exact.info()["blocks"] == ["3"]
+    want = torch.linalg.solve(G + 0.01 * torch.eye(len(G), dtype=G.dtype), g[:, S].T).T
+    torch.testing.assert_close(exact.ihvp(g[:, S]), want, **TIGHT)
+    ident = solver_api.get("identity")(last_blocks=1).fit(task)
+    gt = cv.per_sample_grads(cv.FunctionalModel(task.model), task.train_x, task.train_y, "loss")
+    torch.testing.assert_close(ident.scores(qx, qy, task.train_x, task.train_y), -(g[:, S] @ gt[:, S].T).float())
+    with pytest.raises(SolverError, match="last_blocks must be a positive integer"):
+        solver_api.get("cg")(last_blocks=0)
 
 
 def test_zero_damping_on_a_singular_matrix_is_a_clear_error():

@@ -261,3 +261,67 @@ def test_reduced_settings_train_on_a_slice_of_their_real_data(name):
     out = evaluate(model, data.test_x[:64], data.test_y[:64])
     assert torch.isfinite(out["loss"]).all()
     assert len(s.recipe_hash()) == 16
+
+
+@pytest.mark.parametrize("arch,options,held_constant", [
+    ("resnet18", {"layers": (1, 1, 1, 1), "channels": (4, 8, 8, 8), "stem_width": 4}, "normalisation layer (BatchNorm2d)"),
+    ("vit_tiny_patch16_224", {"img_size": 8, "patch_size": 4, "embed_dim": 8, "depth": 2, "num_heads": 2},
+     "normalisation layer (LayerNorm)"),
+])
+def test_ekfac_on_small_timm_models_matches_the_ggn_trace(arch, options, held_constant):
+    """EK-FAC covers every Linear and Conv2d of a timm ResNet / ViT (convolutions with stride and padding,
+    attention projections over tokens), holds norms and tokens constant and records it. With every pseudo-label,
+    the refitted eigenvalues of a layer sum to the trace of its GGN block (the trace is basis-free), which we
+    compute independently from explicit per-example Jacobians of the logits."""
+    from torch.func import functional_call, jacrev, vmap
+
+    from benchmark import curvature as cv
+    from benchmark import solver_api
+
+    torch.manual_seed(0)
+    model = vision.TimmModel(arch, 3, options=options)().double().eval()
+    x = torch.randn(6, 3, 8, 8, dtype=torch.float64)
+    y = torch.randint(0, 3, (6,))
+    task = solver_api.Task(model, x, y, num_classes=3)
+    s = solver_api.get("ekfac")(damping=0.1, pseudo_labels="all").fit(task)
+    info = s.info()
+    assert held_constant in info["excluded"] and 0 < info["attributed_params"] < info["total_params"]
+    if arch.startswith("vit"):
+        assert any("pos_embed" in n for names in info["excluded"].values() for n in names)
+    factored = {n for layer in s.layers for n in (layer.weight, layer.bias) if n}
+    assert factored == set(s.attributed)  # every Linear/Conv2d parameter is attributed, nothing else
+    assert all(isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) == (f"{p}.weight" in factored)
+               for p, m in model.named_modules() if getattr(m, "weight", None) is not None)
+
+    fm = s.functional()
+    jac = vmap(jacrev(lambda p, xi: functional_call(model, (p, fm.buffers), (xi[None],))[0]),
+               in_dims=(None, 0))(fm.params, x)
+    p = torch.softmax(model(x), -1)
+    H = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+    for layer in s.layers:
+        J = torch.cat([jac[n].reshape(len(x), 3, -1) for n in (layer.weight, layer.bias) if n], -1)
+        trace = torch.einsum("nab,nbp,nap->", H, J, J) / len(x)
+        torch.testing.assert_close(s.eigenvalues[layer.path].sum(), trace, rtol=1e-8, atol=1e-12)
+
+    scores = s.scores(x[:2], y[:2], x, y)
+    assert scores.shape == (2, 6) and torch.isfinite(scores).all()
+    last = solver_api.get("ekfac")(damping=0.1, last_blocks=1).fit(task).info()
+    assert last["attributed_params"] < info["attributed_params"] and last["blocks"] == [last["blocks"][0]]
+
+
+def test_leaderboard_lists_the_large_rows_as_not_yet_run(tmp_path, monkeypatch):
+    """Table 1's large rows appear even where their data, weights and ground truth are absent: "not yet run",
+    with where to go, and no numbers."""
+    from benchmark import leaderboard
+
+    monkeypatch.setenv("TDABENCH_DATA", str(tmp_path / "data"))
+    monkeypatch.setenv("TDABENCH_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    assert set(LARGE) <= set(leaderboard.leaderboard_settings(tmp_path / "runs"))
+    df, records = leaderboard.collect(list(LARGE), runs_root=tmp_path / "runs", gt_root=tmp_path / "gt",
+                                      mislabel_root=tmp_path / "mislabel")
+    assert not records and set(df["setting"]) == set(LARGE)
+    applicable = df[df["solver"] != "exact"]
+    assert applicable["status"].str.startswith("not yet run (no ground truth; GPU runbook").all()
+    assert df[df["solver"] == "exact"]["status"].str.startswith("n/a: model has").all()  # counted without weights
+    assert df["lds"].isna().all() and set(df["paper_lds"]) == {0.46, 0.43}

@@ -12,6 +12,7 @@ for LDS (from the solver's run record when it is fresh), else the solver's defau
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -97,18 +98,18 @@ def influence_grid(setting: str, solvers: list[str], queries: list[int] | None =
         per_solver[name] = (solver.scores(qx, qy, tx, ty).detach().cpu().double(), params, source)
     rows = [(qi, name) for qi in range(len(q_idx)) for name in solvers]
     cols = 1 + 2 * top
-    fig, axes = plt.subplots(len(rows), cols, figsize=(1.25 * cols + 0.6, 1.95 * len(rows) + 0.5), squeeze=False)
+    fig, axes = plt.subplots(len(rows), cols, figsize=(1.35 * cols + 0.6, 2.4 * len(rows) + 0.5), squeeze=False)
     for r, (qi, name) in enumerate(rows):
         scores, params, source = per_solver[name]
         tau = scores[qi]
         order = torch.argsort(tau, descending=True)
         pos, neg = order[:top], order.flip(0)[:top]
         q = int(q_idx[qi])
-        _show(axes[r][0], data.test_x[q], f"test #{q}\nlabel {_label(data, int(data.test_y[q]))}",
-              title="query" if r == 0 else None)
-        axes[r][0].set_ylabel(f"{name}\n" + "\n".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
-                                                      for k, v in params.items()), fontsize=7, rotation=0,
-                              ha="right", va="center", labelpad=4)
+        # the solver and its hyper-parameters under the query (a rotated y-label gets clipped at the edge)
+        setting_text = "\n".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items()
+                                  if v is not None)
+        _show(axes[r][0], data.test_x[q], f"test #{q}, label {_label(data, int(data.test_y[q]))}\n{name}"
+              + (f"\n{setting_text}" if setting_text else ""), title="query" if r == 0 else None)
         for j, i in enumerate(pos.tolist()):
             _show(axes[r][1 + j], data.train_x[i], f"#{i} y={_label(data, int(data.train_y[i]))}\nτ={tau[i]:+.3g}",
                   POSITIVE, "most helpful" if (r == 0 and j == 0) else None)
@@ -117,9 +118,10 @@ def influence_grid(setting: str, solvers: list[str], queries: list[int] | None =
                   f"#{i} y={_label(data, int(data.train_y[i]))}\nτ={tau[i]:+.3g}", NEGATIVE,
                   "most harmful" if (r == 0 and j == 0) else None)
     sources = sorted({v[2] for v in per_solver.values()})
-    fig.suptitle(f"{setting}: most positively (green) and negatively (red) influential training images "
-                 f"(τ = predicted change of the query's {s.measurement} when up-weighting the image; "
-                 f"hyper-parameters: {'; '.join(sources)})", fontsize=8)
+    title = (f"{setting}: most positively (green) and negatively (red) influential training images "
+             f"(τ = predicted change of the query's {s.measurement} when up-weighting the image; "
+             f"hyper-parameters: {'; '.join(sources)})")
+    fig.suptitle(textwrap.fill(title, width=int(fig.get_figwidth() * 15)), fontsize=8)  # ≈ 15 characters/inch
     fig.tight_layout(rect=(0, 0, 1, 0.97))
     out = Path(out or FIGURES / f"{setting}_influential.png")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -86,6 +86,9 @@ def _not_applicable(setting: str, solver: str) -> str | None:
         return None
     if cls.max_params is not None and n > cls.max_params:
         return f"model has {n:,} parameters; {solver} accepts up to {cls.max_params:,}"
+    if cls.leaderboard_max_params is not None and n > cls.leaderboard_max_params:
+        return (f"not run automatically: model has {n:,} parameters, {solver} runs here up to "
+                f"{cls.leaderboard_max_params:,} (days on a CPU beyond; `tdabench run` runs it when asked)")
     return None
 
 

@@ -102,6 +102,9 @@ class Solver:
     parameters: ClassVar[dict[str, list]] = {}
     defaults: ClassVar[dict] = {}
     max_params: ClassVar[int | None] = None  # largest model (parameter count) the solver accepts
+    # Largest model the leaderboard runs the solver on by itself; beyond it a run takes days on a CPU (solvers
+    # that sweep the training set per IHVP iteration). `tdabench run` still runs it when asked.
+    leaderboard_max_params: ClassVar[int | None] = None
     memory_budget_mb: ClassVar[float | None] = None  # None: $TDABENCH_SCORE_MEMORY_MB, else 1024
 
     @classmethod

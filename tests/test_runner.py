@@ -252,3 +252,14 @@ def test_cli_run_and_lds(toy, roots, monkeypatch, capsys):
     assert "Table 1" in capsys.readouterr().out
     assert cli.main(["run", "--setting", SETTING, "--solver", "no-such-solver"]) == 2
     assert "unknown solver" in capsys.readouterr().err
+
+
+def test_leaderboard_leaves_days_long_solver_runs_to_the_user():
+    """CG and LiSSA sweep the training set per IHVP: the leaderboard runs them on the small settings only and
+    says why elsewhere; exact is refused above its parameter limit."""
+    assert leaderboard._not_applicable("mnist-lr", "cg") is None
+    assert leaderboard._not_applicable("mnist-lr", "lissa") is None
+    for solver in ("cg", "lissa"):
+        assert leaderboard._not_applicable("mnist-cnn", solver).startswith("not run automatically: model has 46,730")
+    assert leaderboard._not_applicable("mnist-cnn", "ekfac") is None
+    assert "accepts up to 12,000" in leaderboard._not_applicable("mnist-cnn", "exact")

@@ -187,6 +187,24 @@ def _scores(fitted: list, qx, qy, tx, ty, cost: metrics.Cost, stage: str) -> tor
     return total / len(fitted)
 
 
+def _scores_many(candidates: list[list], qx, qy, tx, ty, cost: metrics.Cost, stage: str) -> list[torch.Tensor]:
+    """Ensemble-averaged (Q, N) scores of several configurations, each a list of solvers fitted to the same
+    ensemble of models: for every model, one shared pass of train gradients (solver_api.scores_many)."""
+    if not candidates:
+        return []
+    totals = [None] * len(candidates)
+    for k in range(len(candidates[0])):
+        with cost.stage(stage):  # entered once per model; the stage accumulates
+            outs = solver_api.scores_many([c[k] for c in candidates], qx, qy, tx, ty)
+        for i, out in enumerate(outs):
+            out = out.detach().to("cpu", torch.float64)
+            if out.shape != (len(qy), len(ty)):
+                raise RunError(f"solver {type(candidates[i][k]).name!r} returned scores of shape {tuple(out.shape)}, "
+                               f"expected (queries, train) = {(len(qy), len(ty))}")
+            totals[i] = out if totals[i] is None else totals[i] + out
+    return [t / len(candidates[0]) for t in totals]
+
+
 def _self_scores(fitted: list, tx, ty, cost: metrics.Cost, stage: str) -> torch.Tensor:
     total = None
     for s in fitted:
@@ -293,29 +311,51 @@ def evaluate_lds(setting: str, solver: str, params: dict | None = None, *, searc
             cols = np.sort(np.random.default_rng(0).choice(len(cols), search_queries, replace=False))
         vx, vy = data.test_x[v_idx[cols]].to(device), data.test_y[v_idx[cols]].to(device)
         v_target = gt.target(measurement, "validation", replicas)[:, cols]
-        trials = []
+        trials, fits = [], []
         for cand in candidates:
             trial_cost = metrics.Cost(device)
             try:
-                fitted = _fit(cls, cand, models, tx, ty, data.num_classes, measurement, device, trial_cost, "fit")
-                val = metrics.lds(_scores(fitted, vx, vy, tx, ty, trial_cost, "score"), gt.masks, v_target)
+                fits.append((cand, _fit(cls, cand, models, tx, ty, data.num_classes, measurement, device,
+                                        trial_cost, "fit"), trial_cost))
+            except (solver_api.SolverError, ValueError, torch.linalg.LinAlgError) as exc:
+                trials.append({"params": cand, "validation_lds": None, "error": f"{type(exc).__name__}: {exc}"})
+        # Every configuration's validation scores from one pass of train gradients (the dominant cost).
+        shared_cost = metrics.Cost(device)
+        try:
+            val_scores = _scores_many([f for _, f, _ in fits], vx, vy, tx, ty, shared_cost, "score")
+        except (solver_api.SolverError, ValueError, torch.linalg.LinAlgError):
+            val_scores = None  # one configuration failed while scoring: score them one by one to find it
+        for i, (cand, fitted, trial_cost) in enumerate(fits):
+            try:
+                if val_scores is None:
+                    scores_i = _scores(fitted, vx, vy, tx, ty, trial_cost, "score")
+                    score_s = trial_cost.seconds("score")
+                else:
+                    scores_i, score_s = val_scores[i], shared_cost.seconds("score") / len(fits)
+                val = metrics.lds(scores_i, gt.masks, v_target)
                 trial = {"params": cand, "validation_lds": val["mean"], "validation_lds_se": val["se"],
                          "fit_s": _fit_seconds(trial_cost, _info(fitted)), "fit_measured_s": trial_cost.seconds("fit"),
-                         "score_s": trial_cost.seconds("score"), "fit_peak_mb": trial_cost.peak_mb("fit")}
+                         "score_s": score_s, "fit_peak_mb": trial_cost.peak_mb("fit")}
             except (solver_api.SolverError, ValueError, torch.linalg.LinAlgError) as exc:
                 fitted, trial = None, {"params": cand, "validation_lds": None, "error": f"{type(exc).__name__}: {exc}"}
             trials.append(trial)
             ok = trial.get("validation_lds") is not None and math.isfinite(trial["validation_lds"])
-            log(f"  {solver} {cand}: validation LDS "
-                + (f"{trial['validation_lds']:.4f} ± {trial['validation_lds_se']:.4f}" if ok
-                   else f"failed ({trial.get('error', 'undefined')})"))
             if ok and (best is None or trial["validation_lds"] > best[0]["validation_lds"]):
                 best = (trial, fitted, trial_cost)  # keep the fitted solver: no second fit for the winner
+        trials.sort(key=lambda t: candidates.index(t["params"]))
+        for trial in trials:
+            ok = trial.get("validation_lds") is not None and math.isfinite(trial["validation_lds"])
+            log(f"  {solver} {trial['params']}: validation LDS "
+                + (f"{trial['validation_lds']:.4f} ± {trial['validation_lds_se']:.4f}" if ok
+                   else f"failed ({trial.get('error', 'undefined')})"))
         if best is None:
             raise RunError(f"every configuration of {solver} failed on the validation queries: "
                            + "; ".join(f"{t['params']}: {t.get('error')}" for t in trials))
         selection.update(method="grid search: highest mean LDS on the validation queries", metric="validation LDS",
                          validation_queries=int(len(cols)), trials=trials,
+                         validation_scoring=("one shared pass of train gradients for all configurations (each "
+                                             "trial's score_s is its share)" if val_scores is not None
+                                             else "one pass per configuration"),
                          search_s=float(sum((t.get("fit_measured_s") or 0) + (t.get("score_s") or 0) for t in trials)))
         chosen, fitted = best[0]["params"], best[1]
         cost.stages["fit"] = dict(best[2].stages["fit"])

@@ -29,7 +29,7 @@ from torch import nn
 from . import curvature
 from .curvature import SolverError  # defined on floor 3 so curvature code can raise it; re-exported here
 
-__all__ = ["Task", "Solver", "SolverError", "DAMPING_GRID", "available", "get"]
+__all__ = ["Task", "Solver", "SolverError", "DAMPING_GRID", "available", "get", "scores_many"]
 
 # Memory the generic chunked scores may use for gradient blocks (query and train chunks together). Every
 # block of queries costs one pass over the training set, so a large model on a large GPU wants a larger
@@ -211,21 +211,7 @@ class Solver:
         Queries are preconditioned (ihvp) a block at a time; train gradients are computed a block at a
         time and dropped after their dot products, so memory is bounded by the chunk sizes.
         """
-        task = self._require_fit()
-        fm = self.functional()
-        qc, tc = self.chunk_sizes(query_chunk, train_chunk)
-        out = torch.empty(len(query_y), len(train_y), dtype=torch.float32)
-        for qs in curvature.chunks(len(query_y), qc):
-            gq = curvature.per_sample_grads(fm, query_x[qs], query_y[qs], task.measurement)
-            curvature.check_finite(gq, f"query gradient ({task.measurement})", qs.start)
-            rq = self.ihvp(gq)
-            curvature.check_finite(rq, f"inverse-curvature product of a query gradient ({self.name})", qs.start)
-            rq = rq.to(fm.dtype)
-            for ts in curvature.chunks(len(train_y), tc):
-                gt = curvature.per_sample_grads(fm, train_x[ts], train_y[ts], "loss")
-                curvature.check_finite(gt, "train loss gradient", ts.start)
-                out[qs, ts] = -(rq @ gt.T).float().cpu()
-        return out
+        return _scores_in_one_pass([self], query_x, query_y, train_x, train_y, query_chunk, train_chunk)[0]
 
     def self_scores(self, train_x: torch.Tensor, train_y: torch.Tensor, *,
                     train_chunk: int | None = None) -> torch.Tensor:
@@ -259,6 +245,51 @@ class Solver:
         if self.task is None:
             raise SolverError(f"solver {self.name!r}: call fit(task) before ihvp/scores/self_scores")
         return self.task
+
+
+def scores_many(solvers: list[Solver], query_x: torch.Tensor, query_y: torch.Tensor, train_x: torch.Tensor,
+                train_y: torch.Tensor, *, query_chunk: int | None = None,
+                train_chunk: int | None = None) -> list[torch.Tensor]:
+    """``[s.scores(...) for s in solvers]`` for solvers fitted to the same model (e.g. one per damping of a
+    grid), sharing the per-example train gradients — the dominant cost — in one pass. Solvers that override
+    ``scores`` or differ in model, measurement or attributed parameters are scored one by one."""
+    if not solvers:
+        return []
+    first, task = solvers[0], solvers[0]._require_fit()
+    shareable = all(type(s).scores is Solver.scores and s._require_fit().model is task.model
+                    and s.task.measurement == task.measurement and s.attributed == first.attributed for s in solvers)
+    if not shareable or len(solvers) == 1:
+        return [s.scores(query_x, query_y, train_x, train_y, query_chunk=query_chunk, train_chunk=train_chunk)
+                for s in solvers]
+    return _scores_in_one_pass(solvers, query_x, query_y, train_x, train_y, query_chunk, train_chunk)
+
+
+def _scores_in_one_pass(solvers: list[Solver], query_x, query_y, train_x, train_y, query_chunk, train_chunk
+                        ) -> list[torch.Tensor]:
+    """The generic chunked scores of one or more solvers on one model: per block of queries, their gradients
+    and each solver's IHVPs; then one pass of train gradients, dotted with all of them."""
+    first, task = solvers[0], solvers[0]._require_fit()
+    fm = first.functional()
+    qc, tc = first.chunk_sizes(query_chunk, train_chunk)
+    if query_chunk is None:  # the query block holds every solver's preconditioned queries
+        qc = max(1, qc // len(solvers))
+    outs = [torch.empty(len(query_y), len(train_y), dtype=torch.float32) for _ in solvers]
+    for qs in curvature.chunks(len(query_y), qc):
+        gq = curvature.per_sample_grads(fm, query_x[qs], query_y[qs], task.measurement)
+        curvature.check_finite(gq, f"query gradient ({task.measurement})", qs.start)
+        rqs = []
+        for s in solvers:
+            rq = s.ihvp(gq)
+            curvature.check_finite(rq, f"inverse-curvature product of a query gradient ({s.name})", qs.start)
+            rqs.append(rq.to(fm.dtype))
+        stacked, rows = torch.cat(rqs), len(gq)
+        for ts in curvature.chunks(len(train_y), tc):
+            gt = curvature.per_sample_grads(fm, train_x[ts], train_y[ts], "loss")
+            curvature.check_finite(gt, "train loss gradient", ts.start)
+            block = -(stacked @ gt.T).float().cpu()
+            for j, out in enumerate(outs):
+                out[qs, ts] = block[j * rows:(j + 1) * rows]
+    return outs
 
 
 def available() -> dict[str, type[Solver]]:

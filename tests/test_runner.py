@@ -36,22 +36,37 @@ def test_run_selects_on_validation_and_reports_the_brute_force_lds(toy, roots, m
     gt = groundtruth.load(SETTING, gt_root=roots["gt_root"])
     data = s.data()
     seen = []
-    real_scores = runner._scores
+    real_scores, real_many = runner._scores, runner._scores_many
 
     def spy(fitted, qx, qy, tx, ty, cost, stage):
-        seen.append(qx.clone())
+        seen.append((1, qx.clone()))
         return real_scores(fitted, qx, qy, tx, ty, cost, stage)
 
+    def spy_many(candidates, qx, qy, tx, ty, cost, stage):
+        seen.append((len(candidates), qx.clone()))
+        return real_many(candidates, qx, qy, tx, ty, cost, stage)
+
     monkeypatch.setattr(runner, "_scores", spy)
+    monkeypatch.setattr(runner, "_scores_many", spy_many)
     rec = runner.run(SETTING, "toy-exact", device="cpu", log=lambda *a: None, **roots)
 
-    # the search only ever scored validation queries; the reported queries were scored once, at the end
+    # the search scored every configuration on the validation queries only, together in one pass; the
+    # reported queries were scored once, at the end, for the chosen configuration
     grid = solver_api.get("toy-exact").parameters["damping"]
     val_x = data.test_x[torch.from_numpy(gt.validation_queries)]
-    assert len(seen) == len(grid) + 1
-    assert all(torch.equal(x, val_x) for x in seen[:-1])
-    assert torch.equal(seen[-1], data.test_x[torch.from_numpy(gt.queries)])
+    assert [n for n, _ in seen] == [len(grid), 1]
+    assert torch.equal(seen[0][1], val_x) and torch.equal(seen[1][1], data.test_x[torch.from_numpy(gt.queries)])
     trials = rec["lds"]["selection"]["trials"]
+    assert rec["lds"]["selection"]["validation_scoring"].startswith("one shared pass")
+    # each configuration's validation LDS is what scoring it alone gives
+    cls, model = solver_api.get("toy-exact"), gt.full_model(s, 0)
+    v = torch.from_numpy(gt.validation_queries)
+    v_target = gt.outputs["margin"][:, :, len(gt.queries):].mean(0)
+    for t in trials:
+        alone = cls(**t["params"]).fit(solver_api.Task(model, data.train_x, data.train_y, 4))
+        tau = alone.scores(data.test_x[v], data.test_y[v], data.train_x, data.train_y).double().numpy()
+        want = np.mean([spearmanr(gt.masks.astype(float) @ tau[i], v_target[:, i]).statistic for i in range(len(v))])
+        assert t["validation_lds"] == pytest.approx(want, abs=1e-6)
     best = max(trials, key=lambda t: t["validation_lds"])
     assert rec["params"] == best["params"]
 

@@ -423,3 +423,18 @@ def test_exact_refuses_models_over_its_limit_before_any_work():
     x, y = torch.randn(4, 2000), torch.randint(0, 10, (4,))
     with pytest.raises(SolverError, match="accepts models up to 12,000 parameters; this model has 20,010"):
         solver_api.get("exact")().fit(Task(model, x, y, num_classes=10))
+
+
+def test_scores_many_shares_the_train_pass_and_equals_scoring_one_by_one():
+    task, x, y = problem("cnn", n=24)
+    qx, qy = data(5, (1, 6, 6), seed=7)
+    grid = [solver_api.get("ekfac")(damping=lam).fit(task) for lam in (1e-3, 1e-1, 1.0)]
+    grid.append(solver_api.get("identity")().fit(task))
+    together = solver_api.scores_many(grid, qx, qy, x, y, train_chunk=7)
+    for s, got in zip(grid, together):
+        torch.testing.assert_close(got, s.scores(qx, qy, x, y), rtol=1e-6, atol=1e-7)
+    assert not torch.allclose(together[0], together[2])  # the dampings do differ
+    # a solver on another model cannot share the pass: it is scored on its own, still correctly
+    other = solver_api.get("identity")().fit(problem("cnn", n=24)[0])
+    mixed = solver_api.scores_many([grid[0], other], qx, qy, x, y)
+    torch.testing.assert_close(mixed[1], other.scores(qx, qy, x, y))

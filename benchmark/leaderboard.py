@@ -12,6 +12,7 @@ evaluated on an unfinished ground truth say so; a stale record keeps its numbers
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import traceback
 from pathlib import Path
@@ -68,6 +69,20 @@ def _gt_status(setting: str, gt_root: Path) -> tuple[Path | None, str]:
                   f"({man.get('units_done')}/{man.get('units_total')} units)")
 
 
+@functools.lru_cache(maxsize=None)
+def _num_params(setting: str) -> int | None:
+    """The setting's parameter count, built once per process (ViT-B/16 takes seconds); None if unknowable here."""
+    s = settings_mod.get(setting)
+    try:
+        return s.model_spec()["parameters"]
+    except DataError:  # pretrained weights not here: the same architecture, randomly initialised, counts alike
+        if not getattr(s.build_model, "pretrained", None):
+            return None
+        return sum(p.numel() for p in dataclasses.replace(s.build_model, pretrained=None)().parameters())
+    except ImportError:  # timm not installed: the row says "not yet run", never guesses
+        return None
+
+
 def _not_applicable(setting: str, solver: str) -> str | None:
     if solver in runner.BASELINES:
         return None
@@ -76,13 +91,8 @@ def _not_applicable(setting: str, solver: str) -> str | None:
         s = settings_mod.get(setting)
     except (solver_api.SolverError, KeyError) as exc:
         return str(exc)
-    try:
-        n = s.model_spec()["parameters"]
-    except DataError:  # pretrained weights not here: the same architecture, randomly initialised, counts alike
-        if not getattr(s.build_model, "pretrained", None):
-            return None
-        n = sum(p.numel() for p in dataclasses.replace(s.build_model, pretrained=None)().parameters())
-    except ImportError:  # timm not installed: the row says "not yet run", never guesses
+    n = _num_params(setting)
+    if n is None:
         return None
     if cls.max_params is not None and n > cls.max_params:
         return f"model has {n:,} parameters; {solver} accepts up to {cls.max_params:,}"

@@ -176,20 +176,16 @@ def _fit(cls, params: dict, models: list, train_x, train_y, num_classes: int, me
 
 def _scores(fitted: list, qx, qy, tx, ty, cost: metrics.Cost, stage: str) -> torch.Tensor:
     """(Q, N) scores, averaged over an ensemble of explained models."""
-    total = None
-    for s in fitted:
-        with cost.stage(stage):
-            out = s.scores(qx, qy, tx, ty).detach().to("cpu", torch.float64)
-        if out.shape != (len(qy), len(ty)):
-            raise RunError(f"solver {type(s).name!r} returned scores of shape {tuple(out.shape)}, expected "
-                           f"(queries, train) = {(len(qy), len(ty))}")
-        total = out if total is None else total + out
-    return total / len(fitted)
+    return _ensemble_scores([fitted], qx, qy, tx, ty, cost, stage)[0]
 
 
 def _scores_many(candidates: list[list], qx, qy, tx, ty, cost: metrics.Cost, stage: str) -> list[torch.Tensor]:
     """Ensemble-averaged (Q, N) scores of several configurations, each a list of solvers fitted to the same
     ensemble of models: for every model, one shared pass of train gradients (solver_api.scores_many)."""
+    return _ensemble_scores(candidates, qx, qy, tx, ty, cost, stage)
+
+
+def _ensemble_scores(candidates: list[list], qx, qy, tx, ty, cost: metrics.Cost, stage: str) -> list[torch.Tensor]:
     if not candidates:
         return []
     totals = [None] * len(candidates)

@@ -176,6 +176,14 @@ class Solver:
             by_reason.setdefault(why, []).append(name)
         self.attribution = {**self.attribution, "excluded": by_reason}
 
+    def kron_layers(self, unsupported: str) -> list:
+        """The attributed nn.Linear/nn.Conv2d layers for Kronecker-factored curvature; parameters that cannot
+        be factored are held constant (``unsupported="exclude"``, recorded) or a SolverError (``"error"``)."""
+        layers, excluded = curvature.kron_layers_and_exclusions(self._require_fit().model, self.attributed,
+                                                                unsupported)
+        self.exclude(excluded)
+        return layers
+
     @staticmethod
     def _count(model: nn.Module, names: list[str] | None) -> int:
         keep = None if names is None else set(names)

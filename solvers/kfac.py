@@ -27,9 +27,7 @@ class KFAC(Solver):
     def fit(self, task):
         super().fit(task)
         # Layers without a Kronecker factor (normalisation, tokens) are held constant, or a SolverError.
-        self.layers, excluded = curvature.kron_layers_and_exclusions(
-            task.model, self.attributed, self.params["unsupported_layers"])
-        self.exclude(excluded)
+        self.layers = self.kron_layers(self.params["unsupported_layers"])
         fm = self.functional()
         labels = self.params["pseudo_labels"]
         self.bases = self.cached("kronecker-eigenbases", lambda: curvature.kronecker_eigenbases(

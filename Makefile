@@ -9,7 +9,7 @@ STAMP      := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
 TDABENCH   := $(PY) -m benchmark
 
 .PHONY: venv data test test-fast lds-mnist lds-fmnist gt-mnist gt-fmnist gt-small gt-verify bench-train clean-venv help
-.PHONY: leaderboard mislabel-mnist figures-mnist regress ihvp-error bench-solvers
+.PHONY: leaderboard mislabel-mnist figures-mnist gap-mnist gap-fmnist regress ihvp-error bench-solvers
 
 # Solvers the evaluation targets run (Table 1's method by default): make lds-mnist SOLVERS="ekfac identity"
 SOLVERS    ?= ekfac
@@ -28,6 +28,7 @@ help:
 	@echo "make leaderboard  rerun stale/missing runs, write results/leaderboard.{csv,md} and figures"
 	@echo "make mislabel-mnist  mislabel detection on mnist-cnn (10% flipped) vs random and training loss"
 	@echo "make figures-mnist   qualitative figures: influential and top self-influence training images"
+	@echo "make gap-mnist    Table 1 gap study: LDS vs replicas, ensemble, measurement, damping (validation queries)"
 	@echo "make regress      CI check: attribution quality against results/baselines.json"
 
 $(STAMP): pyproject.toml
@@ -64,6 +65,13 @@ mislabel-mnist: venv
 figures-mnist: venv
 	$(TDABENCH) data mnist-cnn
 	$(TDABENCH) figures mnist-cnn $(SOLVER_ARGS)
+
+# The gap study uses the damping the LDS run chose on validation queries: run lds-mnist first.
+gap-mnist: venv
+	$(TDABENCH) gap mnist-cnn $(SOLVER_ARGS)
+
+gap-fmnist: venv
+	$(TDABENCH) gap fmnist-cnn $(SOLVER_ARGS)
 
 leaderboard: venv
 	$(TDABENCH) leaderboard

@@ -133,6 +133,16 @@ def _cmd_lds(args) -> int:
     return 0
 
 
+def _cmd_gap(args) -> int:
+    from . import gapstudy
+
+    for solver in args.solver or ["ekfac"]:
+        rec = gapstudy.run(args.setting, solver, params=_params(args.param) or None, ensemble=args.ensemble,
+                           version=args.version, device=args.device)
+        print(gapstudy.format_table(rec))
+    return 0
+
+
 def _cmd_mislabel(args) -> int:
     from . import leaderboard, mislabel
 
@@ -280,6 +290,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--search-queries", type=int, help="validation queries used for the grid search (default: all)")
     s.add_argument("--device")
     s.set_defaults(func=_cmd_lds)
+
+    s = sub.add_parser("gap", help="Table 1 gap study: LDS vs target replicas, ensemble, measurement, damping "
+                                   "(validation queries) -> results/gap/")
+    s.add_argument("setting")
+    s.add_argument("--solver", action="append", help="default: ekfac")
+    s.add_argument("--param", action="append", metavar="K=V",
+                   help="fix a hyper-parameter (default: those chosen on validation queries in the run record)")
+    s.add_argument("--ensemble", type=int, help="largest ensemble of full-data models (default: all of them)")
+    s.add_argument("--version", help="ground-truth version (default: the newest)")
+    s.add_argument("--device")
+    s.set_defaults(func=_cmd_gap)
 
     s = sub.add_parser("mislabel", help="mislabel detection: build the corrupted-label model, rank, print recall")
     s.add_argument("setting")

@@ -191,10 +191,24 @@ class FunctionalModel:
         return x.to(self.device, self.dtype if x.is_floating_point() else x.dtype)
 
 
-def chunks(n: int, size: int) -> Iterator[slice]:
+def chunks(n: int, size: int, desc: str | None = None) -> Iterator[slice]:
+    """Slices of ``size`` rows covering ``n``; with ``desc``, a progress bar over the rows (the passes over the
+    training set that take minutes). ``TDABENCH_PROGRESS=0`` silences the bars."""
     size = max(1, int(size))
-    for start in range(0, n, size):
-        yield slice(start, min(start + size, n))
+    bar = None
+    if desc and os.environ.get("TDABENCH_PROGRESS", "1") != "0":
+        from tqdm.auto import tqdm
+
+        # mininterval keeps a log file written through a pipe short; the bar still shows rate and ETA
+        bar = tqdm(total=n, desc=desc, unit="ex", unit_scale=True, mininterval=5, leave=False)
+    try:
+        for start in range(0, n, size):
+            yield slice(start, min(start + size, n))
+            if bar is not None:
+                bar.update(min(size, n - start))
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 def check_finite(t: torch.Tensor, what: str, offset: int | None = 0) -> None:
@@ -345,7 +359,7 @@ def dense_ggn(fm: FunctionalModel, x: torch.Tensor, batch_size: int = 256) -> to
     jac_fn = vmap(jacrev(logits_one), in_dims=(None, 0))
     x = fm.cast(x)
     G = torch.zeros(P, P, dtype=fm.dtype, device=fm.device)
-    for sl in chunks(len(x), batch_size):
+    for sl in chunks(len(x), batch_size, desc=f"dense GGN ({P:,} x {P:,})"):
         xb = x[sl]
         J = fm.layout.flatten(jac_fn(fm.params, xb), batch_dims=2)  # (n, C, P)
         L = logit_hessian_factor(fm(fm.params, xb).detach())  # (n, C, C)
@@ -596,7 +610,7 @@ def kronecker_factors(fm: FunctionalModel, layers: list[KronLayer], x: torch.Ten
     acc = {layer.path: [torch.zeros(layer.in_dim, layer.in_dim, dtype=torch.float64, device=fm.device),
                         torch.zeros(layer.out_dim, layer.out_dim, dtype=torch.float64, device=fm.device)]
            for layer in layers}
-    for sl in chunks(len(x), batch_size):
+    for sl in chunks(len(x), batch_size, desc="Kronecker factors"):
         cot = lambda logits: pseudo_label_cotangents(logits, pseudo_labels, gen)  # noqa: E731
         for path, (a, dy) in layer_pseudo_grads(fm, layers, x[sl], cot).items():
             # products in the model's precision (the big ones: conv patches), sums over batches in float64
@@ -622,7 +636,7 @@ def ekfac_eigenvalues(fm: FunctionalModel, layers: list[KronLayer], x: torch.Ten
     gen = torch.Generator().manual_seed(seed)
     acc = {layer.path: torch.zeros(layer.out_dim, layer.in_dim, dtype=torch.float64, device=fm.device)
            for layer in layers}
-    for sl in chunks(len(x), batch_size):
+    for sl in chunks(len(x), batch_size, desc="EK-FAC eigenvalues"):
         cot = lambda logits: pseudo_label_cotangents(logits, pseudo_labels, gen)  # noqa: E731
         for path, (a, dy) in layer_pseudo_grads(fm, layers, x[sl], cot).items():
             QA, QY = bases[path]["q_a"].to(a.dtype), bases[path]["q_y"].to(a.dtype)

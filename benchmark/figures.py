@@ -171,3 +171,38 @@ def self_influence_top(setting: str, solver: str, *, top: int = 20, device=None,
     plt.close(fig)
     log(f"wrote {out}")
     return out
+
+
+def gap_study(rec: dict, out: Path | None = None) -> Path:
+    """The gap study (``benchmark.gapstudy``) as a dot plot: each factor level's validation LDS with its 95%
+    interval, its noise ceiling where one applies, and the paper's Table 1 value."""
+    plt = _plt()
+    rows = list(rec["rows"]) + [{"factor": "damping", "level": ", ".join(f"{k}={v:g}" if isinstance(v, float)
+                                                                          else f"{k}={v}" for k, v in d["params"].items()),
+                                 "lds": d["lds"], "lds_se": d["lds_se"], "ceiling": None} for d in rec["damping"]]
+    labels = [f"{r['factor']}: {r['level']}" for r in rows]
+    y = np.arange(len(rows))[::-1]
+    height = 1.4 + 0.32 * len(rows)
+    fig, ax = plt.subplots(figsize=(8.5, height))
+    factors = list(dict.fromkeys(r["factor"] for r in rows))
+    colours = plt.get_cmap("tab10")
+    for yi, r in zip(y, rows):
+        c = colours(factors.index(r["factor"]) % 10)
+        ax.errorbar(r["lds"], yi, xerr=1.96 * r["lds_se"], fmt="o", color=c, capsize=3, ms=5)
+        if r.get("ceiling") is not None:
+            ax.plot(r["ceiling"], yi, marker="|", ms=12, mew=2, color="grey")
+    paper = settings_mod.get(rec["setting"]).paper_lds
+    if paper is not None:
+        ax.axvline(paper, color="crimson", ls="--", lw=1.2, label=f"paper (Table 1, reported queries) {paper:.2f}")
+    ax.plot([], [], marker="|", ls="none", ms=12, mew=2, color="grey", label="noise ceiling of that target")
+    ax.set_yticks(y, labels, fontsize=8)
+    ax.set_xlabel(f"LDS on {rec['queries']} validation queries (mean, 95% CI)")
+    ax.set_title(textwrap.fill(f"{rec['setting']} / {rec['solver']}: what moves LDS (baseline: 1 model, "
+                               f"{len(rec['replicas'])} replicas, margin; {rec['params_source']})", 90), fontsize=9)
+    fig.legend(loc="lower center", ncol=2, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.35 / height, 1, 1))  # room for the legend under the axis
+    out = Path(out or FIGURES / f"{rec['setting']}_gap_{rec['solver']}.png")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=130)
+    plt.close(fig)
+    return out

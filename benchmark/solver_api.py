@@ -228,7 +228,7 @@ class Solver:
         fm = self.functional()
         _, tc = self.chunk_sizes(None, train_chunk)
         out = torch.empty(len(train_y), dtype=torch.float32)
-        for ts in curvature.chunks(len(train_y), tc):
+        for ts in curvature.chunks(len(train_y), tc, desc=f"self-influence ({self.name})"):
             g = curvature.per_sample_grads(fm, train_x[ts], train_y[ts], "loss")
             curvature.check_finite(g, "train loss gradient", ts.start)
             r = self.ihvp(g)
@@ -259,13 +259,14 @@ def scores_many(solvers: list[Solver], query_x: torch.Tensor, query_y: torch.Ten
                 train_y: torch.Tensor, *, query_chunk: int | None = None,
                 train_chunk: int | None = None) -> list[torch.Tensor]:
     """``[s.scores(...) for s in solvers]`` for solvers fitted to the same model (e.g. one per damping of a
-    grid), sharing the per-example train gradients — the dominant cost — in one pass. Solvers that override
-    ``scores`` or differ in model, measurement or attributed parameters are scored one by one."""
+    grid), sharing the per-example train gradients — the dominant cost — in one pass. They may differ in
+    measurement (margin and loss queries share the pass); solvers that override ``scores`` or differ in model
+    or attributed parameters are scored one by one."""
     if not solvers:
         return []
     first, task = solvers[0], solvers[0]._require_fit()
     shareable = all(type(s).scores is Solver.scores and s._require_fit().model is task.model
-                    and s.task.measurement == task.measurement and s.attributed == first.attributed for s in solvers)
+                    and s.attributed == first.attributed for s in solvers)
     if not shareable or len(solvers) == 1:
         return [s.scores(query_x, query_y, train_x, train_y, query_chunk=query_chunk, train_chunk=train_chunk)
                 for s in solvers]
@@ -282,16 +283,21 @@ def _scores_in_one_pass(solvers: list[Solver], query_x, query_y, train_x, train_
     if query_chunk is None:  # the query block holds every solver's preconditioned queries
         qc = max(1, qc // len(solvers))
     outs = [torch.empty(len(query_y), len(train_y), dtype=torch.float32) for _ in solvers]
-    for qs in curvature.chunks(len(query_y), qc):
-        gq = curvature.per_sample_grads(fm, query_x[qs], query_y[qs], task.measurement)
-        curvature.check_finite(gq, f"query gradient ({task.measurement})", qs.start)
-        rqs = []
+    passes = -(-len(query_y) // qc)
+    configs = f", {len(solvers)} configurations" if len(solvers) > 1 else ""
+    for p, qs in enumerate(curvature.chunks(len(query_y), qc)):
+        gqs = {}  # one query gradient per measurement the solvers use
+        for m in dict.fromkeys(s.task.measurement for s in solvers):
+            gqs[m] = curvature.per_sample_grads(fm, query_x[qs], query_y[qs], m)
+            curvature.check_finite(gqs[m], f"query gradient ({m})", qs.start)
+        rqs, rows = [], qs.stop - qs.start
         for s in solvers:
-            rq = s.ihvp(gq)
+            rq = s.ihvp(gqs[s.task.measurement])
             curvature.check_finite(rq, f"inverse-curvature product of a query gradient ({s.name})", qs.start)
             rqs.append(rq.to(fm.dtype))
-        stacked, rows = torch.cat(rqs), len(gq)
-        for ts in curvature.chunks(len(train_y), tc):
+        stacked = torch.cat(rqs)
+        desc = f"scores ({first.name}{configs}): queries {qs.start}-{qs.stop} of {len(query_y)}, pass {p + 1}/{passes}"
+        for ts in curvature.chunks(len(train_y), tc, desc=desc):
             gt = curvature.per_sample_grads(fm, train_x[ts], train_y[ts], "loss")
             curvature.check_finite(gt, "train loss gradient", ts.start)
             block = -(stacked @ gt.T).float().cpu()

@@ -42,7 +42,8 @@ def noise_ceiling(outputs: np.ndarray) -> dict:
 
     - ``pairwise_single_seed``: mean over queries of the mean over replica pairs (two 1-seed truths).
     - ``split_half``: the first ⌊R/2⌋ replicas averaged vs the next ⌊R/2⌋ averaged.
-    - ``reliability_full``: Spearman-Brown step-up of ``split_half`` to all R replicas, 2ρ/(1+ρ).
+    - ``reliability_full``: Spearman-Brown step-up of ``split_half`` to all R replicas, kρ/(1+(k-1)ρ) with
+      k = R/⌊R/2⌋ (2ρ/(1+ρ) for even R).
     - ``lds_ceiling``: sqrt(reliability_full), the LDS a perfect attribution is expected to reach
       against the R-seed average (correlation with a noisy target is bounded by the root of its
       reliability).
@@ -66,7 +67,8 @@ def noise_ceiling(outputs: np.ndarray) -> dict:
     pw, pw_se = mean_se(per_query)
     h = r // 2
     sh, sh_se = mean_se(spearman_rows(outputs[:h].mean(0).T, outputs[h:2 * h].mean(0).T))
-    rel = 2 * sh / (1 + sh) if sh > -1 else float("nan")
+    k = r / h  # all R replicas are k times as many as each half (k = 2 when R is even)
+    rel = k * sh / (1 + (k - 1) * sh) if sh > -1 else float("nan")
     out.update(pairwise_single_seed=pw, pairwise_single_seed_se=pw_se, split_half=sh, split_half_se=sh_se,
                split_half_seeds=h, reliability_full=rel, lds_ceiling=float(np.sqrt(max(rel, 0.0))))
     return out

@@ -7,6 +7,7 @@ exactly as a user adds a solver, so these tests do not depend on the real solver
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import shutil
 import tempfile
 import textwrap
@@ -77,6 +78,16 @@ def synthetic_gt(setting: str = "synthetic-mlp") -> Path:
     """A complete small ground truth (built once per test session) under a temporary gt root."""
     gt_root = _ROOT / "gt"
     groundtruth.build(setting, EVAL_PROTOCOL, gt_root=gt_root, executor=LocalExecutor(1), progress=False,
+                      log=lambda *a: None)
+    return gt_root
+
+
+@lru_cache(maxsize=None)
+def synthetic_gt_ensemble(setting: str = "synthetic-mlp") -> Path:
+    """Like :func:`synthetic_gt` with two full-data models (ensembles) and three seed replicas."""
+    gt_root = _ROOT / "gt-ensemble"
+    protocol = dataclasses.replace(EVAL_PROTOCOL, seeds=3, full_models=2)
+    groundtruth.build(setting, protocol, gt_root=gt_root, executor=LocalExecutor(1), progress=False,
                       log=lambda *a: None)
     return gt_root
 

@@ -430,10 +430,14 @@ def test_scores_many_shares_the_train_pass_and_equals_scoring_one_by_one():
     qx, qy = data(5, (1, 6, 6), seed=7)
     grid = [solver_api.get("ekfac")(damping=lam).fit(task) for lam in (1e-3, 1e-1, 1.0)]
     grid.append(solver_api.get("identity")().fit(task))
+    # the loss measurement shares the pass too (its own query gradients, the same train gradients)
+    loss_task = Task(task.model, x, y, num_classes=task.num_classes, measurement="loss")
+    grid.append(solver_api.get("ekfac")(damping=1e-1).fit(loss_task))
     together = solver_api.scores_many(grid, qx, qy, x, y, train_chunk=7)
     for s, got in zip(grid, together):
         torch.testing.assert_close(got, s.scores(qx, qy, x, y), rtol=1e-6, atol=1e-7)
     assert not torch.allclose(together[0], together[2])  # the dampings do differ
+    assert not torch.allclose(together[1], together[4])  # and so do the measurements
     # a solver on another model cannot share the pass: it is scored on its own, still correctly
     other = solver_api.get("identity")().fit(problem("cnn", n=24)[0])
     mixed = solver_api.scores_many([grid[0], other], qx, qy, x, y)

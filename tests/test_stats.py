@@ -43,6 +43,11 @@ def test_noise_ceiling_brute_force():
     assert nc["reliability_full"] == pytest.approx(2 * half / (1 + half))
     # More seeds average out noise: the 2-seed halves agree better than single seeds.
     assert nc["split_half"] > nc["pairwise_single_seed"]
+    # three replicas: halves of one seed each, stepped up to three seeds (not two)
+    nc3 = noise_ceiling(outputs[:3])
+    one = np.mean([spearmanr(outputs[0, :, q], outputs[1, :, q]).statistic for q in range(7)])
+    assert nc3["split_half"] == pytest.approx(one)
+    assert nc3["reliability_full"] == pytest.approx(3 * one / (1 + 2 * one))
 
 
 def test_noise_ceiling_needs_two_replicas():

@@ -138,7 +138,7 @@ def _cmd_gap(args) -> int:
 
     for solver in args.solver or ["ekfac"]:
         rec = gapstudy.run(args.setting, solver, params=_params(args.param) or None, ensemble=args.ensemble,
-                           version=args.version, device=args.device)
+                           dampings=args.damping, version=args.version, device=args.device)
         print(gapstudy.format_table(rec))
     return 0
 
@@ -298,6 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--param", action="append", metavar="K=V",
                    help="fix a hyper-parameter (default: those chosen on validation queries in the run record)")
     s.add_argument("--ensemble", type=int, help="largest ensemble of full-data models (default: all of them)")
+    s.add_argument("--damping", type=float, action="append",
+                   help="a further damping to measure on the first model (repeatable), e.g. below the grid")
     s.add_argument("--version", help="ground-truth version (default: the newest)")
     s.add_argument("--device")
     s.set_defaults(func=_cmd_gap)

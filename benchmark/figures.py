@@ -177,9 +177,9 @@ def gap_study(rec: dict, out: Path | None = None) -> Path:
     """The gap study (``benchmark.gapstudy``) as a dot plot: each factor level's validation LDS with its 95%
     interval, its noise ceiling where one applies, and the paper's Table 1 value."""
     plt = _plt()
-    rows = list(rec["rows"]) + [{"factor": "damping", "level": ", ".join(f"{k}={v:g}" if isinstance(v, float)
-                                                                          else f"{k}={v}" for k, v in d["params"].items()),
-                                 "lds": d["lds"], "lds_se": d["lds_se"], "ceiling": None} for d in rec["damping"]]
+    from .gapstudy import grid_rows
+
+    rows = list(rec["rows"]) + grid_rows(rec)
     labels = [f"{r['factor']}: {r['level']}" for r in rows]
     y = np.arange(len(rows))[::-1]
     height = 1.4 + 0.32 * len(rows)

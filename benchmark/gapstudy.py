@@ -9,7 +9,8 @@ table is still chosen on validation):
   replicas, averaged), with the noise ceiling each implies;
 - **ensemble**: scores averaged over 1, 2, ... full-data models (the artifact's K seeded models);
 - **measurement**: margin vs loss, as the solver's query function and the ground-truth output together;
-- **damping**: the validation LDS of every damping the run record's grid search tried.
+- **damping**: the validation LDS of every damping the run record's grid search tried, and of further
+  dampings asked for (``dampings``: e.g. below the grid when its smallest value won), on the first model.
 
 Every row also gives its difference to the baseline (1 model, all replicas, margin/margin, the chosen
 damping) with a *paired* standard error over the same queries, which is much smaller than either row's own
@@ -58,12 +59,13 @@ def _sizes(total: int) -> list[int]:
 
 
 def study(setting: str, solver: str = "ekfac", params: dict | None = None, *, ensemble: int | None = None,
-          version: str | None = None, device=None, gt_root: Path = groundtruth.GT_ROOT,
-          runs_root: Path = runner.RUNS_ROOT, log=print) -> dict:
+          dampings: list[float] | None = None, version: str | None = None, device=None,
+          gt_root: Path = groundtruth.GT_ROOT, runs_root: Path = runner.RUNS_ROOT, log=print) -> dict:
     """Measure the factors on the validation queries of ``setting``'s ground truth; return the study record.
 
     ``params``: the solver's hyper-parameters; default those chosen on validation queries in the fresh run
     record (``tdabench run``), else its defaults. ``ensemble``: largest ensemble (default: every full model).
+    ``dampings``: further damping values to measure on the first model (scored in the same train pass).
     """
     from .training import default_device
 
@@ -84,6 +86,9 @@ def study(setting: str, solver: str = "ekfac", params: dict | None = None, *, en
         params, source = runner.chosen_params(setting, solver, runs_root, gt_root)
     else:
         params, source = {**cls.defaults, **params}, "given by the user"
+    dampings = [float(d) for d in dampings or [] if float(d) != params.get("damping")]
+    if dampings and "damping" not in params:
+        raise ValueError(f"solver {solver!r} has no damping parameter to vary")
     data = s.data()
     tx, ty = data.train_x.to(device), data.train_y.to(device)
     v_idx = torch.from_numpy(gt.validation_queries)
@@ -97,12 +102,14 @@ def study(setting: str, solver: str = "ekfac", params: dict | None = None, *, en
         model = gt.full_model(s, k)
         t0 = time.perf_counter()
         fitted = [runner._fit(cls, params, [model], tx, ty, data.num_classes, "margin", device, cost, "fit")]
-        if k == 0:  # the measurement factor on the first model: curvature is cached, the train pass shared
+        if k == 0:  # measurement and damping on the first model: curvature is cached, the train pass shared
             fitted.append(runner._fit(cls, params, [model], tx, ty, data.num_classes, "loss", device, cost, "fit"))
+            fitted += [runner._fit(cls, {**params, "damping": d}, [model], tx, ty, data.num_classes, "margin", device,
+                                   cost, "fit") for d in dampings]
         out = [sc.numpy() for sc in runner._scores_many(fitted, vx, vy, tx, ty, cost, "score")]
         margin_scores.append(out[0])
         if k == 0:
-            loss_scores = out[1]
+            loss_scores, damping_scores = out[1], dict(zip(dampings, out[2:]))
         del fitted, out
         log(f"  full model {k}: fitted and scored in {time.perf_counter() - t0:.0f} s")
 
@@ -135,6 +142,10 @@ def study(setting: str, solver: str = "ekfac", params: dict | None = None, *, en
         add("measurement", f"{m} (solver and target)", metrics.lds_per_query(sc, masks, tg),
             spearman_brown_ceiling(ceilings[m].get("pairwise_single_seed"), len(replicas)))
 
+    if dampings:
+        for d in sorted([*dampings, params["damping"]]):
+            add("damping", f"λ={d:g}" + (" (chosen)" if d == params["damping"] else ""),
+                base if d == params["damping"] else metrics.lds_per_query(damping_scores[d], masks, base_target))
     damping = []
     rec = runner.read_record(setting, solver, runs_root)
     if rec and "lds" in rec and not runner.stale_reasons(rec, gt_root=gt_root):
@@ -168,9 +179,21 @@ def format_table(rec: dict) -> str:
         ceil = "" if r["ceiling"] is None else f"{r['ceiling']:.3f}"
         lines.append(f"| {r['factor']} | {r['level']} | {r['lds']:.3f} ± {r['lds_se']:.3f} | "
                      f"{r['delta']:+.3f} ± {r['delta_se']:.3f} | {ceil} |")
-    for d in rec["damping"]:
-        lines.append(f"| damping (run record) | {d['params']} | {d['lds']:.3f} ± {d['lds_se']:.3f} | | |")
+    for d in grid_rows(rec):
+        lines.append(f"| {d['factor']} | {d['level']} | {d['lds']:.3f} ± {d['lds_se']:.3f} | | |")
     return "\n".join(lines)
+
+
+def grid_rows(rec: dict) -> list[dict]:
+    """The run record's grid-search trials as rows, except dampings the study itself measured (with Δ)."""
+    measured = {r["level"].split(" ")[0] for r in rec["rows"] if r["factor"] == "damping"}
+    out = []
+    for d in rec["damping"]:
+        level = f"λ={d['params'].get('damping', float('nan')):g}"
+        if level not in measured:
+            out.append({"factor": "damping (run record's grid search)", "level": level, "lds": d["lds"],
+                        "lds_se": d["lds_se"], "ceiling": None})
+    return out
 
 
 def run(setting: str, solver: str = "ekfac", *, root: Path = GAP_ROOT, figures_dir: Path | None = None,

@@ -26,7 +26,8 @@ def scipy_lds(scores: np.ndarray, masks: np.ndarray, target: np.ndarray) -> np.n
 
 def test_gap_study_rows_match_a_direct_computation(toy, tmp_path):
     gt_root = synthetic_gt_ensemble()
-    rec = gapstudy.run(SETTING, "toy-exact", params={"damping": 0.1}, gt_root=gt_root, root=tmp_path / "gap",
+    rec = gapstudy.run(SETTING, "toy-exact", params={"damping": 0.1}, dampings=[1e-3, 10.0, 0.1], gt_root=gt_root,
+                       root=tmp_path / "gap",
                        figures_dir=tmp_path, device="cpu", log=lambda *a: None)
     s = settings.get(SETTING)
     gt = groundtruth.load(SETTING, gt_root=gt_root)
@@ -41,6 +42,10 @@ def test_gap_study_rows_match_a_direct_computation(toy, tmp_path):
 
     q = len(gt.queries)
     out = {m: gt.outputs[m][:, :, q:] for m in ("margin", "loss")}
+    def scores_at(damping):
+        task = solver_api.Task(gt.full_model(s, 0), data.train_x, data.train_y, data.num_classes)
+        return cls(damping=damping).fit(task).scores(vx, vy, data.train_x, data.train_y).double().numpy()
+
     s0, s1, loss0 = scores(0), scores(1), scores(0, "loss")
     base = scipy_lds(s0, gt.masks, out["margin"].mean(0))
     single = np.mean([scipy_lds(s0, gt.masks, out["margin"][r]) for r in range(3)], axis=0)
@@ -51,10 +56,14 @@ def test_gap_study_rows_match_a_direct_computation(toy, tmp_path):
         ("ensemble", "2 full model(s)"): scipy_lds((s0 + s1) / 2, gt.masks, out["margin"].mean(0)),
         ("measurement", "margin (solver and target)"): base,
         ("measurement", "loss (solver and target)"): scipy_lds(loss0, gt.masks, out["loss"].mean(0)),
+        ("damping", "λ=0.001"): scipy_lds(scores_at(1e-3), gt.masks, out["margin"].mean(0)),
+        ("damping", "λ=0.1 (chosen)"): base,
+        ("damping", "λ=10"): scipy_lds(scores_at(10.0), gt.masks, out["margin"].mean(0)),
     }
     rows = {(r["factor"], r["level"]): r for r in rec["rows"]}
     # levels are 1, 2, 4, ... and the total: with three replicas the "2" level averages one disjoint pair
     assert [lvl for f, lvl in rows if f == "target replicas"] == [f"{n} seed(s) per subset" for n in (1, 2, 3)]
+    assert [lvl for f, lvl in rows if f == "damping"] == ["λ=0.001", "λ=0.1 (chosen)", "λ=10"]  # chosen once
     for key, per_query in expected.items():
         r = rows[key]
         assert r["lds"] == pytest.approx(np.nanmean(per_query), abs=1e-9), key
@@ -84,6 +93,12 @@ def test_gap_study_takes_damping_from_a_fresh_run_record(toy, tmp_path):
     assert rec["params"] == run["lds"]["params"] and rec["params_source"] == "chosen on validation queries"
     trials = run["lds"]["selection"]["trials"]
     assert [d["lds"] for d in rec["damping"]] == [t["validation_lds"] for t in trials]
+    # the run record's trials stand in the table as rows of their own; the chosen one equals the baseline row
+    grid = gapstudy.grid_rows(rec)
+    assert len(grid) == len(trials)
+    chosen = next(t for t in trials if t["params"] == rec["params"])
+    baseline = next(r for r in rec["rows"] if r["level"] == "1 full model(s)")
+    assert chosen["validation_lds"] == pytest.approx(baseline["lds"], abs=1e-12)
     with pytest.raises(ValueError, match="between 1 and 2"):
         gapstudy.study(SETTING, "toy-exact", ensemble=3, gt_root=gt_root, runs_root=runs, log=lambda *a: None)
 

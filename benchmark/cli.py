@@ -138,7 +138,8 @@ def _cmd_gap(args) -> int:
 
     for solver in args.solver or ["ekfac"]:
         rec = gapstudy.run(args.setting, solver, params=_params(args.param) or None, ensemble=args.ensemble,
-                           dampings=args.damping, version=args.version, device=args.device)
+                           dampings=args.damping, version=args.version, device=args.device,
+                           report_queries=args.report)
         print(gapstudy.format_table(rec))
     return 0
 
@@ -300,6 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ensemble", type=int, help="largest ensemble of full-data models (default: all of them)")
     s.add_argument("--damping", type=float, action="append",
                    help="a further damping to measure on the first model (repeatable), e.g. below the grid")
+    s.add_argument("--report", action="store_true",
+                   help="then evaluate the protocol chosen on validation on the reported queries (reuses a stored "
+                        "study of the same artifact)")
     s.add_argument("--version", help="ground-truth version (default: the newest)")
     s.add_argument("--device")
     s.set_defaults(func=_cmd_gap)

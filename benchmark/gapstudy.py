@@ -28,7 +28,7 @@ import torch
 
 from . import groundtruth, metrics, runner, solver_api
 from . import settings as settings_mod
-from .artifacts import ArtifactError, code_version, environment, write_json
+from .artifacts import ArtifactError, code_version, environment, read_json, write_json
 from .plugins import REPO_ROOT
 from .stats import mean_se, noise_ceiling
 
@@ -69,6 +69,7 @@ def study(setting: str, solver: str = "ekfac", params: dict | None = None, *, en
     """
     from .training import default_device
 
+    options = _options(params, ensemble, dampings, version)
     s = settings_mod.get(setting)
     cls = solver_api.get(solver)
     device = torch.device(device or default_device())
@@ -120,10 +121,10 @@ def study(setting: str, solver: str = "ekfac", params: dict | None = None, *, en
     ceilings = {m: noise_ceiling(outputs[m]) for m in outputs}
     rows = []
 
-    def add(factor: str, level: str, per_query: np.ndarray, ceiling: float | None = None, note: str = ""):
+    def add(factor: str, level: str, value, per_query: np.ndarray, ceiling: float | None = None, note: str = ""):
         mean, se = mean_se(per_query)
         d_mean, d_se = mean_se(per_query - base)
-        rows.append({"factor": factor, "level": level, "lds": mean, "lds_se": se, "delta": d_mean,
+        rows.append({"factor": factor, "level": level, "value": value, "lds": mean, "lds_se": se, "delta": d_mean,
                      "delta_se": d_se, "ceiling": ceiling, "note": note})
 
     rho1 = ceilings["margin"].get("pairwise_single_seed")
@@ -131,20 +132,20 @@ def study(setting: str, solver: str = "ekfac", params: dict | None = None, *, en
         groups = _replica_groups(replicas, size)
         per = np.nanmean([metrics.lds_per_query(margin_scores[0], masks, gt.target("margin", "validation", g))
                           for g in groups], axis=0)
-        add("target replicas", f"{size} seed(s) per subset", per, spearman_brown_ceiling(rho1, size),
+        add("target replicas", f"{size} seed(s) per subset", size, per, spearman_brown_ceiling(rho1, size),
             f"mean over {len(groups)} disjoint group(s)")
     for size in _sizes(k_max):
         per = metrics.lds_per_query(np.mean(margin_scores[:size], axis=0), masks, base_target)
-        add("ensemble", f"{size} full model(s)", per)
+        add("ensemble", f"{size} full model(s)", size, per)
     loss_target = gt.target("loss", "validation", replicas)
     # Matched pairs only: margin and loss move in opposite directions, so a mismatched pair only flips sign.
     for m, sc, tg in (("margin", margin_scores[0], base_target), ("loss", loss_scores, loss_target)):
-        add("measurement", f"{m} (solver and target)", metrics.lds_per_query(sc, masks, tg),
+        add("measurement", f"{m} (solver and target)", m, metrics.lds_per_query(sc, masks, tg),
             spearman_brown_ceiling(ceilings[m].get("pairwise_single_seed"), len(replicas)))
 
     if dampings:
         for d in sorted([*dampings, params["damping"]]):
-            add("damping", f"λ={d:g}" + (" (chosen)" if d == params["damping"] else ""),
+            add("damping", f"λ={d:g}" + (" (chosen)" if d == params["damping"] else ""), d,
                 base if d == params["damping"] else metrics.lds_per_query(damping_scores[d], masks, base_target))
     damping = []
     rec = runner.read_record(setting, solver, runs_root)
@@ -153,7 +154,7 @@ def study(setting: str, solver: str = "ekfac", params: dict | None = None, *, en
             if t.get("validation_lds") is not None:
                 damping.append({"params": t["params"], "lds": t["validation_lds"], "lds_se": t["validation_lds_se"]})
     return {
-        "setting": setting, "solver": solver, "params": params, "params_source": source,
+        "setting": setting, "solver": solver, "options": options, "params": params, "params_source": source,
         "split": "validation", "queries": int(len(vy)), "subsets": int(masks.shape[0]),
         "replicas": replicas, "full_models": k_max, "rows": rows, "damping": damping,
         "noise_ceiling": ceilings,
@@ -163,6 +164,48 @@ def study(setting: str, solver: str = "ekfac", params: dict | None = None, *, en
         "environment": environment(device), "code_version": code_version(),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def best_protocol(rec: dict) -> dict:
+    """Each factor's best level on the validation queries, combined: the protocol to report."""
+    def best(factor, default):
+        rows = [r for r in rec["rows"] if r["factor"] == factor and np.isfinite(r["lds"])]
+        return max(rows, key=lambda r: r["lds"])["value"] if rows else default
+
+    params = dict(rec["params"])
+    if "damping" in params:
+        params["damping"] = best("damping", params["damping"])
+    return {"params": params, "ensemble": best("ensemble", 1), "measurement": best("measurement", "margin"),
+            "rule": "each factor's level with the highest validation LDS, combined (the target keeps every replica)"}
+
+
+def report(setting: str, rec: dict, *, device=None, gt_root: Path = groundtruth.GT_ROOT, log=print) -> dict:
+    """The protocol :func:`best_protocol` chose on validation queries, evaluated once on the reported queries."""
+    from .training import default_device
+
+    s = settings_mod.get(setting)
+    cls = solver_api.get(rec["solver"])
+    device = torch.device(device or default_device())
+    gt = groundtruth.GroundTruth.open(Path(gt_root) / setting / rec["ground_truth"]["version"], s)
+    replicas = rec["replicas"]
+    protocol = best_protocol(rec)
+    m, k = protocol["measurement"], protocol["ensemble"]
+    log(f"reporting {setting} / {rec['solver']} {protocol['params']}, ensemble {k}, measurement {m} "
+        f"on {len(gt.queries)} reported queries")
+    data = s.data()
+    tx, ty = data.train_x.to(device), data.train_y.to(device)
+    q_idx = torch.from_numpy(gt.queries)
+    qx, qy = data.test_x[q_idx].to(device), data.test_y[q_idx].to(device)
+    cost = metrics.Cost(device)
+    fitted = runner._fit(cls, protocol["params"], [gt.full_model(s, j) for j in range(k)], tx, ty,
+                         data.num_classes, m, device, cost, "fit")
+    scores = runner._scores(fitted, qx, qy, tx, ty, cost, "score")
+    ceiling = noise_ceiling(gt.outputs[m][replicas][:, :, :len(gt.queries)])
+    result = metrics.lds(scores, gt.masks, gt.target(m, "queries", replicas), ceiling.get("lds_ceiling"))
+    result.pop("per_query")
+    return {**protocol, "queries": int(len(qy)), "lds": result,
+            "cost": {"fit_s": cost.seconds("fit"), "score_s": cost.seconds("score"),
+                     "peak_mb": cost.peak_mb("fit", "score")}}
 
 
 def study_path(setting: str, solver: str, root: Path = GAP_ROOT) -> Path:
@@ -181,6 +224,12 @@ def format_table(rec: dict) -> str:
                      f"{r['delta']:+.3f} ± {r['delta_se']:.3f} | {ceil} |")
     for d in grid_rows(rec):
         lines.append(f"| {d['factor']} | {d['level']} | {d['lds']:.3f} ± {d['lds_se']:.3f} | | |")
+    if rec.get("reported"):
+        r, lds = rec["reported"], rec["reported"]["lds"]
+        ceil = "" if lds.get("ceiling") is None else f"; noise ceiling {lds['ceiling']:.3f} ({lds['of_ceiling']:.2f} of it)"
+        lines += ["", f"Chosen on validation ({r['rule']}): {r['params']}, ensemble of {r['ensemble']}, "
+                      f"measurement {r['measurement']}. On the {r['queries']} reported queries: LDS {lds['mean']:.3f} ± "
+                      f"{lds['se']:.3f} [{lds['ci_low']:.3f}, {lds['ci_high']:.3f}]{ceil}."]
     return "\n".join(lines)
 
 
@@ -196,13 +245,47 @@ def grid_rows(rec: dict) -> list[dict]:
     return out
 
 
-def run(setting: str, solver: str = "ekfac", *, root: Path = GAP_ROOT, figures_dir: Path | None = None,
-        log=print, **kw) -> dict:
-    """:func:`study`, written to ``results/gap/<setting>_<solver>.json`` with its figure in ``results/figures``."""
+def _options(params, ensemble, dampings, version) -> dict:
+    """What a study was asked for (to know when a stored one answers the same question)."""
+    return {"params": params, "ensemble": ensemble, "dampings": sorted(float(d) for d in dampings or []),
+            "version": version}
+
+
+def _reusable(path: Path, setting: str, solver: str, kw: dict) -> dict | None:
+    """A stored study asked the same way, on the ground-truth files the benchmark would use now, with the
+    run record's choice unchanged."""
+    if not path.is_file():
+        return None
+    rec = read_json(path)
+    asked = _options(kw.get("params"), kw.get("ensemble"), kw.get("dampings"), kw.get("version"))
+    if rec.get("options") != asked:
+        return None
+    gt_root, runs_root = kw.get("gt_root", groundtruth.GT_ROOT), kw.get("runs_root", runner.RUNS_ROOT)
+    root = (Path(gt_root) / setting / asked["version"]) if asked["version"] else runner.current_gt_root(setting, gt_root)
+    if root is None or runner.gt_reference(root, rec["replicas"], rec["full_models"]) != rec["ground_truth"]:
+        return None
+    if asked["params"] is None and runner.chosen_params(setting, solver, runs_root, gt_root)[0] != rec["params"]:
+        return None
+    return rec
+
+
+def run(setting: str, solver: str = "ekfac", *, report_queries: bool = False, root: Path = GAP_ROOT,
+        figures_dir: Path | None = None, log=print, **kw) -> dict:
+    """:func:`study`, written to ``results/gap/<setting>_<solver>.json`` with its figure in ``results/figures``.
+
+    ``report_queries``: also evaluate the protocol chosen on validation (:func:`best_protocol`) on the
+    reported queries, reusing a stored study of the same artifact when no option asks for a new one."""
     from . import figures
 
-    rec = study(setting, solver, log=log, **kw)
     path = study_path(setting, solver, root)
+    rec = _reusable(path, setting, solver, kw) if report_queries else None
+    if rec is None:
+        rec = study(setting, solver, log=log, **kw)
+    else:
+        log(f"reusing the validation study {runner._rel(path)} (created {rec['created']})")
+    if report_queries:
+        rec["reported"] = report(setting, rec, device=kw.get("device"), gt_root=kw.get("gt_root", groundtruth.GT_ROOT),
+                                 log=log)
     write_json(path, rec)
     fig = figures.gap_study(rec, None if figures_dir is None else Path(figures_dir) / f"{setting}_gap_{solver}.png")
     log(f"wrote {runner._rel(path)} and {runner._rel(fig)}")

@@ -121,3 +121,42 @@ def test_cli_gap(toy, tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "| ensemble | 1 full model(s) |" in out and "given by the user" in out
     assert (tmp_path / "gap" / f"{SETTING}_toy-exact.json").is_file()
+
+
+def test_report_evaluates_the_validation_choice_on_the_reported_queries(toy, tmp_path):
+    gt_root, runs = synthetic_gt_ensemble(), tmp_path / "runs"
+    runner.run(SETTING, "toy-exact", tasks=["lds"], gt_root=gt_root, runs_root=runs, device="cpu", log=lambda *a: None)
+    kw = dict(gt_root=gt_root, runs_root=runs, root=tmp_path / "gap", figures_dir=tmp_path, device="cpu",
+              log=lambda *a: None)
+    rec = gapstudy.run(SETTING, "toy-exact", dampings=[1e-3, 10.0], report_queries=True, **kw)
+    # each factor's best validation level, combined
+    best = {f: max((r for r in rec["rows"] if r["factor"] == f), key=lambda r: r["lds"])["value"]
+            for f in ("ensemble", "measurement", "damping")}
+    rep = rec["reported"]
+    assert (rep["ensemble"], rep["measurement"], rep["params"]["damping"]) == \
+        (best["ensemble"], best["measurement"], best["damping"])
+    # the reported LDS, recomputed with scipy from an independent ensemble of fits
+    s, gt = settings.get(SETTING), groundtruth.load(SETTING, gt_root=gt_root)
+    data = s.data()
+    q = torch.from_numpy(gt.queries)
+    cls = solver_api.get("toy-exact")
+    total = sum(cls(**rep["params"]).fit(solver_api.Task(gt.full_model(s, k), data.train_x, data.train_y,
+                                                         data.num_classes, rep["measurement"]))
+                .scores(data.test_x[q], data.test_y[q], data.train_x, data.train_y).double().numpy()
+                for k in range(rep["ensemble"]))
+    target = gt.outputs[rep["measurement"]][:, :, :len(gt.queries)].mean(0)
+    assert rep["lds"]["mean"] == pytest.approx(np.nanmean(scipy_lds(total / rep["ensemble"], gt.masks, target)),
+                                               abs=1e-9)
+    assert rep["queries"] == len(gt.queries) and "reported queries" in gapstudy.format_table(rec)
+
+    # asked the same way again: the stored validation study is reused, only the report reruns
+    calls = []
+    real_study = gapstudy.study
+    try:
+        gapstudy.study = lambda *a, **k: calls.append(1) or real_study(*a, **k)
+        again = gapstudy.run(SETTING, "toy-exact", dampings=[10.0, 1e-3], report_queries=True, **kw)
+        assert calls == [] and again["rows"] == rec["rows"]
+        gapstudy.run(SETTING, "toy-exact", dampings=[1e-3], report_queries=True, **kw)  # another question
+        assert calls == [1]
+    finally:
+        gapstudy.study = real_study

@@ -168,8 +168,11 @@ def study(setting: str, solver: str = "ekfac", params: dict | None = None, *, en
 
 def best_protocol(rec: dict) -> dict:
     """Each factor's best level on the validation queries, combined: the protocol to report."""
+    grid = [{"factor": "damping", "value": d["params"]["damping"], "lds": d["lds"]}  # same queries and model
+            for d in rec["damping"] if "damping" in d["params"]]
+
     def best(factor, default):
-        rows = [r for r in rec["rows"] if r["factor"] == factor and np.isfinite(r["lds"])]
+        rows = [r for r in rec["rows"] + grid if r["factor"] == factor and np.isfinite(r["lds"])]
         return max(rows, key=lambda r: r["lds"])["value"] if rows else default
 
     params = dict(rec["params"])

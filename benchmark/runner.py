@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import groundtruth, metrics
+from . import curvature, groundtruth, metrics
 from . import mislabel as mislabel_mod
 from . import settings as settings_mod
 from . import solver_api
@@ -154,12 +154,20 @@ def param_grid(cls, fixed: dict | None = None, grid: dict | None = None) -> list
             for combo in itertools.product(*(space[k] for k in keys))]
 
 
-def check_applicable(cls, model: torch.nn.Module) -> None:
-    """Refuse up front what a solver declares it cannot do (e.g. a dense solver on a large model)."""
-    n = sum(p.numel() for p in model.parameters())
+def check_applicable(cls, model: torch.nn.Module, params: dict | None = None) -> None:
+    """Refuse up front what a solver declares it cannot do (e.g. a dense solver on a large model), counting
+    the parameters it would attribute through (``last_blocks`` narrows them)."""
+    k = (params or {}).get("last_blocks")
+    if k is None:
+        n = sum(p.numel() for p in model.parameters())
+    else:
+        names = set(curvature.last_blocks_parameters(model, k)[0])
+        n = sum(p.numel() for name, p in model.named_parameters() if name in names)
     if cls.max_params is not None and n > cls.max_params:
-        raise RunError(f"solver {cls.name!r} accepts models up to {cls.max_params:,} parameters; this model has "
-                       f"{n:,}. Use it on a smaller setting (e.g. mnist-lr, mnist-mlp-small).")
+        where = f"its last {k} block(s) and head have" if k is not None else "this model has"
+        raise RunError(f"solver {cls.name!r} accepts models up to {cls.max_params:,} parameters; {where} "
+                       f"{n:,}. Use it on a smaller setting (e.g. mnist-lr, mnist-mlp-small)"
+                       + (" or fewer blocks." if k is not None else "."))
 
 
 # ---------------------------------------------------------------- fitting and scoring
@@ -283,7 +291,7 @@ def evaluate_lds(setting: str, solver: str, params: dict | None = None, *, searc
     if ensemble > gt.protocol.full_models:
         raise RunError(f"ensemble of {ensemble} models asked for; {root} holds {gt.protocol.full_models}")
     models = [gt.full_model(s, k) for k in range(ensemble)]
-    check_applicable(cls, models[0])
+    check_applicable(cls, models[0], params)
     data = s.data()
     tx, ty = data.train_x.to(device), data.train_y.to(device)
     q_cols = np.arange(len(gt.queries))
@@ -407,7 +415,7 @@ def evaluate_mislabel(setting: str, solver: str, params: dict | None = None, *, 
         section["definition"] = "training loss under the corrupted labels, largest first"
     else:
         cls = solver_api.get(solver)
-        check_applicable(cls, models[0])
+        check_applicable(cls, models[0], params)
         chosen = {**cls.defaults, **(params or {})}
         fitted = _fit(cls, chosen, models, tx, ty, data.num_classes, "loss", device, cost, "fit")
         self_inf = _self_scores(fitted, tx, ty, cost, "self_score")

@@ -150,6 +150,10 @@ def test_grid_and_parameter_errors(toy):
     big = settings.get("mnist-cnn").model(0)
     with pytest.raises(runner.RunError, match="accepts models up to"):
         runner.check_applicable(cls, big)
+    # last_blocks narrows what the solver attributes through: the 650-parameter head fits a dense solver
+    runner.check_applicable(cls, big, {"last_blocks": 1})
+    with pytest.raises(runner.RunError, match="last 2 block"):
+        runner.check_applicable(cls, big, {"last_blocks": 2})
 
 
 def test_mislabel_artifact_is_versioned_and_verified(tmp_path):

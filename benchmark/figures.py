@@ -5,9 +5,10 @@
   label and score τ.
 - ``self_influence_top`` (Fig. 2): the top-k self-influence training images of the *uncorrupted* training set,
   captioned with index and label (the paper found 16 of its top 20 on MNIST mislabeled or ambiguous).
+- ``gap_study``: the Table 1 gap study (``benchmark.gapstudy``) as a dot plot of LDS per factor level.
 
-Both explain the ground truth's full-data model k=0 with the hyper-parameters chosen on validation queries
-for LDS (from the solver's run record when it is fresh), else the solver's defaults; the title says which.
+The first two explain the ground truth's full-data model k=0 with the hyper-parameters chosen on validation
+queries for LDS (from the solver's run record when it is fresh), else the solver's defaults; the title says which.
 """
 
 from __future__ import annotations

@@ -446,7 +446,9 @@ def ensure_record(setting: str, solver: str, tasks: list[str], *, force: bool = 
 
 
 def table1(setting: str, solvers: list[str], *, force: bool = False, log=print, **kw) -> str:
-    """Run (or reuse fresh records of) ``solvers`` on ``setting`` and format the Table 1 comparison."""
+    """Run (or reuse fresh records of) ``solvers`` on ``setting`` and format the Table 1 comparison, with
+    the gap study's reported protocol where one exists (``gap_root``: where to look, default results/gap)."""
+    gap_root = kw.pop("gap_root", None)
     gt_root = kw.get("gt_root", groundtruth.GT_ROOT)
     s = settings_mod.get(setting)
     root, gt_text = _gt_status(setting, gt_root)
@@ -478,7 +480,31 @@ def table1(setting: str, solvers: list[str], *, force: bool = False, log=print, 
     lines.append(f"LDS: Spearman over {rows[0][1]['lds']['subsets']} subsets, mean over {rows[0][1]['lds']['queries']} "
                  f"queries, measurement {rows[0][1]['lds']['measurement']}; hyper-parameters chosen on validation "
                  f"queries.")
+    lines += _gap_lines(setting, solvers, root, gap_root)
     return "\n".join(lines)
+
+
+def _gap_lines(setting: str, solvers: list[str], root: Path, gap_root: Path | None = None) -> list[str]:
+    """The gap study's protocol (chosen on validation queries) on the reported queries, where one was made on
+    this ground-truth artifact (``tdabench gap --report``)."""
+    from . import gapstudy
+
+    out = []
+    for name in solvers:
+        path = gapstudy.study_path(setting, name, gap_root or gapstudy.GAP_ROOT)
+        if not path.is_file():
+            continue
+        rec = read_json(path)
+        rep = rec.get("reported")
+        if not rep or rec["ground_truth"]["manifest_sha256"] != runner.gt_reference(root)["manifest_sha256"]:
+            continue
+        lds = rep["lds"]
+        out.append(f"{name} with the gap study's protocol ({runner._rel(path)}; chosen on validation queries): "
+                   f"ensemble of {rep['ensemble']} model(s), measurement {rep['measurement']}, "
+                   f"{_fmt_params(rep['params'])}: LDS {lds['mean']:.3f} ± {lds['se']:.3f} [{lds['ci_low']:.3f}, "
+                   f"{lds['ci_high']:.3f}]" + ("" if lds.get("of_ceiling") is None else f", {lds['of_ceiling']:.2f} of "
+                                               f"the ceiling"))
+    return out
 
 
 def mislabel_table(setting: str, solvers: list[str], *, spec: mislabel_mod.Spec | None = None, build: bool = True,

@@ -565,6 +565,13 @@ def run(setting: str, solver: str, params: dict | None = None, *, tasks=None, se
             record["lds"] = evaluate_lds(setting, solver, params, search=search, grid=grid,
                                          search_queries=search_queries, ensemble=ensemble, measurement=measurement,
                                          version=version, device=device, gt_root=gt_root, log=log)
+    # Self-influence uses the parameters chosen for LDS: a mislabel section made with others (e.g. the
+    # defaults, before the ground truth existed) is redone once LDS has chosen.
+    if ("lds" in record and "mislabel" not in tasks and solver not in BASELINES and old and "mislabel" in old
+            and old["mislabel"].get("params") != {**solver_api.get(solver).defaults, **record["lds"]["params"]}
+            and mislabel_available(setting, mislabel_root)):
+        log(f"{setting} / {solver}: redoing mislabel detection with the parameters LDS chose")
+        tasks.append("mislabel")
     if "mislabel" in tasks:
         if "lds" in record:
             mis_params, source = record["lds"].get("params"), "chosen for LDS on validation queries (this run)"

@@ -7,7 +7,7 @@ import torch
 from eval_helpers import synthetic_gt_ensemble, write_solver
 from scipy.stats import spearmanr
 
-from benchmark import gapstudy, groundtruth, runner, settings, solver_api
+from benchmark import gapstudy, groundtruth, leaderboard, runner, settings, solver_api
 
 SETTING = "synthetic-mlp"
 
@@ -148,6 +148,10 @@ def test_report_evaluates_the_validation_choice_on_the_reported_queries(toy, tmp
     assert rep["lds"]["mean"] == pytest.approx(np.nanmean(scipy_lds(total / rep["ensemble"], gt.masks, target)),
                                                abs=1e-9)
     assert rep["queries"] == len(gt.queries) and "reported queries" in gapstudy.format_table(rec)
+    # `make lds-mnist` prints it under Table 1
+    text = leaderboard.table1(SETTING, ["toy-exact"], gt_root=gt_root, runs_root=runs, gap_root=tmp_path / "gap",
+                              device="cpu", log=lambda *a: None)
+    assert "gap study's protocol" in text and f"LDS {rep['lds']['mean']:.3f} ± {rep['lds']['se']:.3f}" in text
 
     # asked the same way again: the stored validation study is reused, only the report reruns
     calls = []

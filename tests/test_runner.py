@@ -282,3 +282,17 @@ def test_leaderboard_leaves_days_long_solver_runs_to_the_user():
         assert leaderboard._not_applicable("mnist-cnn", solver).startswith("not run automatically: model has 46,730")
     assert leaderboard._not_applicable("mnist-cnn", "ekfac") is None
     assert "accepts up to 12,000" in leaderboard._not_applicable("mnist-cnn", "exact")
+
+
+def test_mislabel_is_redone_with_the_parameters_lds_chose(toy, roots, monkeypatch):
+    kw = dict(device="cpu", log=lambda *a: None, **roots)
+    calls, real = [], runner.evaluate_mislabel
+    monkeypatch.setattr(runner, "evaluate_mislabel", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    first = runner.run(SETTING, "toy-exact", tasks=["mislabel"], **kw)  # before any LDS: the defaults
+    assert first["mislabel"]["params"] == {"damping": 0.1}
+    rec = runner.run(SETTING, "toy-exact", {"damping": 1e-3}, tasks=["lds"], search=False, **kw)
+    assert rec["lds"]["params"] == rec["mislabel"]["params"] == {"damping": 1e-3}
+    assert rec["mislabel"]["params_source"].startswith("chosen for LDS")
+    assert len(calls) == 2
+    again = runner.run(SETTING, "toy-exact", {"damping": 1e-3}, tasks=["lds"], search=False, **kw)
+    assert len(calls) == 2 and again["mislabel"] == rec["mislabel"]  # same parameters: kept, not redone

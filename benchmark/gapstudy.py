@@ -15,6 +15,9 @@ table is still chosen on validation):
 Every row also gives its difference to the baseline (1 model, all replicas, margin/margin, the chosen
 damping) with a *paired* standard error over the same queries, which is much smaller than either row's own
 error. Seed policy and training length need further artifacts (other recipes) and are not measured here.
+
+:func:`report` then scores the protocol made of each factor's best validation level (:func:`best_protocol`)
+once on the reported queries: the number to set beside the paper's.
 """
 
 from __future__ import annotations

@@ -171,47 +171,28 @@ def study(setting: str, solver: str = "ekfac", params: dict | None = None, *, en
 
 def best_protocol(rec: dict) -> dict:
     """Each factor's best level on the validation queries, combined: the protocol to report."""
-    grid = [{"factor": "damping", "value": d["params"]["damping"], "lds": d["lds"]}  # same queries and model
-            for d in rec["damping"] if "damping" in d["params"]]
-
-    def best(factor, default):
-        rows = [r for r in rec["rows"] + grid if r["factor"] == factor and np.isfinite(r["lds"])]
+    def best(factor, default, extra=()):
+        rows = [r for r in [*rec["rows"], *extra] if r["factor"] == factor and np.isfinite(r["lds"])]
         return max(rows, key=lambda r: r["lds"])["value"] if rows else default
 
     params = dict(rec["params"])
     if "damping" in params:
-        params["damping"] = best("damping", params["damping"])
+        # the grid search's trials were scored on the same queries and model: candidates too
+        params["damping"] = best("damping", params["damping"], [{**g, "factor": "damping"} for g in grid_rows(rec)])
     return {"params": params, "ensemble": best("ensemble", 1), "measurement": best("measurement", "margin"),
             "rule": "each factor's level with the highest validation LDS, combined (the target keeps every replica)"}
 
 
 def report(setting: str, rec: dict, *, device=None, gt_root: Path = groundtruth.GT_ROOT, log=print) -> dict:
     """The protocol :func:`best_protocol` chose on validation queries, evaluated once on the reported queries."""
-    from .training import default_device
-
-    s = settings_mod.get(setting)
-    cls = solver_api.get(rec["solver"])
-    device = torch.device(device or default_device())
-    gt = groundtruth.GroundTruth.open(Path(gt_root) / setting / rec["ground_truth"]["version"], s)
-    replicas = rec["replicas"]
     protocol = best_protocol(rec)
-    m, k = protocol["measurement"], protocol["ensemble"]
-    log(f"reporting {setting} / {rec['solver']} {protocol['params']}, ensemble {k}, measurement {m} "
-        f"on {len(gt.queries)} reported queries")
-    data = s.data()
-    tx, ty = data.train_x.to(device), data.train_y.to(device)
-    q_idx = torch.from_numpy(gt.queries)
-    qx, qy = data.test_x[q_idx].to(device), data.test_y[q_idx].to(device)
-    cost = metrics.Cost(device)
-    fitted = runner._fit(cls, protocol["params"], [gt.full_model(s, j) for j in range(k)], tx, ty,
-                         data.num_classes, m, device, cost, "fit")
-    scores = runner._scores(fitted, qx, qy, tx, ty, cost, "score")
-    ceiling = noise_ceiling(gt.outputs[m][replicas][:, :, :len(gt.queries)])
-    result = metrics.lds(scores, gt.masks, gt.target(m, "queries", replicas), ceiling.get("lds_ceiling"))
-    result.pop("per_query")
-    return {**protocol, "queries": int(len(qy)), "lds": result,
-            "cost": {"fit_s": cost.seconds("fit"), "score_s": cost.seconds("score"),
-                     "peak_mb": cost.peak_mb("fit", "score")}}
+    log(f"reporting {setting} / {rec['solver']} {protocol['params']}, ensemble {protocol['ensemble']}, "
+        f"measurement {protocol['measurement']} on the reported queries")
+    lds = runner.evaluate_lds(setting, rec["solver"], protocol["params"], search=False, ensemble=protocol["ensemble"],
+                              measurement=protocol["measurement"], version=rec["ground_truth"]["version"],
+                              device=device, gt_root=gt_root, log=log)
+    lds.pop("per_query")
+    return {**protocol, "queries": lds["queries"], "lds": lds, "cost": lds.pop("cost")}
 
 
 def study_path(setting: str, solver: str, root: Path = GAP_ROOT) -> Path:
@@ -241,14 +222,10 @@ def format_table(rec: dict) -> str:
 
 def grid_rows(rec: dict) -> list[dict]:
     """The run record's grid-search trials as rows, except dampings the study itself measured (with Δ)."""
-    measured = {r["level"].split(" ")[0] for r in rec["rows"] if r["factor"] == "damping"}
-    out = []
-    for d in rec["damping"]:
-        level = f"λ={d['params'].get('damping', float('nan')):g}"
-        if level not in measured:
-            out.append({"factor": "damping (run record's grid search)", "level": level, "lds": d["lds"],
-                        "lds_se": d["lds_se"], "ceiling": None})
-    return out
+    measured = {r["value"] for r in rec["rows"] if r["factor"] == "damping"}
+    return [{"factor": "damping (run record's grid search)", "level": f"λ={d['params']['damping']:g}",
+             "value": d["params"]["damping"], "lds": d["lds"], "lds_se": d["lds_se"], "ceiling": None}
+            for d in rec["damping"] if "damping" in d["params"] and d["params"]["damping"] not in measured]
 
 
 def _options(params, ensemble, dampings, version) -> dict:

@@ -9,7 +9,7 @@ STAMP      := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
 TDABENCH   := $(PY) -m benchmark
 
 .PHONY: venv data test test-fast lds-mnist lds-fmnist gt-mnist gt-fmnist gt-small gt-verify bench-train clean-venv help
-.PHONY: leaderboard mislabel-mnist figures-mnist gap-mnist gap-fmnist regress ihvp-error bench-solvers
+.PHONY: leaderboard mislabel-mnist figures-mnist gap-mnist gap-fmnist regress ihvp-error bench-solvers gt-studies-mnist
 
 # Solvers the evaluation targets run (Table 1's method by default): make lds-mnist SOLVERS="ekfac identity"
 SOLVERS    ?= ekfac
@@ -29,6 +29,7 @@ help:
 	@echo "make mislabel-mnist  mislabel detection on mnist-cnn (10% flipped) vs random and training loss"
 	@echo "make figures-mnist   qualitative figures: influential and top self-influence training images"
 	@echo "make gap-mnist    Table 1 gap study: LDS vs replicas, ensemble, measurement, damping (validation queries)"
+	@echo "make gt-studies-mnist  study ground truths (varied seeds, other epochs) for the gap study's further rows"
 	@echo "make regress      CI check: attribution quality against results/baselines.json"
 
 $(STAMP): pyproject.toml
@@ -94,6 +95,17 @@ gt-small: venv
 
 gt-verify: venv
 	@for s in $$(ls results/gt); do $(TDABENCH) gt $$s --verify > /dev/null && echo "$$s: ok" || exit 1; done
+	@for s in $$(ls results/gt-studies 2>/dev/null); do \
+	  $(TDABENCH) gt "$$s" --study --verify > /dev/null && echo "$$s (study): ok" || exit 1; done
+
+# Study ground truths for the gap study's seed-policy and training-length rows (results/gt-studies/, never the
+# benchmark's ground truth): the first 50 subsets with 2 seeds each, trained with varied seeds, and for
+# STUDY_EPOCHS epochs. About 50 + 20 + 100 CPU-minutes on 2 cores; minutes on a GPU. Then `make gap-mnist`.
+STUDY_ARGS   ?= --subsets 50 --seeds 2 --full-models 1
+STUDY_EPOCHS ?= 3 16
+gt-studies-mnist: venv
+	$(TDABENCH) gt mnist-cnn --study --seed-policy varied $(STUDY_ARGS)
+	@for e in $(STUDY_EPOCHS); do $(TDABENCH) gt "mnist-cnn@epochs=$$e" $(STUDY_ARGS) || exit 1; done
 
 bench-train: venv
 	$(PY) -m benchmark.bench_train

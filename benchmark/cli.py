@@ -44,8 +44,10 @@ def _cmd_gt(args) -> int:
     from . import groundtruth, settings
     from .executors import LocalExecutor
 
+    study = args.study or settings.DERIVED_SEP in args.setting
+    gt_root = groundtruth.STUDY_ROOT if study else groundtruth.GT_ROOT
     if args.verify:
-        summary = groundtruth.verify(args.setting, args.version)
+        summary = groundtruth.verify(args.setting, args.version, gt_root)
         print(json.dumps(summary, indent=2))
         if not summary["complete"]:
             print(f"note: {summary['artifact']} is incomplete ({summary['units']} units); "
@@ -70,8 +72,9 @@ def _cmd_gt(args) -> int:
         raise ValueError("--address needs --executor ray")
     elif args.workers is not None:
         executor = LocalExecutor(args.workers, args.threads or 0)
-    groundtruth.build(args.setting, protocol, executor=executor, device=args.device, trainer=args.trainer,
-                      models_per_job=args.models_per_job, max_units=args.max_units, progress=not args.quiet)
+    groundtruth.build(args.setting, protocol, gt_root=gt_root, executor=executor, device=args.device,
+                      trainer=args.trainer, models_per_job=args.models_per_job, max_units=args.max_units,
+                      progress=not args.quiet)
     return 0
 
 
@@ -222,6 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("setting")
     s.add_argument("--verify", action="store_true", help="verify the newest (or --version) artifact and print a summary")
     s.add_argument("--require-complete", action="store_true", help="with --verify: exit 3 if the artifact is incomplete")
+    s.add_argument("--study", action="store_true",
+                   help="a study artifact (e.g. --seed-policy varied) under results/gt-studies/, which the benchmark "
+                        "never uses as its ground truth; implied by a derived setting such as mnist-cnn@epochs=3")
     s.add_argument("--version", help="artifact version to verify, e.g. v1 (default: the newest)")
     s.add_argument("--protocol", default="default", help="named protocol of the setting (default: default)")
     s.add_argument("--alpha", type=float)

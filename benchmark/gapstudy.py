@@ -14,7 +14,15 @@ table is still chosen on validation):
 
 Every row also gives its difference to the baseline (1 model, all replicas, margin/margin, the chosen
 damping) with a *paired* standard error over the same queries, which is much smaller than either row's own
-error. Seed policy and training length need further artifacts (other recipes) and are not measured here.
+error.
+
+Seed policy and training recipe need ground truths trained otherwise: *study artifacts* under
+``results/gt-studies/`` (``tdabench gt mnist-cnn --study --seed-policy varied``, ``tdabench gt
+mnist-cnn@epochs=3``), which the benchmark never uses as its ground truth. Every complete one comparable with
+the benchmark's artifact (same α, subsets and validation queries; no more subsets or replicas) adds a pair of
+rows: the benchmark's artifact restricted to the study's M subsets and R replicas, and the study artifact, each
+explained by its own first full-data model with the same hyper-parameters; Δ of the study row is paired to
+the restricted row.
 
 :func:`report` then scores the protocol made of each factor's best validation level (:func:`best_protocol`)
 once on the reported queries: the number to set beside the paper's.
@@ -31,11 +39,13 @@ import torch
 
 from . import groundtruth, metrics, runner, solver_api
 from . import settings as settings_mod
-from .artifacts import ArtifactError, code_version, environment, read_json, write_json
+from .artifacts import (MANIFEST, ArtifactError, code_version, environment, load_safetensors, read_json,
+                        write_json)
 from .plugins import REPO_ROOT
 from .stats import mean_se, noise_ceiling
 
 GAP_ROOT = REPO_ROOT / "results" / "gap"
+STUDY_NOTE = "Δ paired to the benchmark's artifact restricted to the study's subsets and replicas (the row above)"
 
 
 def spearman_brown_ceiling(single_seed: float | None, replicas: int) -> float | None:
@@ -61,9 +71,66 @@ def _sizes(total: int) -> list[int]:
     return out + [total]
 
 
+def study_artifacts(setting: str, gt: groundtruth.GroundTruth, replicas: list[int],
+                    study_root: Path = groundtruth.STUDY_ROOT, log=print) -> list[groundtruth.GroundTruth]:
+    """The complete study ground truths of ``setting`` (or of a setting derived from it) that ``gt`` can be
+    compared with: the same subsets (masks) and validation queries, no more subsets or replicas than ``gt``."""
+    root = Path(study_root)
+    names = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name.partition(settings_mod.DERIVED_SEP)[0]
+                   == setting) if root.is_dir() else []
+    found = []
+    for name in names:
+        for path in groundtruth.versions(name, root):
+            try:
+                if not read_json(path / MANIFEST).get("complete"):
+                    continue
+                other = groundtruth.GroundTruth.open(path, settings_mod.get(name))
+            except (ArtifactError, KeyError) as exc:
+                log(f"  skipping study artifact {runner._rel(path)}: {exc}")
+                continue
+            m, r = other.protocol.subsets, len(other.complete_replicas())
+            why = ("more subsets than the benchmark's artifact" if m > gt.masks.shape[0] else
+                   "more replicas than the benchmark's artifact" if r > len(replicas) else
+                   "other subsets" if not np.array_equal(other.masks, gt.masks[:m]) else
+                   "other validation queries" if not np.array_equal(other.validation_queries, gt.validation_queries)
+                   else None)
+            if why:
+                log(f"  skipping study artifact {runner._rel(path)}: {why}")
+                continue
+            found.append(other)
+    return found
+
+
+def _same_weights(a: Path, b: Path) -> bool:
+    """Whether two artifacts' first full-data models are the same weights (file hashes differ even then:
+    safetensors writes its metadata in no fixed order)."""
+    wa, wb = (load_safetensors(groundtruth.checkpoint_file(r, 0)) for r in (a, b))
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def _study_factor(other: groundtruth.GroundTruth, gt: groundtruth.GroundTruth) -> tuple[str, str, str]:
+    """(factor, benchmark level, study level) naming what the study artifact changes."""
+    factors, mine, theirs = [], [], []
+    if other.protocol.seed_policy != gt.protocol.seed_policy:
+        factors.append("seed policy")
+        mine.append(f"{gt.protocol.seed_policy} seeds")
+        theirs.append(f"{other.protocol.seed_policy} seeds")
+    base, ours = gt.manifest["recipe"]["train"], other.manifest["recipe"]["train"]
+    changed = sorted(k for k in ours if ours[k] != base.get(k))
+    if changed:
+        factors.append("training recipe")
+        mine.append(", ".join(f"{k}={base.get(k)}" for k in changed))
+        theirs.append(", ".join(f"{k}={ours[k]}" for k in changed))
+    m, r = other.protocol.subsets, len(other.complete_replicas())
+    scope = f"M={m}, R={r}"
+    return (" + ".join(factors) or "replication", f"{'; '.join(mine) or 'benchmark'} ({gt.root.name}, {scope})",
+            f"{'; '.join(theirs) or 'study'} (study {other.root.parent.name}/{other.root.name}, {scope})")
+
+
 def study(setting: str, solver: str = "ekfac", params: dict | None = None, *, ensemble: int | None = None,
           dampings: list[float] | None = None, version: str | None = None, device=None,
-          gt_root: Path = groundtruth.GT_ROOT, runs_root: Path = runner.RUNS_ROOT, log=print) -> dict:
+          gt_root: Path = groundtruth.GT_ROOT, runs_root: Path = runner.RUNS_ROOT,
+          study_root: Path = groundtruth.STUDY_ROOT, log=print) -> dict:
     """Measure the factors on the validation queries of ``setting``'s ground truth; return the study record.
 
     ``params``: the solver's hyper-parameters; default those chosen on validation queries in the fresh run
@@ -99,6 +166,11 @@ def study(setting: str, solver: str = "ekfac", params: dict | None = None, *, en
     vx, vy = data.test_x[v_idx].to(device), data.test_y[v_idx].to(device)
     log(f"gap study {setting} / {solver} {params} ({source}): {len(vy)} validation queries, "
         f"{k_max} full model(s), replicas {replicas}")
+    studies = study_artifacts(setting, gt, replicas, study_root, log)
+    # a study artifact whose first full-data model is the benchmark's own (same recipe and seed) needs no new fit
+    to_fit = [o for o in studies if not _same_weights(o.root, root)]
+    for o in studies:
+        log(f"  study artifact {runner._rel(o.root)}: {_study_factor(o, gt)[0]}")
 
     cost = metrics.Cost(device)
     margin_scores, loss_scores = [], None
@@ -110,10 +182,13 @@ def study(setting: str, solver: str = "ekfac", params: dict | None = None, *, en
             fitted.append(runner._fit(cls, params, [model], tx, ty, data.num_classes, "loss", device, cost, "fit"))
             fitted += [runner._fit(cls, {**params, "damping": d}, [model], tx, ty, data.num_classes, "margin", device,
                                    cost, "fit") for d in dampings]
+            fitted += [runner._fit(cls, params, [o.full_model(settings_mod.get(o.manifest["setting"]), 0)], tx, ty,
+                                   data.num_classes, "margin", device, cost, "fit") for o in to_fit]
         out = [sc.numpy() for sc in runner._scores_many(fitted, vx, vy, tx, ty, cost, "score")]
         margin_scores.append(out[0])
         if k == 0:
-            loss_scores, damping_scores = out[1], dict(zip(dampings, out[2:]))
+            loss_scores, damping_scores = out[1], dict(zip(dampings, out[2:2 + len(dampings)]))
+            study_scores = dict(zip([str(o.root) for o in to_fit], out[2 + len(dampings):]))
         del fitted, out
         log(f"  full model {k}: fitted and scored in {time.perf_counter() - t0:.0f} s")
 
@@ -124,9 +199,10 @@ def study(setting: str, solver: str = "ekfac", params: dict | None = None, *, en
     ceilings = {m: noise_ceiling(outputs[m]) for m in outputs}
     rows = []
 
-    def add(factor: str, level: str, value, per_query: np.ndarray, ceiling: float | None = None, note: str = ""):
+    def add(factor: str, level: str, value, per_query: np.ndarray, ceiling: float | None = None, note: str = "",
+            against: np.ndarray | None = None):
         mean, se = mean_se(per_query)
-        d_mean, d_se = mean_se(per_query - base)
+        d_mean, d_se = mean_se(per_query - (base if against is None else against))
         rows.append({"factor": factor, "level": level, "value": value, "lds": mean, "lds_se": se, "delta": d_mean,
                      "delta_se": d_se, "ceiling": ceiling, "note": note})
 
@@ -150,6 +226,19 @@ def study(setting: str, solver: str = "ekfac", params: dict | None = None, *, en
         for d in sorted([*dampings, params["damping"]]):
             add("damping", f"λ={d:g}" + (" (chosen)" if d == params["damping"] else ""), d,
                 base if d == params["damping"] else metrics.lds_per_query(damping_scores[d], masks, base_target))
+    for o in studies:
+        factor, mine, theirs = _study_factor(o, gt)
+        m, r = o.protocol.subsets, o.complete_replicas()
+        mine_replicas = replicas[:len(r)]
+        matched = metrics.lds_per_query(margin_scores[0], masks[:m],
+                                        gt.target("margin", "validation", mine_replicas)[:m])
+        studied = metrics.lds_per_query(study_scores.get(str(o.root), margin_scores[0]), o.masks,
+                                        o.target("margin", "validation", r))
+        mine_ceiling = noise_ceiling(gt.outputs["margin"][mine_replicas, :m, len(gt.queries):])["lds_ceiling"]
+        their_ceiling = noise_ceiling(o.outputs["margin"][r][:, :, len(o.queries):])["lds_ceiling"]
+        add(factor, mine, "benchmark", matched, mine_ceiling, STUDY_NOTE, against=matched)
+        add(factor, theirs, "study", studied, their_ceiling, STUDY_NOTE, against=matched)
+
     damping = []
     rec = runner.read_record(setting, solver, runs_root)
     if rec and "lds" in rec and not runner.stale_reasons(rec, gt_root=gt_root):
@@ -162,11 +251,17 @@ def study(setting: str, solver: str = "ekfac", params: dict | None = None, *, en
         "replicas": replicas, "full_models": k_max, "rows": rows, "damping": damping,
         "noise_ceiling": ceilings,
         "ground_truth": runner.gt_reference(root, replicas, k_max),
+        "study_artifacts": [_study_reference(o) for o in studies],
         "cost": {"fit_s": cost.seconds("fit"), "score_s": cost.seconds("score"), "peak_mb": cost.peak_mb("fit", "score"),
                  "machine": metrics.machine_load()},
         "environment": environment(device), "code_version": code_version(),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def _study_reference(other: groundtruth.GroundTruth) -> dict:
+    return {"setting": other.manifest["setting"],
+            **runner.gt_reference(other.root, other.complete_replicas(), 1)}
 
 
 def best_protocol(rec: dict) -> dict:
@@ -180,7 +275,8 @@ def best_protocol(rec: dict) -> dict:
         # the grid search's trials were scored on the same queries and model: candidates too
         params["damping"] = best("damping", params["damping"], [{**g, "factor": "damping"} for g in grid_rows(rec)])
     return {"params": params, "ensemble": best("ensemble", 1), "measurement": best("measurement", "margin"),
-            "rule": "each factor's level with the highest validation LDS, combined (the target keeps every replica)"}
+            "rule": "each factor's level with the highest validation LDS, combined (the target keeps every replica; "
+                    "seed-policy and recipe rows inform, the reported ground truth stays the benchmark's artifact)"}
 
 
 def report(setting: str, rec: dict, *, device=None, gt_root: Path = groundtruth.GT_ROOT, log=print) -> dict:
@@ -207,10 +303,14 @@ def format_table(rec: dict) -> str:
              "", "| factor | level | LDS ± se | Δ ± se | noise ceiling |", "|---|---|---|---|---|"]
     for r in rec["rows"]:
         ceil = "" if r["ceiling"] is None else f"{r['ceiling']:.3f}"
+        mark = "†" if r.get("note") == STUDY_NOTE else ""
         lines.append(f"| {r['factor']} | {r['level']} | {r['lds']:.3f} ± {r['lds_se']:.3f} | "
-                     f"{r['delta']:+.3f} ± {r['delta_se']:.3f} | {ceil} |")
+                     f"{r['delta']:+.3f} ± {r['delta_se']:.3f}{mark} | {ceil} |")
     for d in grid_rows(rec):
         lines.append(f"| {d['factor']} | {d['level']} | {d['lds']:.3f} ± {d['lds_se']:.3f} | | |")
+    if any(r.get("note") == STUDY_NOTE for r in rec["rows"]):
+        lines += ["", f"† {STUDY_NOTE}; each artifact's first full-data model is explained with the same "
+                      f"hyper-parameters."]
     if rec.get("reported"):
         r, lds = rec["reported"], rec["reported"]["lds"]
         ceil = "" if lds.get("ceiling") is None else f"; noise ceiling {lds['ceiling']:.3f} ({lds['of_ceiling']:.2f} of it)"
@@ -246,6 +346,10 @@ def _reusable(path: Path, setting: str, solver: str, kw: dict) -> dict | None:
     gt_root, runs_root = kw.get("gt_root", groundtruth.GT_ROOT), kw.get("runs_root", runner.RUNS_ROOT)
     root = (Path(gt_root) / setting / asked["version"]) if asked["version"] else runner.current_gt_root(setting, gt_root)
     if root is None or runner.gt_reference(root, rec["replicas"], rec["full_models"]) != rec["ground_truth"]:
+        return None
+    gt = groundtruth.GroundTruth.open(root, settings_mod.get(setting))
+    found = study_artifacts(setting, gt, rec["replicas"], kw.get("study_root", groundtruth.STUDY_ROOT), lambda *a: None)
+    if [_study_reference(o) for o in found] != rec.get("study_artifacts", []):
         return None
     if asked["params"] is None and runner.chosen_params(setting, solver, runs_root, gt_root)[0] != rec["params"]:
         return None

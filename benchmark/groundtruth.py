@@ -39,6 +39,9 @@ from .plugins import REPO_ROOT
 from .stats import noise_ceiling
 
 GT_ROOT = REPO_ROOT / "results" / "gt"
+# Ground truths built to study a protocol factor (another seed policy, a derived recipe): kept apart so that
+# the benchmark, which uses the newest complete version under GT_ROOT, never picks one up.
+STUDY_ROOT = REPO_ROOT / "results" / "gt-studies"
 OUTPUT_ROWS = ("margin", "loss", "correct")
 
 

@@ -1,13 +1,16 @@
 """Floor 2: a Setting bundles data, model, training recipe and measurement.
 
 Settings are declared in ``datasets/*.py`` files with :func:`register`; :func:`get` and
-:func:`available` discover them. A setting's *recipe hash* covers everything that determines what a
+:func:`available` discover them. ``get("mnist-cnn@epochs=3")`` returns a *derived* setting: the same data
+and model with other training-recipe values, for studies (it never appears on the leaderboard, and its own
+recipe hash keeps its ground truths apart). A setting's *recipe hash* covers everything that determines what a
 trained model is (data identity, architecture, optimiser recipe, training-code version), so a ground
 truth built under another recipe is detected as stale.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -74,7 +77,9 @@ class Setting:
 
 
 _REGISTRY: dict[str, Setting] = {}
+_DERIVED: dict[str, Setting] = {}
 _DATA_CACHE: dict[str, ImageData] = {}
+DERIVED_SEP = "@"
 _LOADED = False
 
 
@@ -101,9 +106,48 @@ def available() -> dict[str, Setting]:
 
 def get(name: str) -> Setting:
     settings = available()
+    if DERIVED_SEP in name:
+        return _derived(name, settings)
     if name not in settings:
         raise KeyError(f"unknown setting {name!r}; available: {', '.join(settings)}")
     return settings[name]
+
+
+def derive(base: Setting, **recipe_overrides) -> Setting:
+    """``base`` trained with other recipe values, named ``base@k=v,...`` (keys sorted): a study setting."""
+    unknown = sorted(set(recipe_overrides) - {f.name for f in dataclasses.fields(TrainRecipe)})
+    if unknown or not recipe_overrides:
+        raise ValueError(f"a derived setting changes training-recipe fields "
+                         f"({', '.join(f.name for f in dataclasses.fields(TrainRecipe))}); got {unknown or 'none'}")
+    recipe = dataclasses.replace(base.recipe, **recipe_overrides)
+    spec = ",".join(f"{k}={recipe_overrides[k]!r}".replace("'", "") for k in sorted(recipe_overrides))
+    return dataclasses.replace(base, name=f"{base.name}{DERIVED_SEP}{spec}", recipe=recipe, paper_lds=None,
+                               description=f"{base.description}; recipe changed: {spec}",
+                               load_data=base.data)  # the base's data, loaded once
+
+
+def _derived(name: str, settings: dict[str, Setting]) -> Setting:
+    if name in _DERIVED:
+        return _DERIVED[name]
+    base_name, _, spec = name.partition(DERIVED_SEP)
+    if base_name not in settings:
+        raise KeyError(f"unknown setting {base_name!r} in {name!r}; available: {', '.join(settings)}")
+    types = {f.name: f.type for f in dataclasses.fields(TrainRecipe)}
+    overrides = {}
+    for item in spec.split(","):
+        key, eq, raw = item.partition("=")
+        if not eq or key not in types:
+            raise KeyError(f"bad derived setting {name!r}: write {base_name}{DERIVED_SEP}FIELD=VALUE[,FIELD=VALUE], "
+                           f"FIELD one of {', '.join(types)}")
+        kind = types[key]
+        try:
+            overrides[key] = (raw.lower() in ("1", "true") if kind == "bool" else
+                              int(raw) if kind == "int" else float(raw) if kind == "float" else raw)
+        except ValueError:
+            raise KeyError(f"bad derived setting {name!r}: {key} needs a {kind}, got {raw!r}") from None
+    setting = derive(settings[base_name], **overrides)
+    _DERIVED[name] = _DERIVED[setting.name] = setting
+    return setting
 
 
 def fixed_subset(data: ImageData, size: int, seed: int) -> ImageData:

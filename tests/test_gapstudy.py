@@ -1,6 +1,8 @@
 """The Table 1 gap study on a small synthetic ground truth with two full-data models and three replicas:
 every row recomputed independently with scipy."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -8,6 +10,7 @@ from eval_helpers import synthetic_gt_ensemble, write_solver
 from scipy.stats import spearmanr
 
 from benchmark import gapstudy, groundtruth, leaderboard, runner, settings, solver_api
+from benchmark.executors import LocalExecutor
 
 SETTING = "synthetic-mlp"
 
@@ -164,3 +167,76 @@ def test_report_evaluates_the_validation_choice_on_the_reported_queries(toy, tmp
         assert calls == [1]
     finally:
         gapstudy.study = real_study
+
+
+def test_derived_setting_changes_only_the_recipe():
+    base = settings.get(SETTING)
+    d = settings.get(f"{SETTING}@epochs=1")
+    assert d.recipe == dataclasses.replace(base.recipe, epochs=1) and d.name == f"{SETTING}@epochs=1"
+    assert d.recipe_hash() != base.recipe_hash() and d.data() is base.data()  # same data, loaded once
+    assert settings.get(f"{SETTING}@lr=0.050,epochs=1").name == f"{SETTING}@epochs=1,lr=0.05"  # canonical name
+    assert f"{SETTING}@epochs=1" not in settings.available()  # studies never reach the leaderboard
+    with pytest.raises(KeyError, match="FIELD one of epochs"):
+        settings.get(f"{SETTING}@depth=3")
+    with pytest.raises(KeyError, match="epochs needs a int"):
+        settings.get(f"{SETTING}@epochs=two")
+
+
+def test_study_artifacts_add_seed_policy_and_recipe_rows(toy, tmp_path, monkeypatch):
+    from benchmark import cli
+
+    gt_root, studies = synthetic_gt_ensemble(), tmp_path / "gt-studies"
+    gt = groundtruth.load(SETTING, gt_root=gt_root)
+    small = dict(subsets=16, seeds=2, full_models=1)
+    # built through the CLI, as a user would: --study (or a derived setting) writes under the study root only
+    monkeypatch.setattr(groundtruth, "STUDY_ROOT", studies)
+    common = ["--alpha", "0.5", "--queries", str(len(gt.queries)), "--validation-queries",
+              str(len(gt.validation_queries)), "--subsets", "16", "--seeds", "2", "--full-models", "1",
+              "--workers", "1", "--quiet"]
+    assert cli.main(["gt", SETTING, "--study", "--seed-policy", "varied", *common]) == 0
+    assert cli.main(["gt", f"{SETTING}@epochs=1", "--seed-policy", "shared", *common]) == 0
+    assert groundtruth.versions(SETTING, gt_root)[-1] == gt.root  # the benchmark's artifact is still the newest
+    # not comparable (more replicas than the benchmark's artifact): skipped, with the reason logged
+    groundtruth.build(f"{SETTING}@lr=0.1", dataclasses.replace(gt.protocol, seeds=4, full_models=1), gt_root=studies,
+                      executor=LocalExecutor(1), progress=False, log=lambda *a: None)
+    logs = []
+    rec = gapstudy.study(SETTING, "toy-exact", params={"damping": 0.1}, ensemble=1, gt_root=gt_root,
+                         study_root=studies, device="cpu", log=logs.append)
+    assert any("more replicas" in line for line in logs)
+
+    s, data, q = settings.get(SETTING), settings.get(SETTING).data(), len(gt.queries)
+    v = torch.from_numpy(gt.validation_queries)
+    cls = solver_api.get("toy-exact")
+
+    def lds_of(art, setting):  # an independent fit of the artifact's own first full-data model
+        model = art.full_model(settings.get(setting), 0)
+        sc = cls(damping=0.1).fit(solver_api.Task(model, data.train_x, data.train_y, data.num_classes)) \
+            .scores(data.test_x[v], data.test_y[v], data.train_x, data.train_y).double().numpy()
+        return scipy_lds(sc, art.masks, art.outputs["margin"][:, :, len(art.queries):].mean(0))
+
+    matched = scipy_lds(
+        cls(damping=0.1).fit(solver_api.Task(gt.full_model(s, 0), data.train_x, data.train_y, data.num_classes))
+        .scores(data.test_x[v], data.test_y[v], data.train_x, data.train_y).double().numpy(),
+        gt.masks[:16], gt.outputs["margin"][:2, :16, q:].mean(0))
+    varied = groundtruth.load(SETTING, gt_root=studies)
+    derived = groundtruth.load(f"{SETTING}@epochs=1", gt_root=studies)
+    assert varied.protocol.seed_policy == "varied" and derived.protocol.seed_policy == "shared"
+    # the varied study's full-data model is the benchmark's own (same seed): its scores are reused, not refitted
+    assert gapstudy._same_weights(varied.root, gt.root) and not gapstudy._same_weights(derived.root, gt.root)
+    rows = {(r["factor"], r["value"]): r for r in rec["rows"] if r["note"] == gapstudy.STUDY_NOTE}
+    assert set(rows) == {("seed policy", "benchmark"), ("seed policy", "study"),
+                         ("training recipe", "benchmark"), ("training recipe", "study")}
+    for factor, art, name in (("seed policy", varied, SETTING), ("training recipe", derived, f"{SETTING}@epochs=1")):
+        mine, theirs = rows[(factor, "benchmark")], rows[(factor, "study")]
+        expected = lds_of(art, name)
+        assert mine["lds"] == pytest.approx(np.nanmean(matched), abs=1e-9) and mine["delta"] == 0.0
+        assert theirs["lds"] == pytest.approx(np.nanmean(expected), abs=1e-9), factor
+        assert theirs["delta"] == pytest.approx(np.nanmean(expected - matched), abs=1e-9), factor
+    assert "shared seeds" in rows[("seed policy", "benchmark")]["level"]
+    assert "varied seeds" in rows[("seed policy", "study")]["level"]
+    assert "epochs=3" in rows[("training recipe", "benchmark")]["level"]
+    assert "epochs=1" in rows[("training recipe", "study")]["level"]
+    assert [a["setting"] for a in rec["study_artifacts"]] == [SETTING, f"{SETTING}@epochs=1"]
+    assert "†" in gapstudy.format_table(rec)
+    # the report never swaps the reported ground truth for a study's
+    assert set(gapstudy.best_protocol(rec)) == {"params", "ensemble", "measurement", "rule"}

@@ -196,6 +196,8 @@ def test_study_artifacts_add_seed_policy_and_recipe_rows(toy, tmp_path, monkeypa
     assert cli.main(["gt", SETTING, "--study", "--seed-policy", "varied", *common]) == 0
     assert cli.main(["gt", f"{SETTING}@epochs=1", "--seed-policy", "shared", *common]) == 0
     assert groundtruth.versions(SETTING, gt_root)[-1] == gt.root  # the benchmark's artifact is still the newest
+    assert cli.main(["gt", f"{SETTING}@epochs=1", "--verify", "--require-complete"]) == 0  # found where built
+    assert cli.main(["gt", SETTING, "--study", "--verify", "--require-complete"]) == 0
     # not comparable (more replicas than the benchmark's artifact): skipped, with the reason logged
     groundtruth.build(f"{SETTING}@lr=0.1", dataclasses.replace(gt.protocol, seeds=4, full_models=1), gt_root=studies,
                       executor=LocalExecutor(1), progress=False, log=lambda *a: None)

@@ -169,8 +169,9 @@ def study(setting: str, solver: str = "ekfac", params: dict | None = None, *, en
     studies = study_artifacts(setting, gt, replicas, study_root, log)
     # a study artifact whose first full-data model is the benchmark's own (same recipe and seed) needs no new fit
     to_fit = [o for o in studies if not _same_weights(o.root, root)]
+    study_labels = {str(o.root): _study_factor(o, gt) for o in studies}
     for o in studies:
-        log(f"  study artifact {runner._rel(o.root)}: {_study_factor(o, gt)[0]}")
+        log(f"  study artifact {runner._rel(o.root)}: {study_labels[str(o.root)][0]}")
 
     cost = metrics.Cost(device)
     margin_scores, loss_scores = [], None
@@ -227,7 +228,7 @@ def study(setting: str, solver: str = "ekfac", params: dict | None = None, *, en
             add("damping", f"λ={d:g}" + (" (chosen)" if d == params["damping"] else ""), d,
                 base if d == params["damping"] else metrics.lds_per_query(damping_scores[d], masks, base_target))
     for o in studies:
-        factor, mine, theirs = _study_factor(o, gt)
+        factor, mine, theirs = study_labels[str(o.root)]
         m, r = o.protocol.subsets, o.complete_replicas()
         mine_replicas = replicas[:len(r)]
         matched = metrics.lds_per_query(margin_scores[0], masks[:m],

@@ -190,12 +190,13 @@ def test_study_artifacts_add_seed_policy_and_recipe_rows(toy, tmp_path, monkeypa
     small = dict(subsets=16, seeds=2, full_models=1)
     # built through the CLI, as a user would: --study (or a derived setting) writes under the study root only
     monkeypatch.setattr(groundtruth, "STUDY_ROOT", studies)
+    monkeypatch.setattr(groundtruth, "GT_ROOT", tmp_path / "gt")  # where a build without --study would land
     common = ["--alpha", "0.5", "--queries", str(len(gt.queries)), "--validation-queries",
               str(len(gt.validation_queries)), "--subsets", "16", "--seeds", "2", "--full-models", "1",
               "--workers", "1", "--quiet"]
     assert cli.main(["gt", SETTING, "--study", "--seed-policy", "varied", *common]) == 0
     assert cli.main(["gt", f"{SETTING}@epochs=1", "--seed-policy", "shared", *common]) == 0
-    assert groundtruth.versions(SETTING, gt_root)[-1] == gt.root  # the benchmark's artifact is still the newest
+    assert not (tmp_path / "gt").exists()  # nothing reached the benchmark's ground-truth root
     assert cli.main(["gt", f"{SETTING}@epochs=1", "--verify", "--require-complete"]) == 0  # found where built
     assert cli.main(["gt", SETTING, "--study", "--verify", "--require-complete"]) == 0
     # not comparable (more replicas than the benchmark's artifact): skipped, with the reason logged

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 
 
 def _cmd_settings(args) -> int:
@@ -347,6 +348,9 @@ def main(argv=None) -> int:
     from .solver_api import SolverError
 
     args = build_parser().parse_args(argv)
+    # torch's own forward-mode decompositions (torch/_decomp/decompositions_for_jvp.py) script a graph on
+    # first use and warn that torch.jit.script is deprecated; nothing here can act on it.
+    warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.* is deprecated", category=FutureWarning)
     try:
         return args.func(args)
     except (ArtifactError, DataError, KeyError, ValueError, RunError, RegressionError, SolverError,

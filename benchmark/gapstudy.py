@@ -169,9 +169,9 @@ def study(setting: str, solver: str = "ekfac", params: dict | None = None, *, en
     studies = study_artifacts(setting, gt, replicas, study_root, log)
     # a study artifact whose first full-data model is the benchmark's own (same recipe and seed) needs no new fit
     to_fit = [o for o in studies if not _same_weights(o.root, root)]
-    study_labels = {str(o.root): _study_factor(o, gt) for o in studies}
-    for o in studies:
-        log(f"  study artifact {runner._rel(o.root)}: {study_labels[str(o.root)][0]}")
+    study_labels = [_study_factor(o, gt) for o in studies]
+    for o, (factor, _, _) in zip(studies, study_labels):
+        log(f"  study artifact {runner._rel(o.root)}: {factor}")
 
     cost = metrics.Cost(device)
     margin_scores, loss_scores = [], None
@@ -227,8 +227,7 @@ def study(setting: str, solver: str = "ekfac", params: dict | None = None, *, en
         for d in sorted([*dampings, params["damping"]]):
             add("damping", f"λ={d:g}" + (" (chosen)" if d == params["damping"] else ""), d,
                 base if d == params["damping"] else metrics.lds_per_query(damping_scores[d], masks, base_target))
-    for o in studies:
-        factor, mine, theirs = study_labels[str(o.root)]
+    for o, (factor, mine, theirs) in zip(studies, study_labels):
         m, r = o.protocol.subsets, o.complete_replicas()
         mine_replicas = replicas[:len(r)]
         matched = metrics.lds_per_query(margin_scores[0], masks[:m],

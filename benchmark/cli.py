@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 import warnings
+from pathlib import Path
 
 
 def _cmd_settings(args) -> int:
@@ -51,8 +52,9 @@ def _cmd_gt(args) -> int:
         summary = groundtruth.verify(args.setting, args.version, gt_root)
         print(json.dumps(summary, indent=2))
         if not summary["complete"]:
-            print(f"note: {summary['artifact']} is incomplete ({summary['units']} units); "
-                  f"finish it with `tdabench gt {args.setting}`", file=sys.stderr)
+            man = {"setting": args.setting, "protocol": summary["protocol"]}
+            print(f"note: {summary['artifact']} is incomplete ({summary['units']} units); finish it with "
+                  f"`{groundtruth.build_command(man, Path(summary['artifact']))}`", file=sys.stderr)
             return 3 if args.require_complete else 0
         return 0
     setting = settings.get(args.setting)

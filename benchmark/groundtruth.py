@@ -178,6 +178,27 @@ def _protocol_of(manifest: dict) -> Protocol:
     return Protocol(**manifest["protocol"])
 
 
+def build_command(manifest: dict, root: Path | None = None) -> str:
+    """The ``tdabench gt`` command that resumes the artifact ``manifest`` describes. A build resumes only the
+    version with the same protocol, so the command names every protocol value that differs from the setting's
+    default, and ``--study`` for an artifact under :data:`STUDY_ROOT` (plain ``tdabench gt SETTING`` would
+    start or resume the default protocol's artifact instead)."""
+    name = manifest["setting"]
+    try:
+        base = settings_mod.get(name).protocols["default"]
+    except KeyError:  # a setting this code no longer knows: name every value
+        base = None
+    words = ["tdabench", "gt", name]
+    if root is not None and settings_mod.DERIVED_SEP not in name and Path(root).resolve().is_relative_to(
+            Path(STUDY_ROOT).resolve()):
+        words.append("--study")
+    for f in dataclasses.fields(Protocol):
+        value = manifest.get("protocol", {}).get(f.name)
+        if value is not None and (base is None or value != getattr(base, f.name)):
+            words += [f"--{f.name.replace('_', '-')}", str(value)]
+    return " ".join(f'"{w}"' if settings_mod.DERIVED_SEP in w else w for w in words)
+
+
 def plan_version(setting: settings_mod.Setting, protocol: Protocol, gt_root: Path = GT_ROOT):
     """Pick the artifact folder for (setting, protocol): an existing matching version (resume or done),
     else a new version, reusing units from the largest compatible older version.
@@ -312,7 +333,8 @@ class GroundTruth:
              verify: bool = True) -> "GroundTruth":
         root = Path(root)
         man = read_json(root / MANIFEST)
-        hint = f"rebuild it with `tdabench gt {man.get('setting', '<setting>')}` (it resumes from the valid units)"
+        hint = (f"rebuild it with `{build_command(man, root)}` (it resumes from the valid units)" if "setting" in man
+                else "rebuild it with `tdabench gt <setting>`")
         if man.get("format_version") != FORMAT_VERSION:
             raise ArtifactError(f"{root}: artifact format {man.get('format_version')} is not {FORMAT_VERSION}; {hint}")
         if setting is not None:
@@ -326,7 +348,7 @@ class GroundTruth:
         if not man.get("complete") and not allow_incomplete:
             raise ArtifactError(
                 f"{root} is incomplete ({man.get('units_done')}/{man.get('units_total')} units): finish it with "
-                f"`tdabench gt {man['setting']}` before using it as ground truth")
+                f"`{build_command(man, root)}` before using it as ground truth")
         if verify:
             verify_files(root, man["files"], hint)
         protocol = _protocol_of(man)
@@ -401,10 +423,11 @@ def latest(setting: str, gt_root: Path = GT_ROOT, allow_incomplete: bool = False
         if man.get("complete") or allow_incomplete:
             found.append(path)
         else:
-            unfinished.append(f"{path.name} ({man.get('units_done')}/{man.get('units_total')} units)")
+            unfinished.append((f"{path.name} ({man.get('units_done')}/{man.get('units_total')} units)",
+                               build_command(man, path)))
     if not found and unfinished:
-        raise ArtifactError(f"the ground truth for {setting!r} is incomplete: {', '.join(unfinished)}; finish it "
-                            f"with `tdabench gt {setting}` (it resumes)")
+        raise ArtifactError(f"the ground truth for {setting!r} is incomplete: {', '.join(u for u, _ in unfinished)}; "
+                            f"finish it with `{unfinished[-1][1]}` (it resumes)")
     if not found:
         raise ArtifactError(f"no {'' if allow_incomplete else 'complete '}ground truth for {setting!r} under "
                             f"{Path(gt_root) / setting}; build it with `tdabench gt {setting}`")

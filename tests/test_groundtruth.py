@@ -1,5 +1,6 @@
 """The ground-truth harness: resumable, extendable, self-verifying artifacts."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -112,6 +113,32 @@ def test_interrupted_build_resumes_to_identical_artifact(tmp_path, reference):
     _assert_same(_content(path), _content(reference))
 
 
+def test_incomplete_study_names_the_command_that_resumes_it(tmp_path, monkeypatch):
+    """Plain `tdabench gt SETTING` would start the default protocol's artifact: the hint must carry the study's
+    protocol and --study, and that command must plan the same unfinished version."""
+    import shlex
+
+    from benchmark.cli import build_parser
+
+    monkeypatch.setattr(G, "STUDY_ROOT", tmp_path)
+    default = settings.get(SETTING).protocols["default"]
+    protocol = dataclasses.replace(default, subsets=default.subsets - 1, seed_policy="varied")
+    path = _build(tmp_path, protocol=protocol, max_units=2)
+    with pytest.raises(ArtifactError, match="incomplete") as err:
+        G.load(SETTING, gt_root=tmp_path)
+    command = str(err.value).split("`")[1]
+    assert command == G.build_command(json.loads((path / "manifest.json").read_text()), path)
+    args = build_parser().parse_args(shlex.split(command)[1:])
+    assert args.study and args.seed_policy == "varied" and args.subsets == protocol.subsets
+    planned = G.protocol_with(default, subsets=args.subsets, seeds=args.seeds, seed_policy=args.seed_policy,
+                              full_models=args.full_models, alpha=args.alpha, queries=args.queries,
+                              validation_queries=args.validation_queries, base_seed=args.base_seed)
+    assert G.plan_version(settings.get(SETTING), planned, tmp_path) == (path, None, False)
+    # The benchmark's own artifact with the default protocol resumes with the plain command.
+    monkeypatch.setattr(G, "STUDY_ROOT", tmp_path / "elsewhere")
+    assert G.build_command({"setting": SETTING, "protocol": dataclasses.asdict(default)}, path) == f"tdabench gt {SETTING}"
+
+
 def test_process_pool_gives_the_same_artifact(tmp_path, reference):
     path = _build(tmp_path, executor=LocalExecutor(2, 1))
     _assert_same(_content(path), _content(reference))
@@ -150,8 +177,6 @@ def test_tampered_artifact_is_rejected(tmp_path, reference):
 
 
 def test_stale_recipe_is_rejected(reference, monkeypatch):
-    import dataclasses
-
     s = settings.get(SETTING)
     changed = dataclasses.replace(s, recipe=dataclasses.replace(s.recipe, epochs=s.recipe.epochs + 1))
     with pytest.raises(ArtifactError, match=r"stale.*differs in: train"):
@@ -203,8 +228,6 @@ def test_protocol_validation():
 
 def test_a_settings_trainer_choice_replaces_calibration(tmp_path, monkeypatch):
     """A setting that names its trainer (large models: "loop") is not calibrated; a bad choice is refused."""
-    import dataclasses
-
     from benchmark import training
 
     base = settings.get(SETTING)

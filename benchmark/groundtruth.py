@@ -186,7 +186,7 @@ def build_command(manifest: dict, root: Path | None = None) -> str:
     name = manifest["setting"]
     try:
         base = settings_mod.get(name).protocols["default"]
-    except KeyError:  # a setting this code no longer knows: name every value
+    except (KeyError, ValueError):  # a setting this code no longer knows: name every value
         base = None
     words = ["tdabench", "gt", name]
     if root is not None and settings_mod.DERIVED_SEP not in name and Path(root).resolve().is_relative_to(

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import os
+import shlex
 import shutil
 import time
 from dataclasses import dataclass
@@ -196,7 +197,7 @@ def build_command(manifest: dict, root: Path | None = None) -> str:
         value = manifest.get("protocol", {}).get(f.name)
         if value is not None and (base is None or value != getattr(base, f.name)):
             words += [f"--{f.name.replace('_', '-')}", str(value)]
-    return " ".join(f'"{w}"' if settings_mod.DERIVED_SEP in w else w for w in words)
+    return shlex.join(words)
 
 
 def plan_version(setting: settings_mod.Setting, protocol: Protocol, gt_root: Path = GT_ROOT):

@@ -118,7 +118,7 @@ def test_incomplete_study_names_the_command_that_resumes_it(tmp_path, monkeypatc
     protocol and --study, and that command must plan the same unfinished version."""
     import shlex
 
-    from benchmark.cli import build_parser
+    from benchmark import cli
 
     monkeypatch.setattr(G, "STUDY_ROOT", tmp_path)
     default = settings.get(SETTING).protocols["default"]
@@ -128,12 +128,12 @@ def test_incomplete_study_names_the_command_that_resumes_it(tmp_path, monkeypatc
         G.load(SETTING, gt_root=tmp_path)
     command = str(err.value).split("`")[1]
     assert command == G.build_command(json.loads((path / "manifest.json").read_text()), path)
-    args = build_parser().parse_args(shlex.split(command)[1:])
-    assert args.study and args.seed_policy == "varied" and args.subsets == protocol.subsets
-    planned = G.protocol_with(default, subsets=args.subsets, seeds=args.seeds, seed_policy=args.seed_policy,
-                              full_models=args.full_models, alpha=args.alpha, queries=args.queries,
-                              validation_queries=args.validation_queries, base_seed=args.base_seed)
-    assert G.plan_version(settings.get(SETTING), planned, tmp_path) == (path, None, False)
+    asked = {}
+    monkeypatch.setattr(G, "build", lambda name, protocol, *, gt_root, **kw: asked.update(
+        name=name, protocol=protocol, gt_root=gt_root))
+    assert cli.main(shlex.split(command)[1:]) == 0  # the real CLI, with the build it would start captured
+    assert asked["protocol"] == protocol and asked["gt_root"] == tmp_path
+    assert G.plan_version(settings.get(asked["name"]), asked["protocol"], asked["gt_root"]) == (path, None, False)
     # The benchmark's own artifact with the default protocol resumes with the plain command.
     monkeypatch.setattr(G, "STUDY_ROOT", tmp_path / "elsewhere")
     assert G.build_command({"setting": SETTING, "protocol": dataclasses.asdict(default)}, path) == f"tdabench gt {SETTING}"

@@ -288,7 +288,25 @@ def report(setting: str, rec: dict, *, device=None, gt_root: Path = groundtruth.
                               measurement=protocol["measurement"], version=rec["ground_truth"]["version"],
                               device=device, gt_root=gt_root, log=log)
     lds.pop("per_query")
-    return {**protocol, "queries": lds["queries"], "lds": lds, "cost": lds.pop("cost")}
+    return {**protocol, "queries": lds["queries"], "lds": lds, "cost": lds.pop("cost"), "basis": _report_basis(rec),
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+
+
+def _report_basis(rec: dict) -> dict:
+    """What a reported-query evaluation depends on beyond its protocol: the ground-truth files and the solver's
+    code (the same inputs that make a run record stale)."""
+    return {"ground_truth": rec["ground_truth"], "solver_code": runner.solver_code(rec["solver"])["hash"]}
+
+
+def _carried_report(previous: dict | None, rec: dict) -> dict | None:
+    """The stored reported-query evaluation when it still answers for ``rec``: the same protocol chosen on
+    validation, the same ground-truth files and solver code. A new study artifact adds rows that inform but
+    never change the chosen protocol (:func:`best_protocol`), so it need not cost a second 2000-query pass."""
+    old = (previous or {}).get("reported")
+    if not old or old.get("basis") != _report_basis(rec):
+        return None
+    chosen = best_protocol(rec)
+    return old if all(old[k] == chosen[k] for k in ("params", "ensemble", "measurement")) else None
 
 
 def study_path(setting: str, solver: str, root: Path = GAP_ROOT) -> Path:
@@ -361,16 +379,23 @@ def run(setting: str, solver: str = "ekfac", *, report_queries: bool = False, ro
     """:func:`study`, written to ``results/gap/<setting>_<solver>.json`` with its figure in ``results/figures``.
 
     ``report_queries``: also evaluate the protocol chosen on validation (:func:`best_protocol`) on the
-    reported queries, reusing a stored study of the same artifact when no option asks for a new one."""
+    reported queries, reusing a stored study of the same artifact when no option asks for a new one. A stored
+    reported-query evaluation is kept, with or without ``report_queries``, while :func:`_carried_report` says it
+    still holds."""
     from . import figures
 
     path = study_path(setting, solver, root)
+    previous = read_json(path) if path.is_file() else None
     rec = _reusable(path, setting, solver, kw) if report_queries else None
     if rec is None:
         rec = study(setting, solver, log=log, **kw)
     else:
         log(f"reusing the validation study {runner._rel(path)} (created {rec['created']})")
-    if report_queries:
+    carried = _carried_report(previous, rec)
+    if carried is not None:
+        rec["reported"] = carried
+        log(f"reusing the reported-query evaluation of the same protocol (created {carried.get('created', '?')})")
+    elif report_queries:
         rec["reported"] = report(setting, rec, device=kw.get("device"), gt_root=kw.get("gt_root", groundtruth.GT_ROOT),
                                  log=log)
     write_json(path, rec)

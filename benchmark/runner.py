@@ -188,9 +188,22 @@ def _scores(fitted: list, qx, qy, tx, ty, cost: metrics.Cost, stage: str) -> tor
 
 
 def _scores_many(candidates: list[list], qx, qy, tx, ty, cost: metrics.Cost, stage: str) -> list[torch.Tensor]:
-    """Ensemble-averaged (Q, N) scores of several configurations, each a list of solvers fitted to the same
-    ensemble of models: for every model, one shared pass of train gradients (solver_api.scores_many)."""
+    """Ensemble-averaged (Q, N) scores of several configurations, each a list of solvers fitted to an ensemble
+    of models: for every ensemble member, one shared pass of train gradients (solver_api.scores_many) per
+    distinct model among the configurations (the gap study mixes the benchmark's model with a study's)."""
     return _ensemble_scores(candidates, qx, qy, tx, ty, cost, stage)
+
+
+def _shared_passes(solvers: list, qx, qy, tx, ty) -> list[torch.Tensor]:
+    """solver_api.scores_many on each group of ``solvers`` fitted to the same model, in the input order."""
+    groups: dict[int, list[int]] = {}
+    for i, s in enumerate(solvers):
+        groups.setdefault(id(getattr(s.task, "model", None)), []).append(i)  # unfitted: scores_many says so
+    outs = [None] * len(solvers)
+    for idx in groups.values():
+        for i, out in zip(idx, solver_api.scores_many([solvers[i] for i in idx], qx, qy, tx, ty)):
+            outs[i] = out
+    return outs
 
 
 def _ensemble_scores(candidates: list[list], qx, qy, tx, ty, cost: metrics.Cost, stage: str) -> list[torch.Tensor]:
@@ -199,7 +212,7 @@ def _ensemble_scores(candidates: list[list], qx, qy, tx, ty, cost: metrics.Cost,
     totals = [None] * len(candidates)
     for k in range(len(candidates[0])):
         with cost.stage(stage):  # entered once per model; the stage accumulates
-            outs = solver_api.scores_many([c[k] for c in candidates], qx, qy, tx, ty)
+            outs = _shared_passes([c[k] for c in candidates], qx, qy, tx, ty)
         for i, out in enumerate(outs):
             out = out.detach().to("cpu", torch.float64)
             if out.shape != (len(qy), len(ty)):

@@ -9,7 +9,7 @@ import torch
 from eval_helpers import synthetic_gt_ensemble, write_solver
 from scipy.stats import spearmanr
 
-from benchmark import gapstudy, groundtruth, leaderboard, runner, settings, solver_api
+from benchmark import artifacts, gapstudy, groundtruth, leaderboard, runner, settings, solver_api
 from benchmark.executors import LocalExecutor
 
 SETTING = "synthetic-mlp"
@@ -156,17 +156,32 @@ def test_report_evaluates_the_validation_choice_on_the_reported_queries(toy, tmp
                               device="cpu", log=lambda *a: None)
     assert "gap study's protocol" in text and f"LDS {rep['lds']['mean']:.3f} ± {rep['lds']['se']:.3f}" in text
 
-    # asked the same way again: the stored validation study is reused, only the report reruns
-    calls = []
-    real_study = gapstudy.study
+    # asked the same way again: the stored validation study and its report are reused
+    calls = {"study": 0, "report": 0}
+    real_study, real_report = gapstudy.study, gapstudy.report
+
+    def counting(name, real):
+        return lambda *a, **k: calls.__setitem__(name, calls[name] + 1) or real(*a, **k)
+
     try:
-        gapstudy.study = lambda *a, **k: calls.append(1) or real_study(*a, **k)
+        gapstudy.study, gapstudy.report = counting("study", real_study), counting("report", real_report)
         again = gapstudy.run(SETTING, "toy-exact", dampings=[10.0, 1e-3], report_queries=True, **kw)
-        assert calls == [] and again["rows"] == rec["rows"]
-        gapstudy.run(SETTING, "toy-exact", dampings=[1e-3], report_queries=True, **kw)  # another question
-        assert calls == [1]
+        assert calls == {"study": 0, "report": 0} and again["rows"] == rec["rows"] and again["reported"] == rep
+        # asked otherwise (the same artifact named by its version): the study reruns, its choice is unchanged, so
+        # the reported evaluation still holds, with or without --report
+        again = gapstudy.run(SETTING, "toy-exact", dampings=[1e-3, 10.0], version=gt.root.name, **kw)
+        assert calls == {"study": 1, "report": 0} and again["reported"] == rep and again["rows"] == rec["rows"]
+        # solver code changed since: the reported evaluation no longer holds and is made again
+        stored = gapstudy.study_path(SETTING, "toy-exact", tmp_path / "gap")
+        doctored = artifacts.read_json(stored)
+        doctored["reported"]["basis"]["solver_code"] = "an older solver"
+        artifacts.write_json(stored, doctored)
+        again = gapstudy.run(SETTING, "toy-exact", dampings=[1e-3, 10.0], version=gt.root.name, report_queries=True,
+                             **kw)
+        assert calls == {"study": 1, "report": 1} and again["reported"]["lds"] == rep["lds"]
+        assert again["reported"]["basis"]["solver_code"] == runner.solver_code("toy-exact")["hash"]
     finally:
-        gapstudy.study = real_study
+        gapstudy.study, gapstudy.report = real_study, real_report
 
 
 def test_derived_setting_changes_only_the_recipe():

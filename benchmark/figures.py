@@ -198,8 +198,9 @@ def gap_study(rec: dict, out: Path | None = None) -> Path:
     ax.plot([], [], marker="|", ls="none", ms=12, mew=2, color="grey", label="noise ceiling of that target")
     ax.set_yticks(y, labels, fontsize=8)
     ax.set_xlabel(f"LDS on {rec['queries']} validation queries (mean, 95% CI)")
+    # wrapped narrow: the long factor labels leave the axis (and its centred title) little width
     ax.set_title(textwrap.fill(f"{rec['setting']} / {rec['solver']}: what moves LDS (baseline: 1 model, "
-                               f"{len(rec['replicas'])} replicas, margin; {rec['params_source']})", 55), fontsize=9)  # the long labels leave a narrow axis
+                               f"{len(rec['replicas'])} replicas, margin; {rec['params_source']})", 55), fontsize=9)
     fig.legend(loc="lower center", ncol=2, fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.35 / height, 1, 1))  # room for the legend under the axis
     out = Path(out or FIGURES / f"{rec['setting']}_gap_{rec['solver']}.png")

@@ -312,7 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a further damping to measure on the first model (repeatable), e.g. below the grid")
     s.add_argument("--report", action="store_true",
                    help="then evaluate the protocol chosen on validation on the reported queries (reuses a stored "
-                        "study of the same artifact)")
+                        "study of the same artifact, and a stored evaluation of the same protocol on the same "
+                        "ground-truth files and solver code)")
     s.add_argument("--version", help="ground-truth version (default: the newest)")
     s.add_argument("--device")
     s.set_defaults(func=_cmd_gap)

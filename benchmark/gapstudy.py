@@ -352,12 +352,12 @@ def _options(params, ensemble, dampings, version) -> dict:
             "version": version}
 
 
-def _reusable(path: Path, setting: str, solver: str, kw: dict) -> dict | None:
-    """A stored study asked the same way, on the ground-truth files the benchmark would use now, with the
+def _reusable(stored: dict | None, setting: str, solver: str, kw: dict) -> dict | None:
+    """The stored study, if asked the same way, on the ground-truth files the benchmark would use now, with the
     run record's choice unchanged."""
-    if not path.is_file():
+    if stored is None:
         return None
-    rec = read_json(path)
+    rec = dict(stored)
     asked = _options(kw.get("params"), kw.get("ensemble"), kw.get("dampings"), kw.get("version"))
     if rec.get("options") != asked:
         return None
@@ -386,7 +386,7 @@ def run(setting: str, solver: str = "ekfac", *, report_queries: bool = False, ro
 
     path = study_path(setting, solver, root)
     previous = read_json(path) if path.is_file() else None
-    rec = _reusable(path, setting, solver, kw) if report_queries else None
+    rec = _reusable(previous, setting, solver, kw) if report_queries else None
     if rec is None:
         rec = study(setting, solver, log=log, **kw)
     else:

@@ -394,7 +394,8 @@ def run(setting: str, solver: str = "ekfac", *, report_queries: bool = False, ro
     carried = _carried_report(previous, rec)
     if carried is not None:
         rec["reported"] = carried
-        log(f"reusing the reported-query evaluation of the same protocol (created {carried.get('created', '?')})")
+        log("reusing the reported-query evaluation of the same protocol"
+            + (f" (created {carried['created']})" if "created" in carried else ""))
     elif report_queries:
         rec["reported"] = report(setting, rec, device=kw.get("device"), gt_root=kw.get("gt_root", groundtruth.GT_ROOT),
                                  log=log)

@@ -357,7 +357,7 @@ def _reusable(stored: dict | None, setting: str, solver: str, kw: dict) -> dict 
     run record's choice unchanged."""
     if stored is None:
         return None
-    rec = dict(stored)
+    rec = stored
     asked = _options(kw.get("params"), kw.get("ensemble"), kw.get("dampings"), kw.get("version"))
     if rec.get("options") != asked:
         return None

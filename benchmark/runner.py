@@ -207,6 +207,8 @@ def _shared_passes(solvers: list, qx, qy, tx, ty) -> list[torch.Tensor]:
 
 
 def _ensemble_scores(candidates: list[list], qx, qy, tx, ty, cost: metrics.Cost, stage: str) -> list[torch.Tensor]:
+    # the one implementation behind _scores and _scores_many; they stay two names so that a test can tell a
+    # single configuration's scoring from a grid's shared pass
     if not candidates:
         return []
     totals = [None] * len(candidates)

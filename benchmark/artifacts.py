@@ -127,3 +127,80 @@ def environment(device: torch.device | str | None = None, **extra) -> dict:
 def temp_dir_beside(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+
+
+class ArtifactLock:
+    """An exclusive lock on an artifact folder while it is being built (``<folder>/.lock``, flock).
+
+    Two builds of the same artifact at once would train every unit twice and race on the manifest; the
+    second one fails at once with a message naming the holder instead. The lock dies with its process, so a
+    killed build never leaves a stale lock behind.
+    """
+
+    def __init__(self, root: Path):
+        self.path = Path(root) / ".lock"
+        self._fd = None
+
+    def __enter__(self) -> "ArtifactLock":
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise ArtifactError(f"{self.path.parent} is being built by {holder}; wait for it to finish (or stop it) "
+                                f"and run the command again: it resumes where that build stopped") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()}\n".encode(), 0)
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import fcntl
+
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
+def remove_stale_temporaries(root: Path) -> list[Path]:
+    """Delete half-written ``.*.tmp`` files a killed writer left in an artifact folder (call under its lock)."""
+    found = [p for p in Path(root).rglob(".*.tmp") if p.is_file()]
+    for p in found:
+        p.unlink()
+    return found
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def hardware(device: torch.device | str = "cpu") -> dict:
+    """What a model was trained on, to the detail that changes its float round-off: the device, the CPU model
+    and the vector instructions torch dispatches to, the GPU, the library versions and the thread count."""
+    device = torch.device(device)
+    out = {"device": device.type, "cpu": cpu_model(), "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+           "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
+    if device.type == "cuda" and torch.cuda.is_available():
+        out["cuda_device"] = torch.cuda.get_device_name(device)
+        out["cuda"] = torch.version.cuda
+    return out
+
+
+def hardware_key(hw: dict) -> str:
+    """The fields of :func:`hardware` that decide bitwise reproducibility (threads and versions included)."""
+    keys = ("device", "cpu", "torch_cpu_capability", "cuda_device", "torch", "torch_threads")
+    return "; ".join(f"{k}={hw[k]}" for k in keys if hw.get(k) is not None)

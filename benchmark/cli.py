@@ -81,6 +81,16 @@ def _cmd_gt(args) -> int:
     return 0
 
 
+def _cmd_zoo(args) -> int:
+    from . import zoo
+    from .executors import LocalExecutor
+
+    executor = LocalExecutor(args.workers, args.threads or 0) if args.workers is not None else None
+    zoo.build(args.setting, zoo.ZooSpec(models=args.models, base_seed=args.base_seed), executor=executor,
+              device=args.device, progress=not args.quiet)
+    return 0
+
+
 def _params(items) -> dict:
     from .runner import parse_param
 
@@ -258,6 +268,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-units", type=int, help="stop after this many units (the artifact stays incomplete)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=_cmd_gt)
+
+    s = sub.add_parser("zoo", help="train explained models with per-epoch checkpoints -> results/models/<setting>/")
+    s.add_argument("setting")
+    s.add_argument("--models", type=int, default=8, help="models the zoo should hold (it only grows; default 8)")
+    s.add_argument("--base-seed", type=int, default=0)
+    s.add_argument("--device")
+    s.add_argument("--workers", type=int, help="local worker processes (default: one per core on CPU)")
+    s.add_argument("--threads", type=int, help="torch threads per worker")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=_cmd_zoo)
 
     s = sub.add_parser("run", help="evaluate one solver on one setting (LDS, mislabel) -> results/runs/<setting>/<solver>.json")
     s.add_argument("--setting", required=True)

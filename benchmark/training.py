@@ -84,8 +84,11 @@ def _order_generator(seed: int) -> torch.Generator:
 
 
 def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, recipe: TrainRecipe, seed: int,
-          indices: torch.Tensor | None = None) -> nn.Module:
-    """Train ``model`` in place on ``x[indices], y[indices]`` (all data when ``indices`` is None)."""
+          indices: torch.Tensor | None = None, on_epoch=None) -> nn.Module:
+    """Train ``model`` in place on ``x[indices], y[indices]`` (all data when ``indices`` is None).
+
+    ``on_epoch(epoch, model, schedule)``, when given, is called before the first step (epoch 0) and after
+    every epoch, with the learning rates of that epoch's steps (``schedule``); it must not change the model."""
     device = x.device
     model = model.to(device).train()
     fmt = _memory_format(x)
@@ -99,15 +102,21 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, recipe: TrainRecip
                           weight_decay=recipe.weight_decay)
     total = recipe.epochs * _steps_per_epoch(n, recipe)
     step = 0
-    for _ in range(recipe.epochs):
+    if on_epoch is not None:
+        on_epoch(0, model, [])
+    for epoch in range(recipe.epochs):
+        rates = []
         for batch in _epoch_batches(n, recipe, gen):
             sel = idx[batch].to(device)
+            rates.append(_lr_at(recipe, step, total))
             for group in opt.param_groups:
-                group["lr"] = _lr_at(recipe, step, total)
+                group["lr"] = rates[-1]
             opt.zero_grad(set_to_none=True)
             F.cross_entropy(model(x[sel].contiguous(memory_format=fmt)), y[sel]).backward()
             opt.step()
             step += 1
+        if on_epoch is not None:
+            on_epoch(epoch + 1, model, rates)
     return model.eval()
 
 

@@ -3,10 +3,10 @@
 Files are the original gzipped IDX files, as installed by Debian's dataset-fashion-mnist.
 """
 
-from benchmark.config import DataSpec, Protocol, TrainRecipe
-from benchmark.data import DataFile, IdxDataset, load_idx_dataset
-from benchmark.models import simple_cnn
-from benchmark.settings import Setting, register
+from benchmark.setup.config import DataSpec, Protocol, TrainRecipe
+from benchmark.setup.data import DataFile, IdxDataset, load_idx_dataset
+from benchmark.setup.models import simple_cnn
+from benchmark.setup.settings import Setting, register
 
 FASHION_MNIST = IdxDataset(
     name="fashion-mnist",

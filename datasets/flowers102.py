@@ -7,9 +7,9 @@ ResNet-50 (timm ``resnet50.tv_in1k``), with a new 102-way head seeded per model.
 the data and the weights: see docs/large-settings.md.
 """
 
-from benchmark.config import DataSpec, Protocol, TrainRecipe
-from benchmark.settings import Setting, register
-from benchmark.vision import IMAGENET_MEAN, IMAGENET_STD, HubImageDataset, ImageTransform, TimmModel, load_hub_images
+from benchmark.setup.config import DataSpec, Protocol, TrainRecipe
+from benchmark.setup.settings import Setting, register
+from benchmark.setup.vision import IMAGENET_MEAN, IMAGENET_STD, HubImageDataset, ImageTransform, TimmModel, load_hub_images
 
 FLOWERS102 = HubImageDataset(
     name="flowers102",

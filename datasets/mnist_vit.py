@@ -6,11 +6,11 @@ A fixed, seeded 10,000-image training subset (subset models train on 5,000); ViT
 (16 tokens), width 64, depth 4, 4 heads, MLP ratio 2, average-pooled tokens, 1 input channel. Needs timm.
 """
 
-from benchmark.config import DataSpec, Protocol, TrainRecipe
-from benchmark.data import load_idx_dataset
-from benchmark.plugins import REPO_ROOT, load_plugin_file
-from benchmark.settings import Setting, fixed_subset, register
-from benchmark.vision import TimmModel
+from benchmark.setup.config import DataSpec, Protocol, TrainRecipe
+from benchmark.setup.data import load_idx_dataset
+from benchmark.setup.plugins import REPO_ROOT, load_plugin_file
+from benchmark.setup.settings import Setting, fixed_subset, register
+from benchmark.setup.vision import TimmModel
 
 # The verified MNIST files are declared once, in mnist.py.
 MNIST = load_plugin_file(REPO_ROOT / "datasets" / "mnist.py", "datasets").MNIST

@@ -6,10 +6,10 @@ No files, no network; small enough that every test trains its models in well und
 import numpy as np
 import torch
 
-from benchmark.config import DataSpec, Protocol, TrainRecipe
-from benchmark.data import ImageData
-from benchmark.models import mlp, simple_cnn
-from benchmark.settings import Setting, register
+from benchmark.setup.config import DataSpec, Protocol, TrainRecipe
+from benchmark.setup.data import ImageData
+from benchmark.setup.models import mlp, simple_cnn
+from benchmark.setup.settings import Setting, register
 
 SIDE, CLASSES, N_TRAIN, N_TEST, NOISE, SEED = 16, 4, 256, 128, 1.0, 7
 

@@ -9,8 +9,8 @@ residual (recomputed with one more product, not the recurrence's), so an unconve
 
 import torch
 
-from benchmark import curvature
-from benchmark.solver_api import DAMPING_GRID, Solver, SolverError
+from benchmark import core
+from benchmark.evaluate import DAMPING_GRID, Solver, SolverError
 
 
 class ConjugateGradient(Solver):
@@ -35,12 +35,12 @@ class ConjugateGradient(Solver):
         # eigenvalue of G + λI), one product over the data; also catches non-finite curvature at fit.
         z = torch.randn(1, self.fm.numel, generator=torch.Generator().manual_seed(task.seed), dtype=self.fm.dtype)
         self.scale = float((z * self.matvec(z.to(self.fm.device)).cpu()).sum() / (z * z).sum())
-        curvature.check_finite(torch.tensor([self.scale]), "curvature-vector product", None)
+        core.check_finite(torch.tensor([self.scale]), "curvature-vector product", None)
         return self
 
     def matvec(self, p):
         t = self._require_fit()
-        gp = curvature.curvature_vector_product(self.fm, p, t.train_x, t.train_y, self.params["curvature"],
+        gp = core.curvature_vector_product(self.fm, p, t.train_x, t.train_y, self.params["curvature"],
                                                 self.data_chunk)
         return gp + self.params["damping"] * p
 

@@ -8,8 +8,8 @@ approximation there. The eigenbasis is shared with (and memoised for) K-FAC. Lay
 held constant or refused, as in K-FAC (``unsupported_layers``).
 """
 
-from benchmark import curvature
-from benchmark.solver_api import DAMPING_GRID, Solver
+from benchmark import core
+from benchmark.evaluate import DAMPING_GRID, Solver
 
 
 class EKFAC(Solver):
@@ -24,17 +24,17 @@ class EKFAC(Solver):
         self.layers = self.kron_layers(self.params["unsupported_layers"])
         fm = self.functional()
         labels, seed = self.params["pseudo_labels"], task.seed
-        self.bases = self.cached("kronecker-eigenbases", lambda: curvature.kronecker_eigenbases(
+        self.bases = self.cached("kronecker-eigenbases", lambda: core.kronecker_eigenbases(
             fm, self.layers, task.train_x, labels, seed), pseudo_labels=labels, seed=seed)
-        self.eigenvalues = self.cached("ekfac-eigenvalues", lambda: curvature.ekfac_eigenvalues(
+        self.eigenvalues = self.cached("ekfac-eigenvalues", lambda: core.ekfac_eigenvalues(
             fm, self.layers, task.train_x, self.bases, labels, seed), pseudo_labels=labels, seed=seed)
-        self.scale = curvature.damped_eigenvalues(self.eigenvalues, self.params["damping"], self.name)
+        self.scale = core.damped_eigenvalues(self.eigenvalues, self.params["damping"], self.name)
         self.layout = fm.layout
         return self
 
     def ihvp(self, vectors):
         self._require_fit()
-        return curvature.kron_apply(self.layers, self.layout, vectors, self.bases, self.scale)
+        return core.kron_apply(self.layers, self.layout, vectors, self.bases, self.scale)
 
     def info(self):
         return {**super().info(), "layers": [layer.path for layer in self.layers],

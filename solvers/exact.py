@@ -9,8 +9,8 @@ true Hessian of the mean loss instead, which must be positive definite after dam
 
 import torch
 
-from benchmark import curvature
-from benchmark.solver_api import DAMPING_GRID, Solver, SolverError
+from benchmark import core
+from benchmark.evaluate import DAMPING_GRID, Solver, SolverError
 
 
 class Exact(Solver):
@@ -26,8 +26,8 @@ class Exact(Solver):
 
         def build():
             fm = self.functional(torch.float64)
-            matrix = curvature.dense_curvature(fm, task.train_x, task.train_y, kind)
-            curvature.check_finite(matrix, f"dense {kind} matrix", None)
+            matrix = core.dense_curvature(fm, task.train_x, task.train_y, kind)
+            core.check_finite(matrix, f"dense {kind} matrix", None)
             return matrix
 
         self.matrix = self.cached("dense-matrix", build, curvature=kind)
@@ -36,7 +36,7 @@ class Exact(Solver):
         self.factor, info = torch.linalg.cholesky_ex(shifted)
         # A zero (or rounding-level) pivot means G + λI is singular; a failed one, that it is indefinite.
         pivots = self.factor.diagonal() ** 2
-        tol = curvature.singular_tolerance(self.matrix.diagonal().abs() + lam)
+        tol = core.singular_tolerance(self.matrix.diagonal().abs() + lam)
         if int(info) != 0 or not torch.isfinite(pivots).all() or float(pivots.min()) <= tol:
             if kind == "ggn":
                 raise SolverError(

@@ -1,10 +1,10 @@
-"""identity: the gradient dot product τ = −∇f(z_q)ᵀ ∇L(zᵢ) (TracIn with one checkpoint), no curvature.
+"""identity: the gradient dot product τ = −∇f(z_q)ᵀ ∇L(zᵢ) (TracIn with one checkpoint), no core.
 
 The baseline every curvature-aware solver has to beat. Equivalent to (G + λI)⁻¹ ≈ I/λ up to the scale
 1/λ, which no ranking or correlation metric can see.
 """
 
-from benchmark.solver_api import Solver
+from benchmark.evaluate import Solver
 
 
 class Identity(Solver):

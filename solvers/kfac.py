@@ -14,8 +14,8 @@ position embeddings, grouped convolutions) are held constant and left out of inf
 in the run record) or refused ("error").
 """
 
-from benchmark import curvature
-from benchmark.solver_api import DAMPING_GRID, Solver
+from benchmark import core
+from benchmark.evaluate import DAMPING_GRID, Solver
 
 
 class KFAC(Solver):
@@ -30,16 +30,16 @@ class KFAC(Solver):
         self.layers = self.kron_layers(self.params["unsupported_layers"])
         fm = self.functional()
         labels = self.params["pseudo_labels"]
-        self.bases = self.cached("kronecker-eigenbases", lambda: curvature.kronecker_eigenbases(
+        self.bases = self.cached("kronecker-eigenbases", lambda: core.kronecker_eigenbases(
             fm, self.layers, task.train_x, labels, task.seed), pseudo_labels=labels, seed=task.seed)
         eigenvalues = {path: b["lam_y"][:, None] * b["lam_a"][None, :] for path, b in self.bases.items()}
-        self.scale = curvature.damped_eigenvalues(eigenvalues, self.params["damping"], self.name)
+        self.scale = core.damped_eigenvalues(eigenvalues, self.params["damping"], self.name)
         self.layout = fm.layout
         return self
 
     def ihvp(self, vectors):
         self._require_fit()
-        return curvature.kron_apply(self.layers, self.layout, vectors, self.bases, self.scale)
+        return core.kron_apply(self.layers, self.layout, vectors, self.bases, self.scale)
 
     def info(self):
         return {**super().info(), "layers": [layer.path for layer in self.layers],

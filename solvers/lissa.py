@@ -14,8 +14,8 @@ unchunked scores agree.
 
 import torch
 
-from benchmark import curvature
-from benchmark.solver_api import DAMPING_GRID, Solver, SolverError
+from benchmark import core
+from benchmark.evaluate import DAMPING_GRID, Solver, SolverError
 
 
 class LiSSA(Solver):
@@ -58,7 +58,7 @@ class LiSSA(Solver):
         tops = []
         for _ in range(self.eig_batches):
             xb = t.train_x[torch.randint(len(t.train_y), (b,), generator=gen)]
-            tops.append(curvature.top_eigenvalue(lambda v: curvature.ggn_vector_product(self.fm, v, xb),
+            tops.append(core.top_eigenvalue(lambda v: core.ggn_vector_product(self.fm, v, xb),
                                                  self.fm.numel, self.eig_iters, gen, self.fm.dtype, self.fm.device))
         return max(tops)
 
@@ -81,7 +81,7 @@ class LiSSA(Solver):
                 out[0] += alpha * r / repeats
             for j in range(1, last + 1):
                 xb = t.train_x if b >= len(t.train_y) else t.train_x[torch.randint(len(t.train_y), (b,), generator=gen)]
-                r = v + r - alpha * (curvature.ggn_vector_product(self.fm, r, xb) + lam * r)
+                r = v + r - alpha * (core.ggn_vector_product(self.fm, r, xb) + lam * r)
                 # ‖r_j‖ ≤ (j+1)‖v‖ whenever ‖I − α(G̃ + λI)‖ ≤ 1; far beyond that the step size is too large.
                 if j % 10 == 0 or j == last:
                     rn = r.norm(dim=1)

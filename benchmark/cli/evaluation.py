@@ -1,0 +1,148 @@
+"""Floor 7: evaluating solvers — one run, Table 1 (recomputed or committed), the leaderboard, the CI check."""
+
+from __future__ import annotations
+
+from . import resolve
+
+
+def _cmd_run(args) -> int:
+    from ..evaluate import records
+
+    store = resolve.store(args)
+    setting, method = resolve.setting(args.setting), resolve.method(args.solver)
+    rec = records.run(store, setting, method, resolve.params(args.param), tasks=args.task, search=not args.no_search,
+                      search_queries=args.search_queries, ensemble=args.ensemble, measurement=args.measurement,
+                      version=args.version, device=args.device)
+    lds, mis = rec.get("lds"), rec.get("mislabel")
+    if lds:
+        used = lds["ground_truth"]
+        state = "complete" if used["complete"] else f"INCOMPLETE (replicas {used['replicas']} of {used['replicas_total']})"
+        if lds.get("mean") is None:
+            print(f"{setting.name} / {method.name}: LDS undefined — {lds.get('undefined')}")
+        else:
+            print(f"{setting.name} / {method.name}: LDS {lds['mean']:.4f} ± {lds['se']:.4f} [{lds['ci_low']:.4f}, "
+                  f"{lds['ci_high']:.4f}] on {lds['queries']} queries, params {lds.get('params')}; ground truth "
+                  f"{used['version']} {state}")
+    if mis:
+        print(f"{setting.name} / {method.name}: mislabel recall@10..50% "
+              + " ".join(f"{mis[f'recall_{p}']:.3f}" for p in (10, 20, 30, 40, 50)) + f", AUC {mis['auc']:.3f}")
+    print(f"wrote {records.run_path(store, setting.name, method.name)}")
+    return 0
+
+
+def _cmd_lds(args) -> int:
+    """Table 1 recomputed from the committed ground truth, beside the committed record and the paper."""
+    from ..report import tables
+    from ..studies import table1
+
+    store, setting = resolve.store(args), resolve.setting(args.setting)
+    exit_code = 0
+    for name in args.solver or ["ekfac"]:
+        result = table1.recompute(store, setting, resolve.solver(name), device=args.device,
+                                  search_queries=args.search_queries)
+        print(tables.table1_recomputed(setting, result))
+        if result["comparison"] and not result["comparison"]["agree"]:
+            exit_code = 1
+    return exit_code
+
+
+def _cmd_table1(args) -> int:
+    """The committed Table 1 records, displayed without recomputing (each marked current or stale)."""
+    from ..report import tables
+    from ..studies import table1
+
+    store, setting = resolve.store(args), resolve.setting(args.setting)
+    methods = [resolve.solver(n) for n in args.solver or ["ekfac"]]
+    print(tables.table1_committed(setting, table1.committed(store, setting, methods),
+                                  table1.gap_reported(store, setting, methods)))
+    return 0
+
+
+def _cmd_leaderboard(args) -> int:
+    from ..evaluate import campaign, registry
+    from ..report import figures, leaderboard
+
+    store = resolve.store(args)
+    chosen = resolve.settings(args.setting)
+    methods = [resolve.method(n) for n in args.solver] if args.solver else campaign.leaderboard_methods(
+        registry.available())
+    if args.dry_run:
+        campaign.update(store, chosen, methods, include_incomplete=args.include_incomplete, dry_run=True)
+        return 0
+    failures = {}
+    if not args.no_rerun:
+        store.check_writable(store.runs, store.figures)
+        _, failures = campaign.update(store, chosen, methods, include_incomplete=args.include_incomplete,
+                                      device=args.device)
+    # The tables always hold every setting and solver: rerunning a few rows never drops the others.
+    df, found = leaderboard.collect(store, campaign.leaderboard_settings(),
+                                    campaign.leaderboard_methods(registry.available()), failures=failures)
+    leaderboard.write(store, df)
+    if not args.no_figures:
+        for p in figures.leaderboard(df, found, store.figures):
+            print(f"wrote {p}")
+    return 0
+
+
+def _cmd_regress(args) -> int:
+    from ..studies import regress
+
+    store = resolve.store(args)
+    settings = [resolve.setting(n) for n in args.setting or regress.REGRESS_SETTINGS]
+    if args.update:
+        default = "left out of the CI check to keep it within its time budget"
+        exclude = dict((e.split("=", 1) + [default])[:2] for e in args.exclude or [])
+        regress.record(store, settings, resolve.solvers(args.solver), exclude=exclude, device=args.device)
+        return 0
+    ok = regress.report(regress.check(store, settings, resolve.solvers(args.solver), device=args.device))
+    return 0 if ok else 1
+
+
+def add_commands(sub) -> None:
+    s = sub.add_parser("run", help="evaluate one solver on one setting (LDS, mislabel) -> results/runs/<setting>/<solver>.json")
+    s.add_argument("--setting", required=True)
+    s.add_argument("--solver", required=True, help="a solver name (`tdabench solvers`) or baseline-random / baseline-loss")
+    s.add_argument("--param", action="append", metavar="K=V", help="fix a hyper-parameter (not searched); repeatable")
+    s.add_argument("--task", action="append", choices=["lds", "mislabel"],
+                   help="what to evaluate (default: lds, plus mislabel when its artifact exists)")
+    s.add_argument("--no-search", action="store_true", help="use defaults/--param instead of the validation grid search")
+    s.add_argument("--search-queries", type=int, help="validation queries used for the grid search (default: all)")
+    s.add_argument("--ensemble", type=int, default=1, help="average scores over this many full-data models")
+    s.add_argument("--measurement", choices=["margin", "loss"], help="default: the setting's")
+    s.add_argument("--version", help="ground-truth version (default: the newest)")
+    s.add_argument("--device")
+    s.set_defaults(func=_cmd_run)
+
+    s = sub.add_parser("lds", help="Table 1 RECOMPUTED from the committed ground truth, beside the committed record "
+                                   "and the paper (exit 1 when they disagree beyond the standard error)")
+    s.add_argument("setting")
+    s.add_argument("--solver", action="append", help="default: ekfac")
+    s.add_argument("--search-queries", type=int, help="validation queries used for the grid search (default: all)")
+    s.add_argument("--device")
+    s.set_defaults(func=_cmd_lds)
+
+    s = sub.add_parser("table1", help="Table 1 from the COMMITTED run records, without recomputing (marks stale ones)")
+    s.add_argument("setting")
+    s.add_argument("--solver", action="append", help="default: ekfac")
+    s.set_defaults(func=_cmd_table1)
+
+    s = sub.add_parser("leaderboard", help="rerun what is missing or stale, write results/leaderboard.{csv,md} and figures")
+    s.add_argument("--setting", action="append", help="rerun only these settings (the tables keep every row)")
+    s.add_argument("--solver", action="append", help="rerun only these solvers (the tables keep every row)")
+    s.add_argument("--no-rerun", action="store_true", help="only rewrite the tables from the existing records")
+    s.add_argument("--include-incomplete", action="store_true",
+                   help="also evaluate on unfinished ground truths (their complete replicas; flagged)")
+    s.add_argument("--dry-run", action="store_true", help="list what would be rerun and why")
+    s.add_argument("--no-figures", action="store_true")
+    s.add_argument("--device")
+    s.set_defaults(func=_cmd_leaderboard)
+
+    s = sub.add_parser("regress", help="CI check: attribution quality against results/baselines.json")
+    s.add_argument("--update", action="store_true", help="re-measure and rewrite the baselines (review the diff!)")
+    s.add_argument("--exclude", action="append", metavar="SOLVER",
+                   help="with --update: leave a solver out, optionally saying why (SOLVER=REASON)")
+    s.add_argument("--setting", action="append")
+    s.add_argument("--solver", action="append")
+    s.add_argument("--device", default="cpu")
+    s.set_defaults(func=_cmd_regress)
+

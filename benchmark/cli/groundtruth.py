@@ -1,0 +1,137 @@
+"""Floor 7: ground truth, the model zoo, and pinning artifacts."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from . import resolve
+
+
+def _executor(args):
+    from ..groundtruth.executors import LocalExecutor
+
+    if getattr(args, "executor", "local") == "ray":
+        from ..groundtruth.executors import RayExecutor
+
+        if args.workers is not None:
+            raise ValueError("--workers is for the local executor; Ray runs as many tasks as the cluster has room for")
+        return RayExecutor(address=args.address, num_gpus_per_task=args.gpus_per_task,
+                           num_cpus_per_task=args.cpus_per_task, max_retries=args.max_retries,
+                           threads_per_worker=args.threads)
+    if getattr(args, "address", None) is not None:
+        raise ValueError("--address needs --executor ray")
+    if args.workers is not None:
+        return LocalExecutor(args.workers, args.threads or 0)
+    return None
+
+
+def _cmd_gt(args) -> int:
+    from ..groundtruth import artifact, build
+
+    store = resolve.store(args)
+    setting = resolve.setting(args.setting)
+    study = args.study or setting.name != setting.name.partition("@")[0]
+    if args.verify:
+        summary = artifact.verify(store, setting, args.version, study)
+        print(json.dumps(summary, indent=2))
+        if summary["mixed_hardware"]:
+            print(f"note: {summary['artifact']} was trained on more than one kind of hardware: "
+                  + "; ".join(f"{n} units on {k}" for k, n in summary["hardware"].items()), file=sys.stderr)
+        if not summary["complete"]:
+            man = {"setting": setting.name, "protocol": summary["protocol"]}
+            print(f"note: {summary['artifact']} is incomplete ({summary['units']} units); finish it with "
+                  f"`{artifact.build_command(man, Path(summary['artifact']), setting)}`", file=sys.stderr)
+            return 3 if args.require_complete else 0
+        return 0
+    protocol = build.protocol_with(
+        setting.protocols[args.protocol], alpha=args.alpha, subsets=args.subsets, seeds=args.seeds,
+        queries=args.queries, validation_queries=args.validation_queries, full_models=args.full_models,
+        seed_policy=args.seed_policy, base_seed=args.base_seed)
+    build.build(setting, protocol, store=store, study=study, executor=_executor(args), device=args.device,
+                trainer=args.trainer, models_per_job=args.models_per_job, max_units=args.max_units,
+                progress=not args.quiet)
+    return 0
+
+
+def _cmd_zoo(args) -> int:
+    from ..groundtruth import zoo
+
+    zoo.build(resolve.setting(args.setting), zoo.ZooSpec(models=args.models, base_seed=args.base_seed),
+              store=resolve.store(args), executor=_executor(args), device=args.device, progress=not args.quiet)
+    return 0
+
+
+def _cmd_pin(args) -> int:
+    """Pin a finished artifact's current root hash after a deliberate, reviewed change."""
+    from ..groundtruth import index
+    from ..setup.artifacts import MANIFEST, ArtifactError, read_json
+
+    store = resolve.store(args)
+    for rel in args.artifact:
+        root = store.root / rel
+        man = read_json(root / MANIFEST)
+        if not man.get("complete"):
+            raise ArtifactError(f"{root} is not complete; only finished artifacts are pinned")
+        old = index.pinned(store, root)
+        new = index.root_hash(man)
+        index.pin(store, root, new, man.get("kind", "ground truth"))
+        print(f"pinned {rel}: {new[:16]}…" + (f" (was {old[:16]}…)" if old and old != new else ""))
+    return 0
+
+
+def _ray_options(s) -> None:
+    s.add_argument("--executor", choices=["local", "ray"], default="local",
+                   help="where units run: this machine (default) or a Ray cluster (pip install 'tdabench[distributed]')")
+    s.add_argument("--address", help="with --executor ray: the cluster's address, e.g. HEAD:6379 or 'auto' "
+                   "(default: start a Ray instance on this machine)")
+    s.add_argument("--gpus-per-task", type=float, default=0.0,
+                   help="with --executor ray: GPUs per unit; a fraction lets several small models share a GPU")
+    s.add_argument("--cpus-per-task", type=float, default=1.0, help="with --executor ray: CPUs per unit")
+    s.add_argument("--max-retries", type=int, default=3,
+                   help="with --executor ray: reruns of a unit whose worker or node died")
+
+
+def add_commands(sub) -> None:
+    s = sub.add_parser("gt", help="build, resume, extend, repair or verify a ground-truth artifact")
+    s.add_argument("setting")
+    s.add_argument("--verify", action="store_true", help="verify the newest (or --version) artifact and print a summary")
+    s.add_argument("--require-complete", action="store_true", help="with --verify: exit 3 if the artifact is incomplete")
+    s.add_argument("--study", action="store_true",
+                   help="a study artifact (e.g. --seed-policy varied) under results/gt-studies/, which the benchmark "
+                        "never uses as its ground truth; implied by a derived setting such as mnist-cnn@epochs=3")
+    s.add_argument("--version", help="artifact version to verify, e.g. v1 (default: the newest)")
+    s.add_argument("--protocol", default="default", help="named protocol of the setting (default: default)")
+    s.add_argument("--alpha", type=float)
+    s.add_argument("--subsets", type=int, help="M, the number of random subsets")
+    s.add_argument("--seeds", type=int, help="R, seed replicas per subset")
+    s.add_argument("--queries", type=int, help="Q, reported test queries")
+    s.add_argument("--validation-queries", type=int, help="V, disjoint test queries for tuning")
+    s.add_argument("--full-models", type=int, help="K, full-data models to explain")
+    s.add_argument("--seed-policy", choices=["shared", "varied"])
+    s.add_argument("--base-seed", type=int)
+    s.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    s.add_argument("--trainer", choices=["auto", "loop", "vmap"], default="auto")
+    s.add_argument("--workers", type=int, help="local worker processes (default: one per core on CPU, 1 on GPU)")
+    s.add_argument("--threads", type=int, help="torch threads per worker")
+    _ray_options(s)
+    s.add_argument("--models-per-job", type=int, default=100, help="models trained together by vmap")
+    s.add_argument("--max-units", type=int, help="stop after this many units (the artifact stays incomplete)")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=_cmd_gt)
+
+    s = sub.add_parser("zoo", help="train explained models with per-epoch checkpoints -> results/models/<setting>/")
+    s.add_argument("setting")
+    s.add_argument("--models", type=int, default=8, help="models the zoo should hold (it only grows; default 8)")
+    s.add_argument("--base-seed", type=int, default=0)
+    s.add_argument("--device")
+    s.add_argument("--workers", type=int, help="local worker processes (default: one per core on CPU)")
+    s.add_argument("--threads", type=int, help="torch threads per worker")
+    _ray_options(s)
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=_cmd_zoo)
+
+    s = sub.add_parser("pin", help="pin a finished artifact's root hash in results/index.json (after a reviewed change)")
+    s.add_argument("artifact", nargs="+", help="artifact folder relative to the results folder, e.g. gt/mnist-lr/v1")
+    s.set_defaults(func=_cmd_pin)

@@ -1,0 +1,44 @@
+"""Floor 7: turning the command line's names into objects (the registries do the lookups)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..evaluate import registry
+from ..setup import settings as settings_mod
+from ..setup.store import ResultsStore
+
+
+def store(args) -> ResultsStore:
+    return ResultsStore(Path(args.results).expanduser()) if getattr(args, "results", None) else ResultsStore.default()
+
+
+def setting(name: str) -> settings_mod.Setting:
+    return settings_mod.get(name)
+
+
+def settings(names: list[str] | None) -> list[settings_mod.Setting]:
+    """The named settings, or every leaderboard setting when none is named."""
+    from ..evaluate.campaign import leaderboard_settings
+
+    return [setting(n) for n in names] if names else leaderboard_settings()
+
+
+def method(name: str):
+    """A solver class or a baseline (``baseline-random``, ``baseline-loss``)."""
+    return registry.resolve(name)
+
+
+def solver(name: str):
+    return registry.get(name)
+
+
+def solvers(names: list[str] | None) -> dict:
+    """{name: class} of the named solvers, or of every solver that imports when none is named."""
+    return {n: registry.get(n) for n in names} if names else registry.available()
+
+
+def params(items) -> dict:
+    from ..evaluate.engine import parse_param
+
+    return dict(parse_param(t) for t in items or [])

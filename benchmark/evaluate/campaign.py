@@ -1,0 +1,144 @@
+"""Floor 4: keeping the run records current — which setting × method rows exist, which cannot run, and
+rerunning the ones that are missing or stale.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import traceback
+
+from ..groundtruth import artifact as gt_artifact
+from ..setup import settings as settings_mod
+from ..setup.artifacts import MANIFEST, read_json
+from ..setup.data import DataError
+from ..setup.store import ResultsStore
+from . import records
+from .engine import BASELINES, LOSS, RANDOM, Baseline
+from .solver import Solver
+
+_PARAMS: dict[str, int | None] = {}
+
+
+def leaderboard_settings() -> list[settings_mod.Setting]:
+    """Settings on real data (pinned data files, or a Table 1 row)."""
+    return [s for s in settings_mod.available().values() if s.data_spec.files or s.paper_lds is not None]
+
+
+def leaderboard_methods(solvers: dict[str, type[Solver]]) -> list:
+    """Every solver (by name), then the baselines."""
+    return [solvers[n] for n in sorted(solvers)] + list(BASELINES.values())
+
+
+def num_params(setting: settings_mod.Setting) -> int | None:
+    """The setting's parameter count, built once per process (ViT-B/16 takes seconds); None if unknowable here."""
+    if setting.name not in _PARAMS:
+        try:
+            _PARAMS[setting.name] = setting.model_spec()["parameters"]
+        except DataError:  # pretrained weights not here: the same architecture, randomly initialised, counts alike
+            build = setting.build_model
+            _PARAMS[setting.name] = (sum(p.numel() for p in dataclasses.replace(build, pretrained=None)().parameters())
+                                     if getattr(build, "pretrained", None) else None)
+        except ImportError:  # timm not installed: the row says "not yet run", never guesses
+            _PARAMS[setting.name] = None
+    return _PARAMS[setting.name]
+
+
+def not_applicable(setting: settings_mod.Setting, method) -> str | None:
+    """Why ``method`` gets no row of numbers on ``setting`` (a declared limit), or None."""
+    if isinstance(method, Baseline):
+        return None
+    n = num_params(setting)
+    if n is None:
+        return None
+    if method.max_params is not None and n > method.max_params:
+        return f"model has {n:,} parameters; {method.name} accepts up to {method.max_params:,}"
+    if method.leaderboard_max_params is not None and n > method.leaderboard_max_params:
+        return (f"not run automatically: model has {n:,} parameters, {method.name} runs here up to "
+                f"{method.leaderboard_max_params:,} (days on a CPU beyond; `tdabench run` runs it when asked)")
+    return None
+
+
+def gt_status(store: ResultsStore, setting: settings_mod.Setting):
+    """(artifact folder or None, a line saying what state it is in)."""
+    root = gt_artifact.current(store, setting)
+    if root is None:
+        return None, "no ground truth"
+    man = read_json(root / MANIFEST)
+    if man.get("complete"):
+        return root, f"{man['version']} complete"
+    reps = records._complete_replicas(man)
+    return root, (f"{man['version']} INCOMPLETE: {len(reps)}/{man['protocol']['seeds']} seed replicas done "
+                  f"({man.get('units_done')}/{man.get('units_total')} units)")
+
+
+def update(store: ResultsStore, settings: list[settings_mod.Setting], methods: list, *,
+           include_incomplete: bool = False, device=None, dry_run: bool = False, log=print) -> tuple[list, dict]:
+    """Run every setting × method whose record is missing or stale, where it can run.
+
+    A missing record is filled only when the setting's ground truth is complete (``include_incomplete``
+    also evaluates on the complete replicas of an unfinished build); a stale record is always rerun.
+    Failures are collected, not raised, so one broken solver does not hide the others. The baselines always
+    stand beside the solvers asked for.
+    """
+    methods = list(methods) + [b for b in BASELINES.values() if b not in methods]
+    done, failures = [], {}
+    for setting in settings:
+        gt_path = gt_artifact.current(store, setting)
+        gt_complete = gt_path is not None and read_json(gt_path / MANIFEST).get("complete")
+        has_mislabel = records.mislabel_available(store, setting)
+        for method in methods:
+            if not_applicable(setting, method):
+                continue
+            rec = records.read_record(store, setting.name, method.name)
+            # A stale record is rerun even on an unfinished ground truth: someone asked for it once.
+            can_lds = method is not LOSS and gt_path is not None and bool(gt_complete or include_incomplete or rec)
+            if rec is None:
+                tasks = (["lds"] if can_lds else []) + (["mislabel"] if has_mislabel else [])
+                why = "no record"
+            else:
+                stale = records.stale_reasons(rec, store, setting, method)
+                tasks = [t for t in stale if (t == "lds" and can_lds) or (t == "mislabel" and has_mislabel)]
+                if has_mislabel and "mislabel" not in rec:
+                    tasks.append("mislabel")
+                if "lds" not in rec and can_lds and gt_complete:
+                    tasks.append("lds")
+                why = "; ".join(f"{k}: {', '.join(v)}" for k, v in stale.items()) or "missing sections"
+            if not tasks:
+                continue
+            log(f"{'would run' if dry_run else 'running'} {setting.name} / {method.name} [{', '.join(tasks)}] ({why})")
+            if dry_run:
+                done.append((setting.name, method.name, tasks))
+                continue
+            try:
+                records.run(store, setting, method, tasks=tasks, device=device, log=log)
+                done.append((setting.name, method.name, tasks))
+            except Exception as exc:  # noqa: BLE001 - report and carry on with the other rows
+                msg = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+                failures[(setting.name, method.name)] = msg
+                log(f"FAILED {setting.name} / {method.name}: {msg}")
+                log(traceback.format_exc(limit=3))
+    return done, failures
+
+
+def ensure_record(store: ResultsStore, setting: settings_mod.Setting, method, tasks: list[str], *,
+                  force: bool = False, log=print, **kw) -> dict:
+    """A record holding fresh ``tasks`` sections: the stored one when fresh (saying so), else a new run."""
+    rec = records.read_record(store, setting.name, method.name)
+    if rec is not None and not force:
+        stale = records.stale_reasons(rec, store, setting, method)
+        todo = [t for t in tasks if t not in rec or t in stale]
+        if not todo:
+            path = store.relative(records.run_path(store, setting.name, method.name))
+            log(f"{setting.name} / {method.name}: using the fresh run record {path} (created {rec.get('created')}; "
+                f"its fingerprint and artifacts match the code and files now; --force recomputes)")
+            return rec
+        for t in todo:
+            if t in stale:
+                log(f"{setting.name} / {method.name}: the stored {t} section is stale ({'; '.join(stale[t])}); "
+                    f"recomputing")
+        tasks = todo
+    return records.run(store, setting, method, tasks=tasks, log=log, **kw)
+
+
+__all__ = ["leaderboard_settings", "leaderboard_methods", "not_applicable", "gt_status", "update", "ensure_record",
+           "RANDOM", "LOSS"]

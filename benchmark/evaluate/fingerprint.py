@@ -1,0 +1,119 @@
+"""Floor 4: behavioural fingerprints — what the code that produced a number *computes*, recorded with the number.
+
+A run record is current only while the code behind it still computes the same thing. Hashing source files
+would stale every record whenever a file moves, and misses the code a file calls. Instead a record carries:
+
+- a **solver probe**: the scores and self-influence scores of the solver, with the record's parameters, on a
+  fixed tiny problem (a small trained CNN on seeded data, no files): 4 × 48 scores and 48 self-scores;
+- a **metric probe**: LDS, its uncertainty, mislabel recall, AUC and the noise ceiling on fixed inputs;
+- the **target** it was scored against (a hash of the target arrays the ground truth yields now).
+
+Each is recomputed in a second or so; a record whose probes differ beyond float tolerance is stale. Moving or
+refactoring code that computes the same numbers keeps every record.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..core.stats import noise_ceiling
+from . import metrics
+
+FINGERPRINT_VERSION = 1
+SOLVER_RTOL = 1e-4  # float round-off between machines and thread counts stays far below this
+METRIC_RTOL = 1e-9
+PROBE_SHAPE = {"classes": 3, "side": 8, "train": 48, "queries": 4}
+
+
+def _probe_problem():
+    """A small CNN trained by a few full-batch gradient steps on seeded data (deterministic on one thread)."""
+    c, side, n, q = (PROBE_SHAPE[k] for k in ("classes", "side", "train", "queries"))
+    gen = torch.Generator().manual_seed(20261130)
+    x = torch.randn(n + q, 1, side, side, generator=gen)
+    teacher = torch.randn(side * side, c, generator=gen)
+    y = (x.flatten(1) @ teacher + 0.5 * torch.randn(n + q, c, generator=gen)).argmax(1)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(7)
+        model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * (side - 2) ** 2, c))
+    opt = torch.optim.SGD(model.parameters(), lr=0.2)
+    for _ in range(30):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x[:n]), y[:n]).backward()
+        opt.step()
+    return model.eval(), x[:n], y[:n], x[n:], y[n:], c
+
+
+def _round(values, digits: int = 8) -> list[float]:
+    arr = np.asarray(values, dtype=np.float64).ravel()
+    return [float(f"{v:.{digits}g}") for v in arr]
+
+
+def solver_probe(cls, params: dict) -> dict:
+    """Scores and self-scores of ``cls(**params)`` on the probe problem (or the error it raises there)."""
+    from .solver import Task
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model, tx, ty, qx, qy, classes = _probe_problem()
+        solver = cls(**params).fit(Task(model, tx, ty, classes, "margin", seed=0))
+        scores = solver.scores(qx, qy, tx, ty)
+        selfs = solver.self_scores(tx, ty)
+        return {"scores": _round(scores), "self_scores": _round(selfs)}
+    except Exception as exc:  # noqa: BLE001 - a solver that cannot run on the probe is fingerprinted by its error
+        return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"}
+    finally:
+        torch.set_num_threads(before)
+
+
+@functools.lru_cache(maxsize=1)
+def metric_probe() -> dict:
+    """The metrics on fixed inputs: LDS (per query and summarised), mislabel recall and AUC, noise ceiling."""
+    rng = np.random.default_rng(11)
+    masks = rng.random((12, 40)) < 0.5
+    scores = rng.normal(size=(6, 40))
+    target = masks @ scores.T + rng.normal(size=(12, 6))
+    lds = metrics.lds(scores, masks, target, ceiling=0.8)
+    flipped = np.sort(rng.choice(60, 6, replace=False))
+    mis = metrics.mislabel(rng.normal(size=60) + np.isin(np.arange(60), flipped), flipped)
+    ceiling = noise_ceiling(target[None] + rng.normal(size=(4, 12, 6)))
+    return {"lds_per_query": _round(lds["per_query"]),
+            "lds": _round([lds[k] for k in ("mean", "se", "ci_low", "ci_high", "of_ceiling")]),
+            "mislabel": _round([mis[k] for k in ("recall_10", "recall_30", "recall_50", "auc", "auc_se",
+                                                 "recall_curve_area")]),
+            "ceiling": _round([ceiling[k] for k in ("lds_ceiling", "lds_ceiling_se", "pairwise_single_seed",
+                                                    "reliability")])}
+
+
+def target_hash(*arrays: np.ndarray) -> str:
+    h = hashlib.sha256()
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        h.update(str((a.shape, a.dtype.str)).encode())
+        h.update(a.tobytes())
+    return h.hexdigest()[:32]
+
+
+def compare(recorded: dict | None, now: dict, rtol: float) -> str | None:
+    """None when two probes agree; else what differs."""
+    if not recorded:
+        return "it records no fingerprint"
+    if ("error" in recorded) != ("error" in now):
+        return f"probe {'fails' if 'error' in now else 'runs'} now ({now.get('error', 'no error')}) but " \
+               f"{'failed' if 'error' in recorded else 'ran'} then"
+    if "error" in recorded:
+        return None if recorded["error"] == now["error"] else f"probe error changed: {now['error']}"
+    for key in sorted(set(recorded) | set(now)):
+        a, b = np.asarray(recorded.get(key, []), float), np.asarray(now.get(key, []), float)
+        if a.shape != b.shape:
+            return f"{key}: {a.shape} values then, {b.shape} now"
+        scale = max(float(np.abs(a).max(initial=0.0)), 1e-300)
+        err = float(np.abs(a - b).max(initial=0.0)) / scale
+        if not err <= rtol:
+            return f"{key} differ by {err:.2g} (relative; tolerance {rtol:g})"
+    return None

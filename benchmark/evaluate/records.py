@@ -1,0 +1,347 @@
+"""Floor 4: run records — one JSON file per setting × method, and when its numbers stop being current.
+
+``run(store, setting, method)`` evaluates and writes ``<store>/runs/<setting>/<method>.json`` with an ``lds``
+and a ``mislabel`` section (:mod:`.engine`). Each section records what produced it:
+
+- the artifact it used: path, version, **root hash** (:mod:`benchmark.groundtruth.index`), recipe hash, the
+  replicas and a hash of exactly the files it read, and a hash of the target it was scored against;
+- the **behavioural fingerprint** of the code (:mod:`.fingerprint`): the solver's probe scores with the
+  section's parameters, the metric probe, and the engine version.
+
+A section is *stale* (:func:`stale_reasons`) when any of these no longer holds: the artifact the benchmark would
+use now is another one or has another root hash or recipe, the target differs, or the solver or metric code
+computes something else. A stale number is never printed as current.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import functools
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from ..groundtruth import artifact as gt_artifact
+from ..groundtruth import mislabel as mislabel_mod
+from ..groundtruth.artifact import GroundTruth
+from ..setup import settings as settings_mod
+from ..setup.artifacts import MANIFEST, ArtifactError, code_version, environment, read_json, write_json
+from ..setup.config import Protocol, stable_hash
+from ..setup.data import DataError
+from ..setup.store import ResultsStore
+from . import engine, fingerprint
+from .cost import machine_load
+from .engine import BASELINES, LOSS, RANDOM, Baseline, RunError
+from .solver import Solver, SolverError
+
+# Bump when the record's layout changes: every record made before goes stale.
+RUN_FORMAT = 2
+TASKS = ("lds", "mislabel")
+# The corruption the leaderboard reports (10% flipped, seed 0, one model); other specs are studies.
+MISLABEL_SPEC = mislabel_mod.Spec()
+
+
+# ---------------------------------------------------------------- what a section used
+
+def _complete_replicas(man: dict) -> list[int]:
+    protocol = Protocol(**man["protocol"])
+    listed = set(man.get("files", {}))
+    return [r for r in range(protocol.seeds)
+            if all(f"units/r{r:02d}_s{j:04d}.npz" in listed for j in range(protocol.subsets))]
+
+
+def gt_reference(store: ResultsStore, root: Path, replicas: list[int] | None = None, full_models: int = 1) -> dict:
+    """Identity of a ground-truth artifact *as used*: which version, its root hash, which replicas, and a hash
+    over the sha256 of exactly the files the evaluation read (so a build that progresses elsewhere does not
+    make a record stale, but new complete replicas or changed files do)."""
+    root = Path(root)
+    man = read_json(root / MANIFEST)
+    replicas = _complete_replicas(man) if replicas is None else list(replicas)
+    files = man.get("files", {})
+    protocol = Protocol(**man["protocol"])
+    used = ["masks.npy", "queries.npy", "validation_queries.npy"]
+    used += [f"units/r{r:02d}_s{j:04d}.npz" for r in replicas for j in range(protocol.subsets)]
+    for k in range(full_models):
+        used += [f"full/full_k{k:02d}.npz", f"full/full_k{k:02d}.safetensors"]
+    return {
+        "path": store.relative(root), "setting": man["setting"], "version": man["version"],
+        "complete": bool(man.get("complete")), "root_hash": gt_artifact.root_hash(man),
+        "recipe_hash": man["recipe_hash"], "replicas": replicas, "replicas_total": protocol.seeds,
+        "units_done": man.get("units_done"), "units_total": man.get("units_total"), "full_models_used": full_models,
+        "used_files_hash": stable_hash({u: files.get(u) for u in used}),
+        "missing_files": [u for u in used if u not in files],
+    }
+
+
+def mislabel_reference(store: ResultsStore, art: mislabel_mod.MislabelArtifact) -> dict:
+    man = art.manifest
+    return {"path": store.relative(art.root), "setting": man["setting"], "version": man["version"],
+            "root_hash": art.root_hash(), "spec": man["spec"], "recipe_hash": man["recipe_hash"],
+            "models": man.get("models")}
+
+
+def target_hash(gt: GroundTruth, section: dict) -> str:
+    """Hash of the targets a section was scored against (reported columns and validation), from ``gt`` now."""
+    replicas, measurement = section["replicas"], section["measurement"]
+    reported = gt.target(measurement, "queries", replicas)
+    if section.get("query_columns") is not None:
+        reported = reported[:, section["query_columns"]]
+    return fingerprint.target_hash(gt.masks, reported, gt.target(measurement, "validation", replicas))
+
+
+# ---------------------------------------------------------------- fingerprints
+
+@functools.lru_cache(maxsize=256)
+def _solver_probe(cls: type[Solver], params_json: str) -> dict:
+    return fingerprint.solver_probe(cls, json.loads(params_json))
+
+
+def solver_fingerprint(method, params: dict | None) -> dict | None:
+    if isinstance(method, Baseline):
+        return None
+    return _solver_probe(method, json.dumps({**method.defaults, **(params or {})}, sort_keys=True))
+
+
+def section_fingerprint(method, params: dict | None) -> dict:
+    return {"version": fingerprint.FINGERPRINT_VERSION, "engine": engine.ENGINE_VERSION,
+            "solver": solver_fingerprint(method, params), "metrics": fingerprint.metric_probe()}
+
+
+def _fingerprint_reasons(recorded: dict | None, method, params: dict | None) -> list[str]:
+    recorded = recorded or {}
+    why = []
+    if recorded.get("version") != fingerprint.FINGERPRINT_VERSION:
+        why.append(f"fingerprint version {recorded.get('version')} != {fingerprint.FINGERPRINT_VERSION}")
+        return why
+    if recorded.get("engine") != engine.ENGINE_VERSION:
+        why.append(f"evaluation engine version {recorded.get('engine')} != {engine.ENGINE_VERSION}")
+    if not isinstance(method, Baseline):
+        diff = fingerprint.compare(recorded.get("solver"), solver_fingerprint(method, params), fingerprint.SOLVER_RTOL)
+        if diff:
+            why.append(f"the solver computes something else now (probe: {diff})")
+    diff = fingerprint.compare(recorded.get("metrics"), fingerprint.metric_probe(), fingerprint.METRIC_RTOL)
+    if diff:
+        why.append(f"the metric code computes something else now (probe: {diff})")
+    return why
+
+
+# ---------------------------------------------------------------- records on disk
+
+def run_path(store: ResultsStore, setting_name: str, method_name: str) -> Path:
+    return store.runs / setting_name / f"{method_name}.json"
+
+
+def read_record(store: ResultsStore, setting_name: str, method_name: str) -> dict | None:
+    path = run_path(store, setting_name, method_name)
+    return read_json(path) if path.is_file() else None
+
+
+def _clean(obj):
+    """JSON without NaN/inf (null instead) and with plain Python numbers."""
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, (np.floating, float)):
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, np.bool_):
+        return bool(obj)
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def mislabel_available(store: ResultsStore, setting: settings_mod.Setting) -> bool:
+    try:
+        return mislabel_mod.find(store, setting, MISLABEL_SPEC) is not None
+    except (DataError, ImportError):  # its weights or timm are not here
+        return False
+
+
+_OPENED: dict[tuple, GroundTruth] = {}
+
+
+def open_current(store: ResultsStore, setting: settings_mod.Setting, root: Path) -> GroundTruth:
+    """The ground truth at ``root``, verified, opened once per process while its manifest is unchanged."""
+    key = (str(store.root), str(root), setting.name, setting.recipe_hash(), (Path(root) / MANIFEST).stat().st_mtime_ns)
+    if key not in _OPENED:
+        _OPENED[key] = GroundTruth.open(Path(root), setting, allow_incomplete=True, store=store)
+    return _OPENED[key]
+
+
+def stale_reasons(record: dict, store: ResultsStore, setting: settings_mod.Setting, method) -> dict[str, list[str]]:
+    """Why each section of a record no longer describes what a fresh run would compute ({} = fresh)."""
+    reasons: dict[str, list[str]] = {}
+    common = [] if record.get("format") == RUN_FORMAT else [f"record format {record.get('format')} != {RUN_FORMAT}"]
+    if "lds" in record:
+        lds = record["lds"]
+        why = common + _fingerprint_reasons(lds.get("fingerprint"), method, lds.get("params"))
+        used = lds.get("ground_truth", {})
+        root = gt_artifact.current(store, setting)
+        if root is None:
+            why.append("its ground truth is gone")
+        else:
+            now = gt_reference(store, root, None, used.get("full_models_used", 1))
+            if now["path"] != used.get("path"):
+                why.append(f"ground truth is now {now['path']} (record used {used.get('path')})")
+            elif used.get("recipe_hash") != setting.recipe_hash():
+                why.append(f"the setting's training recipe changed (record: {used.get('recipe_hash')}, code now: "
+                           f"{setting.recipe_hash()})")
+            elif now["root_hash"] != used.get("root_hash"):
+                why.append("the ground truth's root hash changed (its files or manifest were rewritten)")
+            elif now["complete"] != used.get("complete") or now["replicas"] != used.get("replicas"):
+                why.append(f"ground truth now has complete replicas {now['replicas']} (record used "
+                           f"{used.get('replicas')})")
+            elif now["used_files_hash"] != used.get("used_files_hash"):
+                why.append("ground-truth files changed")
+            else:
+                try:
+                    gt = open_current(store, setting, root)
+                    if target_hash(gt, lds) != lds.get("target_sha256"):
+                        why.append("the target the ground truth yields now differs from the one scored against")
+                except ArtifactError as exc:
+                    why.append(f"its ground truth does not verify: {str(exc).splitlines()[0]}")
+        if why:
+            reasons["lds"] = why
+    if "mislabel" in record:
+        mis = record["mislabel"]
+        why = common + _fingerprint_reasons(mis.get("fingerprint"), method, mis.get("params"))
+        path = mislabel_mod.find(store, setting, MISLABEL_SPEC)
+        used = mis.get("artifact", {})
+        if path is None:
+            why.append("its mislabel artifact is gone")
+        elif store.relative(path) != used.get("path"):
+            why.append(f"mislabel artifact is now {store.relative(path)}")
+        elif mislabel_mod.index.root_hash(read_json(path / MANIFEST)) != used.get("root_hash"):
+            why.append("the mislabel artifact's root hash changed")
+        if why:
+            reasons["mislabel"] = why
+    return reasons
+
+
+def chosen_params(store: ResultsStore, setting: settings_mod.Setting, cls: type[Solver]) -> tuple[dict, str]:
+    """Hyper-parameters chosen on validation queries in a fresh run record, else the solver's defaults."""
+    rec = read_record(store, setting.name, cls.name)
+    if rec and "lds" in rec and "lds" not in stale_reasons(rec, store, setting, cls):
+        return rec["lds"]["params"], "chosen on validation queries"
+    return dict(cls.defaults), "solver defaults (no fresh run record)"
+
+
+def _summary_cost(record: dict) -> dict:
+    lds, mis = record.get("lds", {}), record.get("mislabel", {})
+    peaks = [c.get("cost", {}).get("peak_mb") for c in (lds, mis)]
+    peaks = [p for p in peaks if p is not None]
+    return {"fit_s": lds.get("cost", {}).get("fit_s", mis.get("cost", {}).get("fit_s")),
+            "score_s": lds.get("cost", {}).get("score_s"),
+            "self_score_s": mis.get("cost", {}).get("self_score_s"),
+            "peak_mb": max(peaks) if peaks else None}
+
+
+# ---------------------------------------------------------------- running
+
+def lds_section(store: ResultsStore, gt: GroundTruth, method, params: dict | None = None, **kw) -> dict:
+    """An evaluated ``lds`` section with the references and fingerprint that keep it honest."""
+    if method is LOSS:
+        raise RunError("the training-loss baseline ranks training points; it has no LDS")
+    section = engine.evaluate_random_lds(gt) if method is RANDOM else engine.evaluate_lds(gt, method, params, **kw)
+    section["ground_truth"] = gt_reference(store, gt.root, section["replicas"], section["ensemble"])
+    section["ground_truth"]["target_sha256"] = section["target_sha256"] = target_hash(gt, section)
+    section["fingerprint"] = section_fingerprint(method, section.get("params"))
+    return section
+
+
+def mislabel_section(store: ResultsStore, art: mislabel_mod.MislabelArtifact, method, params: dict | None = None,
+                     device=None) -> dict:
+    section = engine.evaluate_mislabel(art, method, params, device=device)
+    section["artifact"] = mislabel_reference(store, art)
+    section["fingerprint"] = section_fingerprint(method, section.get("params"))
+    return section
+
+
+def run(store: ResultsStore, setting: settings_mod.Setting, method, params: dict | None = None, *, tasks=None,
+        search: bool = True, grid: dict | None = None, search_queries: int | None = None, ensemble: int = 1,
+        measurement: str | None = None, version: str | None = None, device=None, write: bool = True,
+        log=print) -> dict:
+    """Evaluate ``method`` (a Solver class or a baseline) on ``setting`` and write its run record.
+
+    ``tasks``: any of "lds", "mislabel"; default: LDS, plus mislabel when its artifact exists. Sections not
+    rerun are kept from the previous record while they are still fresh.
+    """
+    import torch
+
+    from ..setup.training import default_device
+
+    device = torch.device(device or default_device())
+    name = method.name
+    if write:
+        store.check_writable(store.runs / setting.name)
+    if tasks is None:
+        tasks = [] if method is LOSS else ["lds"]  # training loss ranks train points; no LDS
+        if mislabel_available(store, setting):
+            tasks.append("mislabel")
+    tasks = list(tasks)
+    bad = [t for t in tasks if t not in TASKS]
+    if bad:
+        raise RunError(f"unknown task(s) {bad}; choose from {TASKS}")
+    if not tasks:
+        raise RunError(f"nothing to run for {name} on {setting.name}: it needs the mislabel artifact; build it with "
+                       f"`tdabench mislabel {setting.name} --build`")
+    old = read_record(store, setting.name, name)
+    old_stale = stale_reasons(old, store, setting, method) if old else {}
+    record = {"format": RUN_FORMAT, "setting": setting.name, "solver": name}
+    if "lds" in tasks:
+        if version:
+            root = gt_artifact.gt_root(store) / setting.name / version
+        else:
+            root = gt_artifact.current(store, setting)
+        if root is None:
+            raise ArtifactError(f"no ground truth for {setting.name!r} under {store.gt / setting.name}; build it with "
+                                f"`tdabench gt {setting.name}`")
+        gt = GroundTruth.open(root, setting, allow_incomplete=True, store=store)
+        if not isinstance(method, Baseline):
+            log(f"{setting.name} / {name}: LDS" + (" (grid search on validation queries)" if search else ""))
+        record["lds"] = lds_section(store, gt, method, params, search=search, grid=grid, search_queries=search_queries,
+                                    ensemble=ensemble, measurement=measurement, device=device, log=log)
+    # Self-influence uses the parameters chosen for LDS: a mislabel section made with others (e.g. the
+    # defaults, before the ground truth existed) is redone once LDS has chosen.
+    if ("lds" in record and "mislabel" not in tasks and not isinstance(method, Baseline) and old and "mislabel" in old
+            and old["mislabel"].get("params") != {**method.defaults, **record["lds"]["params"]}
+            and mislabel_available(store, setting)):
+        log(f"{setting.name} / {name}: redoing mislabel detection with the parameters LDS chose")
+        tasks.append("mislabel")
+    if "mislabel" in tasks:
+        if "lds" in record:
+            mis_params, source = record["lds"].get("params"), "chosen for LDS on validation queries (this run)"
+        elif old and "lds" in old and "lds" not in old_stale:
+            mis_params = old["lds"].get("params")
+            source = f"chosen for LDS on validation queries ({old.get('created')})"
+        else:
+            mis_params, source = params, "given by the user" if params else "solver defaults"
+        if mis_params and params:
+            mis_params = {**mis_params, **params}
+        log(f"{setting.name} / {name}: mislabel detection (self-influence on the corrupted-label model)")
+        art = mislabel_mod.load(store, setting, MISLABEL_SPEC)
+        record["mislabel"] = mislabel_section(store, art, method, mis_params, device=device)
+        if not isinstance(method, Baseline):
+            record["mislabel"]["params_source"] = source
+    if old is not None:
+        for section in TASKS:
+            if section not in record and section in old and section not in old_stale:
+                record[section] = old[section]
+    record.update({
+        "params": record.get("lds", {}).get("params", record.get("mislabel", {}).get("params")),
+        "device": engine.device_name(device),
+        "environment": environment(device),
+        "machine_load": machine_load(),
+        "code_version": code_version(),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    })
+    record["cost"] = _summary_cost(record)
+    record = _clean(record)
+    if write:
+        write_json(run_path(store, setting.name, name), record)
+    return record

@@ -1,0 +1,308 @@
+"""Floor 4: what a solver is — the API every file in ``solvers/`` implements.
+
+A solver approximates v = (G + λI)⁻¹ g, where G is the Gauss-Newton matrix of the *mean* training loss
+(G = (1/N) Σᵢ Jᵢᵀ Hᵢ Jᵢ, Hᵢ the Hessian of the cross-entropy in the logits) of the explained model, and
+turns it into influence scores with the sign convention of DESIGN.md:
+
+    τ(q, i) = −∇f(z_q)ᵀ (G + λI)⁻¹ ∇L(z_i)      (positive = up-weighting i helps the query's measurement f)
+    self(i) =  ∇L(z_i)ᵀ (G + λI)⁻¹ ∇L(z_i)       (rank descending to find mislabeled points)
+
+Scale: τ is the derivative of f with respect to the weight ε of an extra term ε·L(z_i) added to the mean
+loss. Removing train point i is ε = −1/N, so retraining without i changes f by about −τ(q, i)/N
+(tests/test_solvers.py checks this against actual leave-one-out retraining).
+
+A solver file in ``solvers/`` defines one subclass of :class:`Solver` with a unique ``name``; adding the
+file adds a leaderboard row (:mod:`.registry` finds it). Shared math (per-sample gradients, GGN products,
+Kronecker factors) lives in :mod:`benchmark.core`; solver files stay thin.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Callable, ClassVar
+
+import torch
+from torch import nn
+
+from .. import core
+from ..core import CurvatureCache, SolverError  # SolverError is raised by the math below too; re-exported here
+
+__all__ = ["Task", "Solver", "SolverError", "DAMPING_GRID", "scores_many"]
+
+# Memory the generic chunked scores may use for gradient blocks (query and train chunks together). Every
+# block of queries costs one pass over the training set, so a large model on a large GPU wants a larger
+# budget (all queries in one block = one pass): set $TDABENCH_SCORE_MEMORY_MB.
+DEFAULT_MEMORY_BUDGET_MB = 1024
+
+
+def score_memory_budget_mb() -> float:
+    raw = os.environ.get("TDABENCH_SCORE_MEMORY_MB")
+    if raw is None or raw == "":
+        return DEFAULT_MEMORY_BUDGET_MB
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not math.isfinite(value) or value <= 0:
+        raise SolverError(f"TDABENCH_SCORE_MEMORY_MB must be a positive number of MiB, got {raw!r}")
+    return value
+
+# The damping grid every damped solver searches (absolute λ, in units of G of the *mean* loss), so solvers
+# are compared at the same λ. It spans the values the paper's §6 error analysis is about.
+DAMPING_GRID = [1e-4, 1e-3, 1e-2, 1e-1, 1.0]
+
+
+@dataclass
+class Task:
+    """Everything a solver needs about the explained model.
+
+    ``train_x``/``train_y`` are the data the curvature is fitted on (the model's own training data).
+    ``measurement`` names the query function f: "margin" (default) or "loss".
+    ``cache`` holds damping-independent curvature across fits: give the fits of one grid search the same cache
+    (the evaluation does), and the curvature is built once. A Task describes one fixed model: do not change the
+    model's weights after creating it (the cache is keyed by the content of the model and data).
+    """
+
+    model: nn.Module
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    num_classes: int
+    measurement: str = "margin"
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    seed: int = 0  # for solvers that sample (LiSSA mini-batches, random projections)
+    cache: CurvatureCache = field(default_factory=CurvatureCache)
+
+    def fingerprint(self) -> str:
+        """Content hash of the model and its training data (cached on first use)."""
+        if getattr(self, "_fingerprint", None) is None:
+            self._fingerprint = core.fingerprint(self.model, self.train_x, self.train_y)
+        return self._fingerprint
+
+
+# Options every solver takes on top of its own ``defaults`` (recorded in a run's params only when given).
+# last_blocks: attribute through the parameters of the model's last k blocks and its head only (what most
+# users of large models do); None = every parameter. See core.last_blocks_parameters.
+COMMON_OPTIONS = {"last_blocks": None}
+
+
+class Solver:
+    """Base class. Subclasses set ``name``, ``parameters`` (a grid per hyper-parameter, searched on
+    validation queries by the runner) and ``defaults`` (every parameter the solver takes; those without a
+    grid are fixed options), and implement ``fit`` (calling ``super().fit(task)`` first) and ``ihvp``.
+    ``scores``/``self_scores`` have chunked generic implementations built on ``ihvp``; solvers with a
+    cheaper structure may override them.
+
+    Influence goes through the *attributed* parameters: every parameter by default, those of the last k
+    blocks with ``last_blocks=k``, and a solver may narrow them further with :meth:`exclude` (K-FAC holds
+    normalisation layers constant). The others are held constant; ``info()`` records what was left out.
+    """
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    parameters: ClassVar[dict[str, list]] = {}
+    defaults: ClassVar[dict] = {}
+    max_params: ClassVar[int | None] = None  # largest model (parameter count) the solver accepts
+    # Largest model the leaderboard runs the solver on by itself; beyond it a run takes days on a CPU (solvers
+    # that sweep the training set per IHVP iteration). `tdabench run` still runs it when asked.
+    leaderboard_max_params: ClassVar[int | None] = None
+    memory_budget_mb: ClassVar[float | None] = None  # None: $TDABENCH_SCORE_MEMORY_MB, else 1024
+
+    @classmethod
+    def accepted(cls) -> set[str]:
+        """Every parameter name the solver takes: its own and the common options."""
+        return set(cls.defaults) | set(COMMON_OPTIONS)
+
+    def __init__(self, **params):
+        unknown = set(params) - self.accepted()
+        if unknown:
+            raise SolverError(f"solver {self.name!r} has no parameter(s) {sorted(unknown)}; "
+                              f"it takes {sorted(self.accepted())}")
+        self.params = {**self.defaults, **params}
+        if "damping" in self.params:
+            d = self.params["damping"]
+            if isinstance(d, bool) or not isinstance(d, (int, float)) or not math.isfinite(d) or d < 0:
+                raise SolverError(f"solver {self.name!r}: damping must be a finite number >= 0, got {d!r}")
+        k = self.params.get("last_blocks")
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+            raise SolverError(f"solver {self.name!r}: last_blocks must be a positive integer or None, got {k!r}")
+        self.task: Task | None = None
+        self.attributed: list[str] | None = None  # None: every parameter
+        self.attribution: dict = {}
+        self._shared_seconds = 0.0  # build time of the damping-independent results this fit used
+        self._built_seconds = 0.0  # ... of those that this fit built (not taken from the cache)
+
+    # -- to implement -------------------------------------------------------------------------
+    def fit(self, task: Task) -> "Solver":
+        """Validate the task and keep it. Subclasses call this first, then fit their curvature."""
+        self.attributed, self.attribution = None, {}
+        if self.params.get("last_blocks") is not None:
+            self.attributed, self.attribution = core.last_blocks_parameters(task.model, self.params["last_blocks"])
+        n = self._count(task.model, self.attributed)
+        if self.max_params is not None and n > self.max_params:
+            raise SolverError(f"solver {self.name!r} accepts models up to {self.max_params:,} parameters; this model "
+                              f"has {n:,}{' attributed' if self.attributed is not None else ''}. Use cg, lissa, kfac, "
+                              f"ekfac or identity for models this large (or fewer parameters with last_blocks).")
+        if len(task.train_y) == 0 or len(task.train_x) != len(task.train_y):
+            raise SolverError(f"task has {len(task.train_x)} training inputs and {len(task.train_y)} labels; "
+                              f"need the same positive number of each")
+        for name, param in task.model.named_parameters():
+            core.check_finite(param.detach(), f"model parameter {name!r}", None)
+        if task.train_x.is_floating_point():
+            core.check_finite(task.train_x, "training input")
+        if task.measurement not in ("margin", "loss"):
+            raise SolverError(f"unknown measurement {task.measurement!r}; use 'margin' or 'loss'")
+        task.model.eval()
+        self.task = task
+        return self
+
+    def ihvp(self, vectors: torch.Tensor) -> torch.Tensor:
+        """(B, P) flat vectors -> (B, P) approximations of (G + λI)⁻¹ v."""
+        raise NotImplementedError
+
+    # -- provided -----------------------------------------------------------------------------
+    def functional(self, dtype=None) -> core.FunctionalModel:
+        """The explained model as pure functions of its attributed parameters."""
+        return core.FunctionalModel(self._require_fit().model, dtype, self.attributed)
+
+    def exclude(self, excluded: dict[str, str]) -> None:
+        """Hold these parameters constant too (``{name: why}``), e.g. layers a curvature model cannot handle."""
+        if not excluded:
+            return
+        model = self._require_fit().model
+        current = self.attributed if self.attributed is not None else [n for n, _ in model.named_parameters()]
+        self.attributed = [n for n in current if n not in excluded]
+        by_reason: dict[str, list[str]] = {}
+        for name, why in excluded.items():
+            by_reason.setdefault(why, []).append(name)
+        self.attribution = {**self.attribution, "excluded": by_reason}
+
+    def kron_layers(self, unsupported: str) -> list:
+        """The attributed nn.Linear/nn.Conv2d layers for Kronecker-factored curvature; parameters that cannot
+        be factored are held constant (``unsupported="exclude"``, recorded) or a SolverError (``"error"``)."""
+        layers, excluded = core.kron_layers_and_exclusions(self._require_fit().model, self.attributed,
+                                                                unsupported)
+        self.exclude(excluded)
+        return layers
+
+    @staticmethod
+    def _count(model: nn.Module, names: list[str] | None) -> int:
+        keep = None if names is None else set(names)
+        return sum(p.numel() for n, p in model.named_parameters() if keep is None or n in keep)
+
+    def cached(self, what: str, build: Callable[[], object], **options):
+        """Memoise a damping-independent result for this task (content-keyed, shared across fits)."""
+        task = self._require_fit()
+        scope = None if self.attributed is None else tuple(self.attributed)
+        key = (task.fingerprint(), str(task.device), what, scope, tuple(sorted(options.items())))
+        value, seconds, built = task.cache.get(key, build)
+        self._shared_seconds += seconds
+        if built:
+            self._built_seconds += seconds
+        return value
+
+    def chunk_sizes(self, query_chunk: int | None = None, train_chunk: int | None = None) -> tuple[int, int]:
+        """Rows of (P,)-vectors per block. The query block (gradients + their IHVPs) gets 3/4 of the budget,
+        because every query block costs one more pass of train gradients (1 GiB holds 2,000 preconditioned
+        queries of the 46,730-parameter MNIST CNN: one pass); the train block gets 1/4."""
+        P = self._count(self._require_fit().model, self.attributed)
+        row = 4 * P  # bytes of one float32 gradient
+        budget = int((self.memory_budget_mb or score_memory_budget_mb()) * 2**20)
+        q = query_chunk or max(1, min(8192, budget * 3 // 4 // (2 * row)))
+        t = train_chunk or max(1, min(4096, budget // 4 // row))
+        return int(q), int(t)
+
+    def scores(self, query_x: torch.Tensor, query_y: torch.Tensor, train_x: torch.Tensor,
+               train_y: torch.Tensor, *, query_chunk: int | None = None,
+               train_chunk: int | None = None) -> torch.Tensor:
+        """(Q, N) influence scores τ of every train point on every query's measurement.
+
+        Queries are preconditioned (ihvp) a block at a time; train gradients are computed a block at a
+        time and dropped after their dot products, so memory is bounded by the chunk sizes.
+        """
+        return _scores_in_one_pass([self], query_x, query_y, train_x, train_y, query_chunk, train_chunk)[0]
+
+    def self_scores(self, train_x: torch.Tensor, train_y: torch.Tensor, *,
+                    train_chunk: int | None = None) -> torch.Tensor:
+        """(N,) self-influence ∇L(zᵢ)ᵀ (G + λI)⁻¹ ∇L(zᵢ)."""
+        task = self._require_fit()
+        fm = self.functional()
+        _, tc = self.chunk_sizes(None, train_chunk)
+        out = torch.empty(len(train_y), dtype=torch.float32)
+        for ts in core.chunks(len(train_y), tc, desc=f"self-influence ({self.name})"):
+            g = core.per_sample_grads(fm, train_x[ts], train_y[ts], "loss")
+            core.check_finite(g, "train loss gradient", ts.start)
+            r = self.ihvp(g)
+            core.check_finite(r, f"inverse-curvature product of a train gradient ({self.name})", ts.start)
+            out[ts] = (g.double() * r.double()).sum(-1).float().cpu()
+        return out
+
+    def info(self) -> dict:
+        """Diagnostics for the run record (e.g. CG residuals, LiSSA step size); JSON-serialisable.
+        ``shared_seconds``: build time of the damping-independent curvature this fit used (also when it
+        came from the cache, so a grid search can report the true cost of one configuration)."""
+        out = {"shared_seconds": round(self._shared_seconds, 3), "cache_hit": self._built_seconds == 0
+               and self._shared_seconds > 0}
+        if self.task is not None:
+            total = self._count(self.task.model, None)
+            out["attributed_params"] = self._count(self.task.model, self.attributed)
+            out["total_params"] = total
+            out.update(self.attribution)
+        return out
+
+    def _require_fit(self) -> Task:
+        if self.task is None:
+            raise SolverError(f"solver {self.name!r}: call fit(task) before ihvp/scores/self_scores")
+        return self.task
+
+
+def scores_many(solvers: list[Solver], query_x: torch.Tensor, query_y: torch.Tensor, train_x: torch.Tensor,
+                train_y: torch.Tensor, *, query_chunk: int | None = None,
+                train_chunk: int | None = None) -> list[torch.Tensor]:
+    """``[s.scores(...) for s in solvers]`` for solvers fitted to the same model (e.g. one per damping of a
+    grid), sharing the per-example train gradients — the dominant cost — in one pass. They may differ in
+    measurement (margin and loss queries share the pass); solvers that override ``scores`` or differ in model
+    or attributed parameters are scored one by one."""
+    if not solvers:
+        return []
+    first, task = solvers[0], solvers[0]._require_fit()
+    shareable = all(type(s).scores is Solver.scores and s._require_fit().model is task.model
+                    and s.attributed == first.attributed for s in solvers)
+    if not shareable or len(solvers) == 1:
+        return [s.scores(query_x, query_y, train_x, train_y, query_chunk=query_chunk, train_chunk=train_chunk)
+                for s in solvers]
+    return _scores_in_one_pass(solvers, query_x, query_y, train_x, train_y, query_chunk, train_chunk)
+
+
+def _scores_in_one_pass(solvers: list[Solver], query_x, query_y, train_x, train_y, query_chunk, train_chunk
+                        ) -> list[torch.Tensor]:
+    """The generic chunked scores of one or more solvers on one model: per block of queries, their gradients
+    and each solver's IHVPs; then one pass of train gradients, dotted with all of them."""
+    first, task = solvers[0], solvers[0]._require_fit()
+    fm = first.functional()
+    qc, tc = first.chunk_sizes(query_chunk, train_chunk)
+    if query_chunk is None:  # the query block holds every solver's preconditioned queries
+        qc = max(1, qc // len(solvers))
+    outs = [torch.empty(len(query_y), len(train_y), dtype=torch.float32) for _ in solvers]
+    passes = -(-len(query_y) // qc)
+    configs = f", {len(solvers)} configurations" if len(solvers) > 1 else ""
+    for p, qs in enumerate(core.chunks(len(query_y), qc)):
+        gqs = {}  # one query gradient per measurement the solvers use
+        for m in dict.fromkeys(s.task.measurement for s in solvers):
+            gqs[m] = core.per_sample_grads(fm, query_x[qs], query_y[qs], m)
+            core.check_finite(gqs[m], f"query gradient ({m})", qs.start)
+        rqs, rows = [], qs.stop - qs.start
+        for s in solvers:
+            rq = s.ihvp(gqs[s.task.measurement])
+            core.check_finite(rq, f"inverse-curvature product of a query gradient ({s.name})", qs.start)
+            rqs.append(rq.to(fm.dtype))
+        stacked = torch.cat(rqs)
+        desc = f"scores ({first.name}{configs}): queries {qs.start}-{qs.stop} of {len(query_y)}, pass {p + 1}/{passes}"
+        for ts in core.chunks(len(train_y), tc, desc=desc):
+            gt = core.per_sample_grads(fm, train_x[ts], train_y[ts], "loss")
+            core.check_finite(gt, "train loss gradient", ts.start)
+            block = -(stacked @ gt.T).float().cpu()
+            for j, out in enumerate(outs):
+                out[qs, ts] = block[j * rows:(j + 1) * rows]
+    return outs

@@ -1,0 +1,70 @@
+"""Floor 3: the pinned root hash of every finished artifact, in one small committed file (``<store>/index.json``).
+
+A manifest lists the sha256 of each of its files, so a damaged file is caught on load. But a file changed
+*together with* its hash in the manifest would pass that check. The root hash (a hash over the manifest's
+identity: protocol, recipe, data and every file's sha256) is pinned here when an artifact is finished; opening
+an artifact whose root hash differs from its pin is refused, and every run record carries the root hash it was
+computed on. The index is small and reviewed in version control: a tampered artifact shows up as a changed pin.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+from pathlib import Path
+
+from ..setup.artifacts import ArtifactError, atomic_write_bytes
+from ..setup.config import stable_hash
+from ..setup.store import ResultsStore
+
+FORMAT = 1
+# What an artifact *is*; what can be recomputed from it (ceilings, summaries, timings) stays out.
+IDENTITY_KEYS = ("format_version", "kind", "setting", "protocol", "spec", "recipe_hash", "data", "files")
+
+
+def root_hash(manifest: dict) -> str:
+    """The hash that identifies an artifact: over its identity (format, kind, setting, protocol or spec, recipe,
+    data and the sha256 of every file), not over what can be recomputed from it."""
+    return stable_hash({k: manifest.get(k) for k in IDENTITY_KEYS}, 64)
+
+
+def read(store: ResultsStore) -> dict:
+    path = store.index
+    if not path.is_file():
+        return {"format": FORMAT, "artifacts": {}}
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ArtifactError(f"{path} is not valid JSON ({exc}); restore it from version control") from None
+    if data.get("format") != FORMAT:
+        raise ArtifactError(f"{path} has format {data.get('format')}, this code reads {FORMAT}")
+    return data
+
+
+def pinned(store: ResultsStore, root: Path) -> str | None:
+    """The root hash pinned for the artifact at ``root``, or None."""
+    entry = read(store)["artifacts"].get(store.relative(root))
+    return None if entry is None else entry["root_hash"]
+
+
+def check(store: ResultsStore, root: Path, root_hash: str) -> bool:
+    """True when ``root`` is pinned with ``root_hash``; False when it is not pinned; an error when the pin differs."""
+    pin = pinned(store, root)
+    if pin is None:
+        return False
+    if pin != root_hash:
+        raise ArtifactError(
+            f"{root}: its manifest's root hash {root_hash[:16]}… differs from the one pinned in {store.index} "
+            f"({pin[:16]}…): the artifact was changed after it was finished (files rewritten together with their "
+            f"hashes in the manifest). Restore it from version control (`git checkout -- {root}`); if the change is "
+            f"deliberate and reviewed, pin it again with `tdabench pin {store.relative(root)}`.")
+    return True
+
+
+def pin(store: ResultsStore, root: Path, root_hash: str, kind: str) -> None:
+    data = read(store)
+    data["artifacts"][store.relative(root)] = {
+        "kind": kind, "root_hash": root_hash,
+        "pinned": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+    data["artifacts"] = dict(sorted(data["artifacts"].items()))
+    atomic_write_bytes(store.index, (json.dumps(data, indent=2) + "\n").encode())

@@ -1,0 +1,282 @@
+"""Floor 6: every figure, drawn from results on disk (records, studies), never computing one.
+
+- :func:`leaderboard`: LDS with 95% intervals, the noise ceiling and the paper's value; recall vs fraction inspected;
+- :func:`gap_study`: the Table 1 gap study as a dot plot of LDS per factor level;
+- :func:`ihvp_error`: the IHVP-error study's four panels per setting;
+- :func:`influence_grid` (the paper's Fig. 1 and appendix Figs. 4-7) and :func:`self_influence_top` (Fig. 2),
+  from the qualitative study's data (:mod:`benchmark.studies.qualitative`).
+"""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..evaluate.engine import BASELINES
+from ..studies.gap import grid_rows
+from .leaderboard import RECALL_KEYS, fmt_params
+
+POSITIVE, NEGATIVE = "#1a7f37", "#c62828"
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _label(data, y: int) -> str:
+    names = data.class_names
+    return names[y] if names and len(names) > y and not names[y].isdigit() else str(y)
+
+
+def _show(ax, img: torch.Tensor, caption: str, color: str | None = None, title: str | None = None):
+    arr = img.detach().cpu().float()
+    if arr.dim() == 3 and arr.shape[0] == 3:  # colour: channels last, normalisation undone per image
+        arr = arr.permute(1, 2, 0)
+        arr = (arr - arr.min()) / (arr.max() - arr.min() + 1e-12)
+        ax.imshow(arr.numpy(), interpolation="nearest")
+    else:
+        ax.imshow(arr.squeeze().numpy(), cmap="gray", interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if color:
+        for spine in ax.spines.values():
+            spine.set_edgecolor(color)
+            spine.set_linewidth(2.5)
+    ax.set_xlabel(caption, fontsize=7, labelpad=2)
+    if title:
+        ax.set_title(title, fontsize=8, pad=3)
+
+
+def leaderboard(df: pd.DataFrame, records: dict, out_dir: Path, log=print) -> list[Path]:
+    """LDS with 95% intervals, the noise ceiling and the paper's value; recall vs fraction inspected."""
+    plt = _plt()
+    import seaborn as sns
+
+    sns.set_theme(style="whitegrid", context="notebook")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    # One colour per solver across both figures.
+    names = sorted(set(df["solver"]) - set(BASELINES))
+    cb = sns.color_palette("colorblind", 10)
+    order = [0, 1, 2, 4, 9, 5, 3, 8, 6, 7]  # colorblind-safe; similar hues (orange/vermillion, pinks) kept apart
+    palette = {n: cb[order[i % len(order)]] for i, n in enumerate(names)}
+    palette.update({"baseline-random": (0.6, 0.6, 0.6), "baseline-loss": (0.1, 0.1, 0.1)})
+
+    lds = df[df["lds"].notna()]
+    if len(lds):
+        settings = list(dict.fromkeys(lds["setting"]))
+        fig, axes = plt.subplots(1, len(settings), figsize=(1.2 + 2.2 * max(3, lds.groupby("setting").size().max())
+                                                            * len(settings) / 2, 4.2), squeeze=False, sharey=True)
+        for ax, setting in zip(axes[0], settings):
+            part = lds[lds["setting"] == setting].reset_index(drop=True)
+            x = np.arange(len(part))
+            ax.bar(x, part["lds"], color=[palette[s] for s in part["solver"]], width=0.7)
+            err = np.vstack([part["lds"] - part["lds_ci_low"], part["lds_ci_high"] - part["lds"]])
+            ax.errorbar(x, part["lds"], yerr=err, fmt="none", ecolor="black", capsize=4, lw=1.2)
+            ceil = part["lds_ceiling"].dropna()
+            if len(ceil):
+                ax.axhline(ceil.iloc[0], color="grey", ls=":", lw=1.5, label=f"noise ceiling {ceil.iloc[0]:.2f}")
+            paper = part["paper_lds"].dropna()
+            if len(paper):
+                ax.axhline(paper.iloc[0], color="crimson", ls="--", lw=1.5, label=f"paper {paper.iloc[0]:.2f}")
+            labels = [s + ("*" if "incomplete" in (st or "").lower() else "")
+                      + (" (stale)" if "STALE" in (st or "") else "") for s, st in zip(part["solver"], part["status"])]
+            ax.set_xticks(x, labels, rotation=30, ha="right")
+            ax.set_title(setting + ("\n* incomplete ground truth" if any("*" in lab for lab in labels) else ""))
+            ax.legend(loc="upper right", fontsize=8, frameon=True)
+        axes[0][0].set_ylabel("LDS (mean over queries, 95% CI)")
+        ymax = np.nanmax(np.concatenate([lds["lds_ci_high"].to_numpy(float), lds["paper_lds"].to_numpy(float),
+                                         lds["lds_ceiling"].to_numpy(float)]))
+        ymin = min(0.0, float(np.nanmin(lds["lds_ci_low"].to_numpy(float))))
+        axes[0][0].set_ylim(ymin - 0.02, min(1.0, ymax + 0.08))
+        fig.tight_layout()
+        path = out_dir / "lds.png"
+        fig.savefig(path, dpi=130)
+        plt.close(fig)
+        written.append(path)
+    else:
+        log("no LDS figure: no run has an LDS yet")
+
+    mis = [(k, r["mislabel"]) for k, r in records.items() if r.get("mislabel")]
+    if mis:
+        settings = list(dict.fromkeys(k[0] for k, _ in mis))
+        fig, axes = plt.subplots(1, len(settings), figsize=(5.2 * len(settings), 4.2), squeeze=False, sharey=True)
+        for ax, setting in zip(axes[0], settings):
+            items = [(k[1], m) for k, m in mis if k[0] == setting]
+            for solver, m in items:
+                f = np.asarray(m["recall_curve"]["fractions"])
+                r = np.asarray(m["recall_curve"]["recall"])
+                keep = f <= 0.5 + 1e-9
+                style = {"baseline-random": dict(color="grey", ls=":", label="random order"),
+                         "baseline-loss": dict(color="black", ls="--", label="training loss")}.get(
+                    solver, dict(color=palette.get(solver), ls="-", label=f"{solver} self-influence"))
+                ax.plot(100 * f[keep], r[keep], lw=1.8, **style)
+                ax.plot([10, 20, 30, 40, 50], [m[k] for k in RECALL_KEYS], "o", ms=4, color=style["color"])
+            spec = items[0][1]["artifact"]["spec"]
+            p = spec["fraction"]
+            ax.plot([0, 100 * p, 50], [0, 1, 1], color="lightgrey", lw=1, zorder=0, label="perfect ranking")
+            ax.set_title(f"{setting}: {p:.0%} labels flipped")
+            ax.set_xlabel("training data inspected (%)")
+            ax.set_xlim(0, 50)
+            ax.set_ylim(0, 1.02)
+            ax.legend(loc="lower right", fontsize=8)
+        axes[0][0].set_ylabel("flipped labels found (recall)")
+        fig.tight_layout()
+        path = out_dir / "mislabel_recall.png"
+        fig.savefig(path, dpi=130)
+        plt.close(fig)
+        written.append(path)
+    else:
+        log("no mislabel figure: no run has mislabel results yet")
+    return written
+
+
+def gap_study(rec: dict, out: Path, paper_lds: float | None = None) -> Path:
+    """The gap study (:mod:`benchmark.studies.gap`) as a dot plot: each factor level's validation LDS with its 95%
+    interval, its noise ceiling where one applies, and the paper's Table 1 value."""
+    plt = _plt()
+
+    rows = list(rec["rows"]) + grid_rows(rec)
+    labels = [f"{r['factor']}: {r['level']}" for r in rows]
+    y = np.arange(len(rows))[::-1]
+    height = 1.4 + 0.32 * len(rows)
+    fig, ax = plt.subplots(figsize=(8.5, height))
+    factors = list(dict.fromkeys(r["factor"] for r in rows))
+    colours = plt.get_cmap("tab10")
+    for yi, r in zip(y, rows):
+        c = colours(factors.index(r["factor"]) % 10)
+        ax.errorbar(r["lds"], yi, xerr=1.96 * r["lds_se"], fmt="o", color=c, capsize=3, ms=5)
+        if r.get("ceiling") is not None:
+            ax.plot(r["ceiling"], yi, marker="|", ms=12, mew=2, color="grey")
+    paper = paper_lds
+    if paper is not None:
+        ax.axvline(paper, color="crimson", ls="--", lw=1.2, label=f"paper (Table 1, reported queries) {paper:.2f}")
+    ax.plot([], [], marker="|", ls="none", ms=12, mew=2, color="grey", label="noise ceiling of that target")
+    ax.set_yticks(y, labels, fontsize=8)
+    ax.set_xlabel(f"LDS on {rec['queries']} validation queries (mean, 95% CI)")
+    # wrapped narrow: the long factor labels leave the axis (and its centred title) little width
+    ax.set_title(textwrap.fill(f"{rec['setting']} / {rec['solver']}: what moves LDS (baseline: 1 model, "
+                               f"{len(rec['replicas'])} replicas, margin; {rec['params_source']})", 55), fontsize=9)
+    fig.legend(loc="lower center", ncol=2, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.35 / height, 1, 1))  # room for the legend under the axis
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=130)
+    plt.close(fig)
+    return out
+
+
+def ihvp_error(df, lissa, path: Path) -> Path:
+    plt = _plt()
+    import seaborn as sns
+
+    names = list(dict.fromkeys(df["setting"]))
+    labels = [x for x in dict.fromkeys(df["solver"]) if x != "exact"]  # exact is the reference
+    palette = dict(zip(labels, sns.color_palette("tab10", len(labels))))
+    fig, axes = plt.subplots(len(names), 4, figsize=(22, 5.2 * len(names)), squeeze=False)
+    for i, name in enumerate(names):
+        d = df[df["setting"] == name]
+        ax = axes[i, 0]
+        for label in labels:
+            s = d[d["solver"] == label]
+            ax.errorbar(s["damping"], s["rel_error"], yerr=s["rel_error_se"], marker="o", label=label,
+                        color=palette[label], ls="--" if label == "identity" else "-", capsize=2)
+        ax.set(xscale="log", yscale="log", xlabel="damping λ", ylabel="‖r − r*‖ / ‖r*‖",
+               title=f"{name}: IHVP relative error vs exact (identity at scale 1/λ)")
+        ax.legend(fontsize=8)
+        ax = axes[i, 1]
+        for label in labels:
+            s = d[d["solver"] == label]
+            ax.errorbar(s["damping"], s["score_spearman"], yerr=s["score_spearman_se"], marker="o", label=label,
+                        color=palette[label], ls="--" if label == "identity" else "-", capsize=2)
+        ax.set(xscale="log", xlabel="damping λ", ylabel="Spearman vs exact-inverse scores (mean ± s.e.)",
+               title=f"{name}: agreement of influence scores with exact", ylim=(min(0.0, float(d["score_spearman"].min())), 1.02))
+        ax.legend(fontsize=8)
+        ax = axes[i, 2]
+        ls = lissa[lissa["setting"] == name]
+        colors = sns.color_palette("viridis", ls["damping"].nunique())
+        for c, (lam, s) in zip(colors, ls.groupby("damping")):
+            ax.plot(s["depth"], s["rel_error"], marker="o", color=c, label=f"λ={lam:g} measured")
+            ax.plot(s["depth"], s["bound_rel"].clip(1e-9, 1e4), ls="--", color=c, label=f"λ={lam:g} §6.1 bound")
+        ax.set(xscale="log", yscale="log", xlabel="LiSSA depth J", ylabel="relative error (bound clipped to [1e-9, 1e4])",
+               ylim=(1e-9, 2e4),
+               title=f"{name}: LiSSA error vs depth (batch {int(ls['batch_size'].iloc[0]) if len(ls) else '?'})")
+        ax.legend(fontsize=7, ncol=2)
+        ax = axes[i, 3]
+        for label in [x for x in labels if x.startswith(("ekfac", "kfac"))]:
+            s = d[d["solver"] == label]
+            ax.plot(s["damping"], s["rel_error"], marker="o", color=palette[label], label=f"{label} measured")
+            ax.plot(s["damping"], s["bound_rel"], marker="x", ls="--", color=palette[label], label=f"{label} §6.2 bound")
+        ax.set(xscale="log", yscale="log", xlabel="damping λ", ylabel="relative error",
+               title=f"{name}: K-FAC / EK-FAC beside the §6.2 bound\n(sorted spectra; it assumes shared eigenvectors)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def influence_grid(data, items: list[dict], out: Path, title_extra: str = "") -> Path:
+    """Rows: query × solver; columns: the query, its most helpful and most harmful training images.
+    ``items``: the ``influential`` sections of the qualitative study, one per solver."""
+    plt = _plt()
+    rows = [(q, item) for qi in range(len(items[0]["queries"])) for item in items for q in [item["queries"][qi]]]
+    top = len(items[0]["queries"][0]["positive"])
+    cols = 1 + 2 * top
+    fig, axes = plt.subplots(len(rows), cols, figsize=(1.35 * cols + 0.6, 2.4 * len(rows) + 0.5), squeeze=False)
+    for r, (q, item) in enumerate(rows):
+        params = "\n".join(fmt_params({k: v}) for k, v in item["params"].items() if v is not None)
+        _show(axes[r][0], data.test_x[q["index"]], f"test #{q['index']}, label {_label(data, q['label'])}\n"
+              f"{item['solver']}" + (f"\n{params}" if params else ""), title="query" if r == 0 else None)
+        for j, p in enumerate(q["positive"]):
+            _show(axes[r][1 + j], data.train_x[p["index"]], f"#{p['index']} y={_label(data, p['label'])}\n"
+                  f"τ={p['score']:+.3g}", POSITIVE, "most helpful" if (r == 0 and j == 0) else None)
+        for j, p in enumerate(q["negative"]):
+            _show(axes[r][1 + top + j], data.train_x[p["index"]], f"#{p['index']} y={_label(data, p['label'])}\n"
+                  f"τ={p['score']:+.3g}", NEGATIVE, "most harmful" if (r == 0 and j == 0) else None)
+    sources = sorted({i["params_source"] for i in items})
+    title = (f"{items[0]['setting']}: most positively (green) and negatively (red) influential training images "
+             f"(τ = predicted change of the query's {items[0]['measurement']} when up-weighting the image; "
+             f"hyper-parameters: {'; '.join(sources)}){title_extra}")
+    fig.suptitle(textwrap.fill(title, width=int(fig.get_figwidth() * 15)), fontsize=8)  # ≈ 15 characters/inch
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def self_influence_top(data, item: dict, out: Path) -> Path:
+    """The top self-influence training images (the qualitative study's ``self_influence`` section)."""
+    plt = _plt()
+    top = item["top"]
+    ncols = 5
+    nrows = -(-len(top) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(2.0 * ncols, 2.0 * nrows + 0.6), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for k, p in enumerate(top):
+        ax = axes[k // ncols][k % ncols]
+        ax.axis("on")
+        _show(ax, data.train_x[p["index"]], f"#{p['rank']}: idx {p['index']}\nlabel {_label(data, p['label'])}, "
+              f"model says {_label(data, p['predicted'])}", NEGATIVE if p["predicted"] != p["label"] else None)
+    fig.suptitle(f"{item['setting']}: top-{len(top)} self-influence training images ({item['solver']}, "
+                 f"{fmt_params(item['params'])}; {item['params_source']})\nred frame: the explained model disagrees "
+                 f"with the label", fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out

@@ -1,0 +1,201 @@
+"""Floor 6: the leaderboard — one row per setting × method, from the run records, never from anything else.
+
+:func:`collect` reads every record and says, per row, where its numbers come from: a row without a record is
+"not yet run" (or "n/a" when the solver declares it cannot handle the model); numbers evaluated on an
+unfinished ground truth say so; a record whose numbers are no longer current (:mod:`benchmark.evaluate.records`)
+keeps them only under a STALE status. :func:`write` writes ``leaderboard.csv`` and ``leaderboard.md``.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pandas as pd
+
+from ..evaluate import campaign, records
+from ..evaluate.engine import BASELINES, LOSS, RANDOM
+from ..setup import settings as settings_mod
+from ..setup.store import ResultsStore
+
+RECALL_KEYS = tuple(f"recall_{p}" for p in (10, 20, 30, 40, 50))
+COLUMNS = ("setting", "solver", "status", "lds", "lds_se", "lds_ci_low", "lds_ci_high", "lds_ceiling",
+           "lds_of_ceiling", "paper_lds", *RECALL_KEYS, "auc", "auc_se", "fit_s", "score_s", "self_score_s",
+           "peak_mb", "device", "params", "ground_truth", "measurement", "queries", "record")
+
+
+def fmt_params(params) -> str:
+    if not params:
+        return ""
+    return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(params.items()))
+
+
+def _orphans(store: ResultsStore, known: set[str]) -> list[str]:
+    """Settings with run records that no dataset file registers any more."""
+    if not store.runs.is_dir():
+        return []
+    return sorted(p.name for p in store.runs.iterdir() if p.is_dir() and p.name not in known and any(p.glob("*.json")))
+
+
+def collect(store: ResultsStore, settings: list[settings_mod.Setting], methods: list, *,
+            failures: dict | None = None) -> tuple[pd.DataFrame, dict]:
+    """The leaderboard table and the records behind it ({(setting, method): record}). Methods with records
+    but no solver file any more are listed too (their records cannot be checked)."""
+    failures = failures or {}
+    names = [m.name for m in methods]
+    for s in settings:
+        d = store.runs / s.name
+        if d.is_dir():
+            names += [p.stem for p in sorted(d.glob("*.json")) if p.stem not in names]
+    by_name = {m.name: m for m in methods}
+    ordered = sorted(n for n in names if n not in BASELINES) + [b for b in BASELINES]
+    rows, found = [], {}
+    for setting in settings:
+        gt_path, gt_text = campaign.gt_status(store, setting)
+        has_mis = records.mislabel_available(store, setting)
+        for name in ordered:
+            method = by_name.get(name)
+            rec = records.read_record(store, setting.name, name)
+            if rec is None and ((method is LOSS and not has_mis) or (method is RANDOM and gt_path is None
+                                                                     and not has_mis)):
+                continue  # a baseline row only where there is something to be a baseline for
+            row = {c: None for c in COLUMNS}
+            row.update(setting=setting.name, solver=name, paper_lds=setting.paper_lds, ground_truth=gt_text)
+            if rec is None:
+                if method is None:
+                    continue
+                na = campaign.not_applicable(setting, method)
+                if (setting.name, name) in failures:
+                    row["status"] = f"failed: {failures[(setting.name, name)]}"
+                elif na:
+                    row["status"] = f"n/a: {na}"
+                elif gt_path is None and setting.requires:
+                    row["status"] = "not yet run (no ground truth; GPU runbook: docs/large-settings.md)"
+                elif gt_path is None:
+                    row["status"] = "not yet run (no ground truth)"
+                elif "INCOMPLETE" in gt_text:
+                    row["status"] = "not yet run (ground truth incomplete)"
+                else:
+                    row["status"] = "not yet run"
+                rows.append(row)
+                continue
+            found[(setting.name, name)] = rec
+            rows.append(_row(store, setting, method, rec, row, has_mis, failures))
+    for orphan in _orphans(store, {s.name for s in settings_mod.available().values()}):
+        for p in sorted((store.runs / orphan).glob("*.json")):
+            row = {c: None for c in COLUMNS}
+            row.update(setting=orphan, solver=p.stem, ground_truth="unknown setting",
+                       status="setting no longer registered: its record cannot be checked, its numbers are not shown")
+            rows.append(row)
+    return pd.DataFrame(rows, columns=list(COLUMNS)), found
+
+
+def _row(store, setting, method, rec, row, has_mis, failures) -> dict:
+    stale = records.stale_reasons(rec, store, setting, method) if method is not None else {}
+    lds, mis = rec.get("lds"), rec.get("mislabel")
+    status = []
+    if method is None:
+        status.append("no solver file defines it any more: its record cannot be checked")
+    if lds:
+        used = lds["ground_truth"]
+        row.update(lds=lds["mean"], lds_se=lds["se"], lds_ci_low=lds["ci_low"], lds_ci_high=lds["ci_high"],
+                   lds_ceiling=lds.get("ceiling"), lds_of_ceiling=lds.get("of_ceiling"),
+                   measurement=lds.get("measurement"), queries=lds.get("queries"),
+                   ground_truth=f"{used['version']} " + ("complete" if used["complete"] else
+                                                         f"INCOMPLETE, replicas {used['replicas']} of "
+                                                         f"{used['replicas_total']}"))
+        if lds.get("mean") is None:
+            status.append(f"LDS undefined: {lds.get('undefined', 'no query has a defined correlation')}")
+        if not used["complete"]:
+            status.append(f"LDS on an incomplete ground truth ({len(used['replicas'])}/"
+                          f"{used['replicas_total']} seed replicas)")
+    if mis:
+        row.update({k: mis.get(k) for k in RECALL_KEYS}, auc=mis.get("auc"), auc_se=mis.get("auc_se"))
+    if (setting.name, rec["solver"]) in failures:
+        status.append(f"last rerun failed: {failures[(setting.name, rec['solver'])]}")
+    by_reason: dict[str, list[str]] = {}
+    for section, why in stale.items():
+        by_reason.setdefault("; ".join(why), []).append(section)
+    for why, sections in by_reason.items():
+        status.append(f"STALE ({', '.join(sections)}): {why}")
+    if not lds and method is not LOSS:
+        status.append("LDS not yet run")
+    if not mis and has_mis:
+        status.append("mislabel not yet run")
+    cost = rec.get("cost", {})
+    row.update(status="; ".join(status) or "ok", fit_s=cost.get("fit_s"), score_s=cost.get("score_s"),
+               self_score_s=cost.get("self_score_s"), peak_mb=cost.get("peak_mb"), device=rec.get("device"),
+               params=fmt_params(rec.get("params")),
+               record=store.relative(records.run_path(store, setting.name, rec["solver"])))
+    return row
+
+
+def _num(v, digits=3) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return ""
+    return f"{v:.{digits}f}"
+
+
+def _pm(v, se, digits=3) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return ""
+    return f"{v:.{digits}f} ± {se:.{digits}f}" if se is not None and math.isfinite(se) else f"{v:.{digits}f}"
+
+
+def _text(v) -> str:
+    return "" if v is None or (isinstance(v, float) and not math.isfinite(v)) else str(v)
+
+
+def to_markdown(df: pd.DataFrame) -> str:
+    lines = [
+        "# tdabench leaderboard",
+        "",
+        "Generated by `tdabench leaderboard` from the run records in `results/runs/`; never edited by hand.",
+        "",
+        "- **LDS**: mean over the reported test queries of the Spearman correlation, across the ground truth's "
+        "random 50% subsets, between Σ_{i∈S} τᵢ and the measured output (correct-class margin unless noted) "
+        "averaged over the seed replicas; ± standard error over queries, [95% bootstrap interval]. Hyper-parameters "
+        "were chosen on separate validation queries.",
+        "- **ceiling**: the LDS a perfect attribution is expected to reach against this noisy ground truth "
+        "(√ of the Spearman–Brown reliability of the replica average); **of ceiling** = LDS / ceiling.",
+        "- **recall@k%**: share of the flipped labels (10% of the training set, seeded) found in the top k% by "
+        "self-influence (the baselines: training loss, and the exact expectation of a random order). **AUC** is the "
+        "ROC AUC of that ranking (0.5 random, 1 perfect).",
+        "- **cost**: wall-clock seconds for fitting the curvature, scoring the queries (all train points), and "
+        "self-influence; peak memory is the process resident set on CPU (including data and the torch runtime) "
+        "or the allocator's peak on a GPU. Timings on a machine busy with other work are slower; each record "
+        "stores the load average.",
+        "",
+    ]
+    for setting, part in df.groupby("setting", sort=False):
+        paper = part["paper_lds"].dropna()
+        lines.append(f"## {setting}")
+        lines.append("")
+        gts = sorted(set(part["ground_truth"].dropna()))
+        lines.append(f"Ground truth: {'; '.join(gts) or 'none'}." + (f" Paper (Table 1): LDS {paper.iloc[0]:.2f}."
+                                                                        if len(paper) else ""))
+        lines.append("")
+        lines.append("| solver | status | LDS ± se [95% CI] | ceiling | of ceiling | recall@10/20/30/40/50% | AUC | "
+                     "fit s | score s | self s | peak MB | device | params |")
+        lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        for _, r in part.iterrows():
+            lds = _pm(r["lds"], r["lds_se"])
+            if lds and r["lds_ci_low"] is not None and not pd.isna(r["lds_ci_low"]):
+                lds += f" [{r['lds_ci_low']:.3f}, {r['lds_ci_high']:.3f}]"
+            recalls = " / ".join(_num(r[k], 2) for k in RECALL_KEYS) if r["recall_10"] is not None \
+                and not pd.isna(r["recall_10"]) else ""
+            lines.append("| " + " | ".join([
+                r["solver"], _text(r["status"]), lds, _num(r["lds_ceiling"]), _num(r["lds_of_ceiling"], 2), recalls,
+                _num(r["auc"]), _num(r["fit_s"], 1), _num(r["score_s"], 1), _num(r["self_score_s"], 1),
+                _num(r["peak_mb"], 0), _text(r["device"]), _text(r["params"])]) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+def write(store: ResultsStore, df: pd.DataFrame, log=print) -> tuple[Path, Path]:
+    """``leaderboard.csv`` and ``leaderboard.md`` in the store's root."""
+    store.root.mkdir(parents=True, exist_ok=True)
+    csv, md = store.root / "leaderboard.csv", store.root / "leaderboard.md"
+    df.to_csv(csv, index=False, float_format="%.6g")
+    md.write_text(to_markdown(df) + "\n")
+    log(f"wrote {csv} and {md} ({len(df)} rows)")
+    return csv, md

@@ -1,0 +1,157 @@
+"""Floor 6: the tables a person reads in the terminal — Table 1 (recomputed or committed), mislabel detection,
+the gap study — formatted from results, never computing them.
+"""
+
+from __future__ import annotations
+
+import math
+
+from ..studies.gap import STUDY_NOTE, grid_rows
+from .leaderboard import RECALL_KEYS, fmt_params
+
+# Reference measurements quoted beside our numbers (sources in ../shared/DESIGN.md): a peer Kronfluence 1.0.1
+# EK-FAC on the same MNIST CNN recipe, 10% labels flipped, one model.
+PEER_MISLABEL = {"mnist-cnn": {"source": "peer Kronfluence 1.0.1 EK-FAC, DESIGN.md", "ekfac": {"recall_10": 0.91},
+                               "baseline-loss": {"recall_10": 0.99}}}
+
+
+def _lds_cells(lds: dict) -> str:
+    if lds.get("mean") is None:
+        return f"{'undefined':>16s} {'':>17s}"
+    return f"{lds['mean']:>8.3f} ± {lds['se']:.3f} [{lds['ci_low']:.3f}, {lds['ci_high']:.3f}]"
+
+
+def _header() -> str:
+    return (f"{'':24s} {'LDS ± se':>16s} {'95% CI':>17s} {'noise ceiling':>13s} {'of ceiling':>10s} {'paper':>6s}  "
+            f"params")
+
+
+def _line(label: str, lds: dict, paper: float | None) -> str:
+    ceiling = "n/a (1 seed)" if lds.get("ceiling") is None else f"{lds['ceiling']:.3f}"
+    frac = "" if lds.get("of_ceiling") is None else f"{lds['of_ceiling']:.2f}"
+    return (f"{label:24s} {_lds_cells(lds)} {ceiling:>13s} {frac:>10s} "
+            f"{'—' if paper is None else f'{paper:.2f}':>6s}  {fmt_params(lds.get('params'))}")
+
+
+def _protocol_note(lds: dict) -> str:
+    used = lds["ground_truth"]
+    note = (f"LDS: Spearman over {lds['subsets']} subsets, mean over {lds['queries']} queries, measurement "
+            f"{lds['measurement']}, target = mean of replicas {used['replicas']}; hyper-parameters chosen on "
+            f"validation queries. Ground truth {used['path']} (root hash {used['root_hash'][:12]}…).")
+    if not used["complete"]:
+        note += (f"\n* evaluated on an INCOMPLETE ground truth ({used['units_done']}/{used['units_total']} units): "
+                 f"the paper comparison is provisional")
+    return note
+
+
+def table1_recomputed(setting, result: dict) -> str:
+    """The recomputed Table 1 row beside the committed record and the paper, with the verdict."""
+    new, old, cmp = result["recomputed"], result["committed"], result["comparison"]
+    st = result["stages"]
+    lines = [f"Table 1, {setting.name} ({setting.description}), {result['solver']}: RECOMPUTED from the committed "
+             f"ground truth", _header(), _line("recomputed now", new, setting.paper_lds)]
+    if old:
+        lines.append(_line(f"committed record", old, setting.paper_lds))
+    lines.append(_line("paper (Zhu & Cangelosi)", {}, setting.paper_lds) if setting.paper_lds is not None else "")
+    lines.append(_protocol_note(new))
+    if cmp:
+        if cmp["difference"] is None:
+            lines.append("comparison: undefined (an LDS is undefined)")
+        else:
+            lines.append(f"recomputed − committed: {cmp['difference']:+.4f} (paired over the same queries: "
+                         f"{cmp['paired_difference']:+.4f} ± {cmp['paired_difference_se']:.4f}, largest per-query "
+                         f"difference {cmp['max_query_difference']:.4f}) -> "
+                         + ("AGREE within the committed standard error" if cmp["agree"] else
+                            f"DISAGREE: the difference exceeds the committed standard error {cmp['tolerance']:.4f}"))
+    else:
+        lines.append("no committed record to compare with")
+    lines.append(f"stages: verify {st['verify_s']:.0f} s, fit {st['fit_s'] or 0:.0f} s, validation grid "
+                 f"{(st['search_s'] or 0):.0f} s (fits included), reported scores {st['score_s'] or 0:.0f} s; total "
+                 f"{st['total_s']:.0f} s; peak memory {st['peak_mb'] or 0:.0f} MB")
+    return "\n".join(line for line in lines if line)
+
+
+def table1_committed(setting, rows: list[dict], gap_rows: list[dict]) -> str:
+    """The committed records, as committed: each marked current or STALE (with why), never recomputed."""
+    lines = [f"Table 1, {setting.name} ({setting.description}): the COMMITTED run records, displayed without "
+             f"recomputing (`make lds-mnist` recomputes)", _header()]
+    notes = []
+    for r in rows:
+        if r["record"] is None:
+            lines.append(f"{r['name']:24s} no committed record")
+            continue
+        lds = r["record"]["lds"]
+        if r["stale"].get("lds"):
+            lines.append(f"{r['name']:24s} STALE, not shown: {'; '.join(r['stale']['lds'])}")
+            continue
+        lines.append(_line(f"{r['name']} (current)", lds, setting.paper_lds))
+        notes.append(_protocol_note(lds) + f" Record created {r['record'].get('created')}.")
+    lines += notes[:1]
+    for g in gap_rows:
+        rep, lds = g["reported"], g["reported"]["lds"]
+        if g["stale"]:
+            lines.append(f"{g['name']} with the gap study's protocol ({g['path']}): STALE, not shown: "
+                         + "; ".join(w for v in g["stale"].values() for w in v))
+            continue
+        lines.append(f"{g['name']} with the gap study's protocol ({g['path']}; chosen on validation queries): "
+                     f"ensemble of {rep['ensemble']} model(s), measurement {rep['measurement']}, "
+                     f"{fmt_params(rep['params'])}: LDS {lds['mean']:.3f} ± {lds['se']:.3f} [{lds['ci_low']:.3f}, "
+                     f"{lds['ci_high']:.3f}]" + ("" if lds.get("of_ceiling") is None else
+                                                f", {lds['of_ceiling']:.2f} of the ceiling"))
+    return "\n".join(lines)
+
+
+def mislabel_table(setting, manifest: dict, rows: list, spec) -> str:
+    """Recall at 10-50% inspected and AUC per ranking, saying plainly which ranking wins."""
+    m0 = manifest["models"][0]
+    lines = [f"Mislabel detection, {setting.name}: {manifest['corruption']['flipped']} of {rows[0][1]['n']} training "
+             f"labels flipped (seed {spec.seed}); artifact {manifest['setting']}/{manifest['version']}; corrupted-label "
+             f"model test accuracy {m0['test_accuracy']:.4f}, it fits {m0['flipped_fit_to_noisy_label']:.1%} of the "
+             f"flipped labels",
+             f"{'ranking':26s} " + " ".join(f"{'@' + str(p) + '%':>13s}" for p in (10, 20, 30, 40, 50))
+             + f" {'AUC':>13s}"]
+    for name, m in rows:
+        label = {"baseline-random": "random order (expected)", "baseline-loss": "training loss"}.get(
+            name, f"{name} self-influence")
+        cells = [f"{m[k]:.3f} ± {m[k + '_se']:.3f}" for k in RECALL_KEYS] + [f"{m['auc']:.3f} ± {m['auc_se']:.3f}"]
+        lines.append(f"{label:26s} " + " ".join(f"{c:>13s}" for c in cells))
+    loss = dict(rows)["baseline-loss"]
+    for name, m in rows:
+        if name.startswith("baseline-"):
+            continue
+        diff = m["recall_10"] - loss["recall_10"]
+        se = math.hypot(m["recall_10_se"], loss["recall_10_se"])
+        verdict = ("self-influence wins" if diff > 2 * se else "training loss wins" if diff < -2 * se
+                   else "no clear winner (within 2 se)")
+        lines.append(f"{name}: recall@10% {m['recall_10']:.3f} vs training loss {loss['recall_10']:.3f} -> {verdict}; "
+                     f"AUC {m['auc']:.3f} vs {loss['auc']:.3f}")
+    peer = PEER_MISLABEL.get(setting.name)
+    if peer:
+        lines.append(f"reference ({peer['source']}): recall@10% EK-FAC {peer['ekfac']['recall_10']:.2f}, "
+                     f"training loss {peer['baseline-loss']['recall_10']:.2f}")
+    return "\n".join(lines)
+
+
+def gap_table(rec: dict) -> str:
+    """The study as a Markdown table (what README quotes)."""
+    lines = [f"Gap study, {rec['setting']} / {rec['solver']} {rec['params']} ({rec['params_source']}); "
+             f"{rec['queries']} validation queries, M={rec['subsets']}. Δ: paired difference to the baseline "
+             f"(1 model, {len(rec['replicas'])} replicas, margin/margin).",
+             "", "| factor | level | LDS ± se | Δ ± se | noise ceiling |", "|---|---|---|---|---|"]
+    for r in rec["rows"]:
+        ceil = "" if r["ceiling"] is None else f"{r['ceiling']:.3f}"
+        mark = "†" if r.get("note") == STUDY_NOTE else ""
+        lines.append(f"| {r['factor']} | {r['level']} | {r['lds']:.3f} ± {r['lds_se']:.3f} | "
+                     f"{r['delta']:+.3f} ± {r['delta_se']:.3f}{mark} | {ceil} |")
+    for d in grid_rows(rec):
+        lines.append(f"| {d['factor']} | {d['level']} | {d['lds']:.3f} ± {d['lds_se']:.3f} | | |")
+    if any(r.get("note") == STUDY_NOTE for r in rec["rows"]):
+        lines += ["", f"† {STUDY_NOTE}; each artifact's first full-data model is explained with the same "
+                      f"hyper-parameters."]
+    if rec.get("reported"):
+        r, lds = rec["reported"], rec["reported"]["lds"]
+        ceil = "" if lds.get("ceiling") is None else f"; noise ceiling {lds['ceiling']:.3f} ({lds['of_ceiling']:.2f} of it)"
+        lines += ["", f"Chosen on validation ({r['rule']}): {r['params']}, ensemble of {r['ensemble']}, "
+                      f"measurement {r['measurement']}. On the {r['queries']} reported queries: LDS {lds['mean']:.3f} ± "
+                      f"{lds['se']:.3f} [{lds['ci_low']:.3f}, {lds['ci_high']:.3f}]{ceil}."]
+    return "\n".join(lines)

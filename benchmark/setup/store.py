@@ -1,0 +1,120 @@
+"""Floor 2: where results live. One :class:`ResultsStore` knows every folder of the results tree.
+
+The default root is the repository's ``results/`` (the committed artifacts and records); ``$TDABENCH_RESULTS``
+or the command line's ``--results`` points it elsewhere, so solvers developed outside the repository and
+tests never write into it. Everything below the command line receives a store, never a loose path.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+RESULTS_ENV = "TDABENCH_RESULTS"
+
+
+class StoreError(RuntimeError):
+    """The results folder cannot be written (permissions, a full disk, a file where a folder should be)."""
+
+
+def describe_os_error(exc: OSError, path: Path | str | None = None) -> str:
+    """One line that says what went wrong with a file and what to do about it."""
+    where = path or exc.filename or "the results folder"
+    if exc.errno == errno.ENOSPC:
+        return f"no space left on the device holding {where}; free some space and run the command again (it resumes)"
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return (f"cannot write {where} ({exc.strerror}); make it writable, or write results elsewhere with "
+                f"--results DIR or ${RESULTS_ENV}")
+    return f"cannot write {where}: {exc.strerror or exc}"
+
+
+@dataclass(frozen=True)
+class ResultsStore:
+    root: Path
+
+    @classmethod
+    def default(cls) -> "ResultsStore":
+        return cls(Path(os.environ.get(RESULTS_ENV) or REPO_ROOT / "results").expanduser())
+
+    # -- the folders ---------------------------------------------------------------------------
+    @property
+    def gt(self) -> Path:
+        """Ground-truth artifacts the benchmark reports on."""
+        return self.root / "gt"
+
+    @property
+    def gt_studies(self) -> Path:
+        """Ground truths built to study a protocol factor; never the benchmark's ground truth."""
+        return self.root / "gt-studies"
+
+    @property
+    def mislabel(self) -> Path:
+        return self.root / "mislabel"
+
+    @property
+    def models(self) -> Path:
+        """The explained-model zoo."""
+        return self.root / "models"
+
+    @property
+    def runs(self) -> Path:
+        return self.root / "runs"
+
+    @property
+    def gap(self) -> Path:
+        return self.root / "gap"
+
+    @property
+    def qualitative(self) -> Path:
+        """The training images each solver blames per query, and the top self-influence images."""
+        return self.root / "qualitative"
+
+    @property
+    def figures(self) -> Path:
+        return self.root / "figures"
+
+    @property
+    def perf(self) -> Path:
+        return self.root / "perf"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report"
+
+    @property
+    def baselines(self) -> Path:
+        """The CI regression check's recorded attribution quality."""
+        return self.root / "baselines.json"
+
+    @property
+    def index(self) -> Path:
+        """The pinned root hash of every committed artifact."""
+        return self.root / "index.json"
+
+    def relative(self, path: Path | str) -> str:
+        """``path`` as it is recorded in records: relative to the store's root (``gt/mnist-cnn/v1``)."""
+        path = Path(path).resolve()
+        try:
+            return str(path.relative_to(self.root.resolve()))
+        except ValueError:
+            return str(path)
+
+    def check_writable(self, *folders: Path) -> None:
+        """Fail before any work starts when an output folder cannot be written (not after hours of it)."""
+        for folder in folders or (self.root,):
+            folder = Path(folder)
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-probe.", suffix=".tmp")
+                try:
+                    os.write(fd, b"x" * 4096)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                    os.unlink(probe)
+            except OSError as exc:
+                raise StoreError(describe_os_error(exc, folder)) from None

@@ -1,0 +1,202 @@
+"""Floor 5: the CI regression check on attribution quality.
+
+``<store>/baselines.json`` records, for each solver on small committed settings (``mnist-lr``,
+``mnist-mlp-small``), its LDS and mislabel metrics with their standard errors, the hyper-parameters chosen on
+the validation queries, and the exact artifacts used. ``check`` recomputes every metric with those
+parameters (no search: fast, and the comparison is like for like) and fails a solver whose metric fell below
+
+    baseline − z · max(se, resolution)        (z = 3)
+
+where se is the metric's standard error measured when the baseline was recorded (over queries for LDS,
+binomial over flipped points for recall, Hanley-McNeil for AUC) and the resolution is the smallest step the
+metric can take (1/queries, 1/flipped points), so a metric with se 0 (e.g. recall 1.0) still tolerates
+float-level reordering across machines. A rise is reported, never failed. ``record`` (``tdabench regress
+--update``) rewrites the file after a deliberate change; review the diff before committing it.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..evaluate import engine, records
+from ..groundtruth import artifact as gt_artifact
+from ..groundtruth import mislabel as mislabel_mod
+from ..setup import settings as settings_mod
+from ..setup.artifacts import code_version, environment, read_json, write_json
+from ..setup.store import ResultsStore
+
+REGRESS_SETTINGS = ("mnist-lr", "mnist-mlp-small")
+MISLABEL_METRICS = ("recall_10", "recall_20", "recall_30", "recall_40", "recall_50", "auc")
+Z = 3.0
+# LDS on a seeded subset of the committed queries keeps the whole check within minutes on 2 CPU cores.
+REGRESS_QUERIES = 500
+FORMAT = 1
+
+
+class RegressionError(RuntimeError):
+    """The check cannot run as asked (no baselines, artifacts changed since they were recorded)."""
+
+
+@dataclass
+class Comparison:
+    setting: str
+    solver: str
+    metric: str
+    baseline: float
+    se: float
+    tolerance: float
+    new: float | None
+    error: str | None = None
+
+    @property
+    def failed(self) -> bool:
+        return self.error is not None or self.new is None or not math.isfinite(self.new) \
+            or self.new < self.baseline - self.tolerance
+
+    def message(self) -> str:
+        if self.error is not None:
+            return f"{self.setting} / {self.solver}: {self.metric} could not be computed: {self.error}"
+        verdict = "REGRESSED" if self.failed else ("improved" if self.new > self.baseline + self.tolerance else "ok")
+        return (f"{self.setting} / {self.solver}: {self.metric} {verdict}: new {self.new:.4f}, baseline "
+                f"{self.baseline:.4f} (allowed drop {self.tolerance:.4f} = {Z:g} x se {self.se:.4f})")
+
+
+def tolerance(se: float | None, resolution: float) -> float:
+    return Z * max(se or 0.0, resolution)
+
+
+def _metrics_of(lds: dict | None, mis: dict | None) -> dict:
+    out = {}
+    if lds is not None:
+        out["lds"] = {"value": lds["mean"], "se": lds["se"], "resolution": 1.0 / lds["queries"]}
+    if mis is not None:
+        for k in MISLABEL_METRICS:
+            out[k] = {"value": mis[k], "se": mis[f"{k}_se"], "resolution": 1.0 / mis["n_flipped"]}
+    return out
+
+
+def _evaluate(store: ResultsStore, setting: settings_mod.Setting, cls, params: dict | None, search: bool,
+              mis_art, *, device, log) -> tuple[dict, dict | None]:
+    gt = gt_artifact.load(store, setting)  # complete ones only: CI must not run on a partial build
+    lds = engine.evaluate_lds(gt, cls, params, search=search, max_queries=REGRESS_QUERIES, device=device, log=log)
+    mis = None
+    if mis_art is not None:
+        mis = engine.evaluate_mislabel(mis_art, cls, lds["params"], device=device)
+    return lds, mis
+
+
+def _artifacts(store: ResultsStore, setting: settings_mod.Setting):
+    """(ground-truth reference, mislabel reference or None, the mislabel artifact or None)."""
+    gt_path = gt_artifact.latest(store.gt, setting)  # complete ones only: CI must not run on a partial build
+    mis_path = mislabel_mod.find(store, setting, None)
+    art = mislabel_mod.open_artifact(store, mis_path, setting) if mis_path is not None else None
+    return (records.gt_reference(store, gt_path), records.mislabel_reference(store, art) if art else None, art)
+
+
+def record(store: ResultsStore, settings: list[settings_mod.Setting], solvers: dict, *,
+           exclude: dict[str, str] | None = None, device="cpu", log=print) -> dict:
+    """Measure every applicable solver of ``solvers`` ({name: class}; hyper-parameters chosen on validation
+    queries) and write the baselines.
+
+    ``exclude`` maps solver names to the reason they are left out of the check (e.g. too slow for the CI
+    budget); the reason is kept in the file and printed by every check, so the gap stays visible.
+    """
+    exclude = dict(exclude or {})
+    out = {"format": FORMAT,
+           "tolerance": {"rule": "fail when new < baseline - z * max(se, resolution)", "z": Z,
+                         "lds_queries": REGRESS_QUERIES},
+           "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+           "code_version": code_version(), "environment": environment(device), "settings": {}}
+    for setting in settings:
+        gt_ref, mis_ref, mis_art = _artifacts(store, setting)
+        entry = {"ground_truth": gt_ref, "mislabel": mis_ref, "solvers": {}, "not_applicable": {},
+                 "excluded": {k: v for k, v in exclude.items() if k in solvers}}
+        for name, cls in solvers.items():
+            if name in exclude:
+                continue
+            n = setting.model_spec()["parameters"]
+            if cls.max_params is not None and n > cls.max_params:
+                entry["not_applicable"][name] = f"{n} parameters > {cls.max_params}"
+                continue
+            log(f"recording {setting.name} / {name}")
+            lds, mis = _evaluate(store, setting, cls, None, True, mis_art, device=device, log=log)
+            entry["solvers"][name] = {"params": lds["params"], "selection": lds["selection"]["method"],
+                                      "fingerprint": records.solver_fingerprint(cls, lds["params"]),
+                                      "metrics": _metrics_of(lds, mis),
+                                      "seconds": sum(v for v in (lds["cost"]["fit_s"], lds["cost"]["score_s"],
+                                                                 (mis or {}).get("cost", {}).get("fit_s"),
+                                                                 (mis or {}).get("cost", {}).get("self_score_s"))
+                                                     if v is not None)}
+        out["settings"][setting.name] = entry
+    write_json(store.baselines, records._clean(out))
+    log(f"wrote {store.baselines}")
+    return out
+
+
+def check(store: ResultsStore, settings: list[settings_mod.Setting], solvers: dict, *, device="cpu",
+          log=print) -> list[Comparison]:
+    """Recompute every baseline metric of the solvers in ``solvers`` ({name: class}, every solver that exists:
+    a baseline whose solver is gone fails) and compare; one Comparison per (setting, solver, metric)."""
+    path = store.baselines
+    if not path.is_file():
+        raise RegressionError(f"{path} does not exist; record baselines with `tdabench regress --update`")
+    base = read_json(path)
+    if base.get("format") != FORMAT:
+        raise RegressionError(f"{path} has format {base.get('format')}, this code reads {FORMAT}; rerecord it with "
+                              f"`tdabench regress --update`")
+    results = []
+    for setting in settings:
+        if setting.name not in base["settings"]:
+            continue
+        entry = base["settings"][setting.name]
+        gt_ref, mis_ref, mis_art = _artifacts(store, setting)
+        if gt_ref["root_hash"] != entry["ground_truth"].get("root_hash"):
+            raise RegressionError(
+                f"{setting.name}: the baselines were recorded on ground truth {entry['ground_truth']['path']} (root "
+                f"hash {str(entry['ground_truth'].get('root_hash'))[:16]}…); the committed one is now {gt_ref['path']} "
+                f"({gt_ref['root_hash'][:16]}…). Results are not comparable: review the change and rerecord with "
+                f"`tdabench regress --update`.")
+        if (entry.get("mislabel") or {}).get("root_hash") != (mis_ref or {}).get("root_hash"):
+            raise RegressionError(f"{setting.name}: the mislabel artifact differs from the one the baselines were "
+                                  f"recorded on; rerecord with `tdabench regress --update`.")
+        for name, sb in entry["solvers"].items():
+            if name not in solvers:
+                results.append(Comparison(setting.name, name, "solver", math.nan, 0, 0, None,
+                                          f"solver {name!r} is in {path.name} but no solver file defines it"))
+                continue
+            t0 = time.perf_counter()
+            try:
+                lds, mis = _evaluate(store, setting, solvers[name], sb["params"], False, mis_art, device=device, log=log)
+                new = _metrics_of(lds, mis)
+                err = None
+            except Exception as exc:  # noqa: BLE001 - a crash is a regression too; report it as one
+                new, err = {}, f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+            log(f"checked {setting.name} / {name} with {sb['params']} in {time.perf_counter() - t0:.0f} s "
+                f"(recorded: {sb.get('seconds', float('nan')):.0f} s)")
+            for metric, b in sb["metrics"].items():
+                results.append(Comparison(setting.name, name, metric, b["value"], b["se"] or 0.0,
+                                          tolerance(b["se"], b["resolution"]),
+                                          new.get(metric, {}).get("value"), err))
+        for name, reason in entry.get("excluded", {}).items():
+            log(f"note: {setting.name} / {name} is not checked: {reason}")
+        for name in solvers:
+            if name not in entry["solvers"] and name not in entry.get("not_applicable", {}) \
+                    and name not in entry.get("excluded", {}):
+                log(f"note: {setting.name} / {name} has no baseline yet; add it with `tdabench regress --update`")
+    return results
+
+
+def report(results: list[Comparison], log=print) -> bool:
+    """Print every comparison, failures last; True when all passed."""
+    failed = [r for r in results if r.failed]
+    for r in results:
+        if not r.failed:
+            log("  " + r.message())
+    for r in failed:
+        log("FAIL " + r.message())
+    log(f"{len(results) - len(failed)}/{len(results)} checks passed" + (f"; {len(failed)} FAILED" if failed else ""))
+    return not failed

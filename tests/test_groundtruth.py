@@ -8,23 +8,33 @@ import pytest
 import torch
 
 from benchmark import groundtruth as G
-from benchmark import settings
-from benchmark.artifacts import ArtifactError
-from benchmark.config import Protocol, Unit, unit_seed
-from benchmark.executors import LocalExecutor
+from benchmark.groundtruth import builder as B
+from benchmark.groundtruth import index
+from benchmark.groundtruth.executors import LocalExecutor
+from benchmark.setup import settings
+from benchmark.setup.artifacts import MANIFEST, ArtifactError, ArtifactLock, read_json, write_json
+from benchmark.setup.config import Protocol, Unit, unit_seed
+from benchmark.setup.store import ResultsStore
 
 SETTING = "synthetic-mlp"
+S = settings.get(SETTING)
 quiet = dict(progress=False, log=lambda *_: None)
 
 
 def _build(root, **kw):
-    # The trainer is pinned: "auto" times both, and loop and vmap agree only to float round-off.
+    """Build into the results store at ``root``; the trainer is pinned ("auto" times both, and loop and vmap agree
+    only to float round-off)."""
     kw.setdefault("trainer", "loop")
-    return G.build(SETTING, gt_root=root, executor=kw.pop("executor", LocalExecutor(1)), **quiet, **kw)
+    return G.build(kw.pop("setting", S), kw.pop("protocol", None), store=ResultsStore(root),
+                   executor=kw.pop("executor", LocalExecutor(1)), **quiet, **kw)
+
+
+def _load(root, **kw):
+    return G.load(ResultsStore(root), kw.pop("setting", S), **kw)
 
 
 def _content(path):
-    """Everything in an artifact except timings: masks, queries, unit outputs, checkpoints."""
+    """Everything in an artifact except timings and the hardware record: masks, queries, unit outputs, checkpoints."""
     out = {}
     for f in sorted(path.rglob("*")):
         rel = str(f.relative_to(path))
@@ -32,7 +42,7 @@ def _content(path):
             out[rel] = np.load(f)
         elif f.suffix == ".npz":
             with np.load(f) as z:
-                out.update({f"{rel}:{k}": z[k] for k in z.files if k != "seconds"})
+                out.update({f"{rel}:{k}": z[k] for k in z.files if k not in ("seconds", "hardware")})
         elif f.suffix == ".safetensors":
             from safetensors.numpy import load_file
 
@@ -49,11 +59,16 @@ def _assert_same(a, b):
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     root = tmp_path_factory.mktemp("ref")
-    return _build(root)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # as every test (and every ground-truth worker) trains: the hardware record matches
+    try:
+        return _build(root)
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_complete_artifact_loads_and_verifies(reference):
-    gt = G.GroundTruth.open(reference, settings.get(SETTING))
+    gt = G.GroundTruth.open(reference, S)
     p = settings.get(SETTING).protocols["default"]
     assert gt.manifest["complete"] and gt.manifest["units_done"] == gt.manifest["units_total"] == p.subsets * p.seeds + p.full_models
     assert gt.masks.shape == (p.subsets, 256) and (gt.masks.sum(1) == 128).all()
@@ -66,17 +81,21 @@ def test_complete_artifact_loads_and_verifies(reference):
     for key in ("setting", "version", "protocol", "recipe", "recipe_hash", "data", "environment", "files",
                 "noise_ceiling", "created", "code_version"):
         assert key in gt.manifest
-    model = gt.full_model(settings.get(SETTING), 0)
+    model = gt.full_model(0)
     assert isinstance(model, torch.nn.Module)
-    summary = G.verify(SETTING, gt_root=reference.parent.parent)
+    summary = G.verify(ResultsStore(reference.parents[2]), S)
     assert summary["complete"] and summary["files_verified"] == len(gt.manifest["files"])
+    assert summary["pinned"] and summary["root_hash"] == index.pinned(ResultsStore(reference.parents[2]), reference)
+    # every unit records the hardware that trained it; one machine built this one
+    assert summary["hardware"] == {next(iter(gt.hardware_groups())): len(G.all_units(gt.protocol))}
+    assert not summary["mixed_hardware"]
 
 
 def test_units_match_their_seed_and_subset(reference):
     """A unit's stored outputs are those of a model retrained from its recorded seed and subset."""
-    from benchmark.training import evaluate, train
+    from benchmark.setup.training import evaluate, train
 
-    s = settings.get(SETTING)
+    s = S
     gt = G.GroundTruth.open(reference, s)
     d = s.data()
     unit = Unit(1, 3)
@@ -98,18 +117,22 @@ def test_interrupted_build_resumes_to_identical_artifact(tmp_path, reference):
 
     with pytest.raises(KeyboardInterrupt):
         _build(tmp_path, executor=Interrupting(1))
-    path = tmp_path / SETTING / "v1"
+    path = tmp_path / "gt" / SETTING / "v1"
     man = json.loads((path / "manifest.json").read_text())
     assert not man["complete"] and man["units_done"] == 8  # the 8th unit was written before the interrupt
     with pytest.raises(ArtifactError, match="incomplete"):
-        G.load(SETTING, gt_root=tmp_path)
-    # A crash mid-write leaves at most a temp file or an unreadable unit: both are redone.
+        _load(tmp_path)
+    # A crash mid-write (SIGKILL) leaves a temp file or an unreadable unit: the next start removes the temp file
+    # (it would otherwise be committed with `git add results`) and redoes the unit.
     (path / "units" / "r01_s0000.npz").write_bytes(b"half a zip")
     (path / "units" / ".r01_s0001.npz.123.tmp").write_bytes(b"junk")
-    again = _build(tmp_path, max_units=3)
+    seen = []
+    again = G.build(S, store=ResultsStore(tmp_path), executor=LocalExecutor(1), trainer="loop", max_units=3,
+                    progress=False, log=seen.append)
+    assert not (path / "units" / ".r01_s0001.npz.123.tmp").exists()
+    assert any("half-written" in line for line in seen)
     assert json.loads((again / "manifest.json").read_text())["units_done"] == 11
     assert _build(tmp_path) == path
-    (path / "units" / ".r01_s0001.npz.123.tmp").unlink()
     _assert_same(_content(path), _content(reference))
 
 
@@ -120,23 +143,27 @@ def test_incomplete_study_names_the_command_that_resumes_it(tmp_path, monkeypatc
 
     from benchmark import cli
 
-    monkeypatch.setattr(G, "STUDY_ROOT", tmp_path)
-    default = settings.get(SETTING).protocols["default"]
+    store = ResultsStore(tmp_path)
+    default = S.protocols["default"]
     protocol = dataclasses.replace(default, subsets=default.subsets - 1, seed_policy="varied")
-    path = _build(tmp_path, protocol=protocol, max_units=2)
+    path = G.build(S, protocol, store=store, study=True, executor=LocalExecutor(1), trainer="loop", max_units=2,
+                   **quiet)
+    assert path.parent.parent == store.gt_studies
     with pytest.raises(ArtifactError, match="incomplete") as err:
-        G.load(SETTING, gt_root=tmp_path)
+        G.load(store, S, study=True)
     command = str(err.value).split("`")[1]
-    assert command == G.build_command(json.loads((path / "manifest.json").read_text()), path)
+    assert command == G.build_command(json.loads((path / "manifest.json").read_text()), path, S)
+    assert "--study" in command
     asked = {}
-    monkeypatch.setattr(G, "build", lambda name, protocol, *, gt_root, **kw: asked.update(
-        name=name, protocol=protocol, gt_root=gt_root))
-    assert cli.main(shlex.split(command)[1:]) == 0  # the real CLI, with the build it would start captured
-    assert asked["protocol"] == protocol and asked["gt_root"] == tmp_path
-    assert G.plan_version(settings.get(asked["name"]), asked["protocol"], asked["gt_root"]) == (path, None, False)
+    monkeypatch.setattr(B, "build", lambda setting, protocol, *, store, study, **kw: asked.update(
+        setting=setting, protocol=protocol, store=store, study=study))
+    # the real CLI, with the build it would start captured
+    assert cli.main(["--results", str(tmp_path)] + shlex.split(command)[1:]) == 0
+    assert asked["protocol"] == protocol and asked["store"] == store and asked["study"]
+    assert B.plan_version(asked["setting"], asked["protocol"], store.gt_studies) == (path, None, False)
     # The benchmark's own artifact with the default protocol resumes with the plain command.
-    monkeypatch.setattr(G, "STUDY_ROOT", tmp_path / "elsewhere")
-    assert G.build_command({"setting": SETTING, "protocol": dataclasses.asdict(default)}, path) == f"tdabench gt {SETTING}"
+    assert G.build_command({"setting": SETTING, "protocol": dataclasses.asdict(default)}, tmp_path / "gt" / SETTING
+                           / "v1", S) == f"tdabench gt {SETTING}"
 
 
 def test_process_pool_gives_the_same_artifact(tmp_path, reference):
@@ -156,38 +183,132 @@ def test_vmap_trainer_gives_the_same_outputs(tmp_path, reference):
 def test_resume_keeps_the_trainer_it_started_with(tmp_path):
     _build(tmp_path, trainer="vmap", max_units=3)
     seen = []
-    G.build(SETTING, gt_root=tmp_path, executor=LocalExecutor(1), progress=False, log=seen.append)
+    G.build(S, store=ResultsStore(tmp_path), executor=LocalExecutor(1), progress=False, log=seen.append)
     assert any("(vmap," in line for line in seen), seen
 
 
-def test_tampered_artifact_is_rejected(tmp_path, reference):
+def _copy(reference, tmp_path):
+    """A copy of the reference artifact in a fresh store, pinned there as a finished build would pin it."""
     import shutil
 
-    copy = tmp_path / SETTING / "v1"
+    copy = tmp_path / "gt" / SETTING / "v1"
     shutil.copytree(reference, copy)
+    index.pin(ResultsStore(tmp_path), copy, index.root_hash(read_json(copy / MANIFEST)), "ground truth")
+    return copy
+
+
+def test_damaged_artifact_is_rejected_and_the_suggested_command_repairs_it(tmp_path, reference):
+    from benchmark import cli
+
+    copy = _copy(reference, tmp_path)
     victim = copy / "units" / "r00_s0002.npz"
     blob = bytearray(victim.read_bytes())
     blob[-30] ^= 0xFF
     victim.write_bytes(bytes(blob))
-    with pytest.raises(ArtifactError, match=r"checksum mismatch for .*r00_s0002\.npz"):
-        G.load(SETTING, gt_root=tmp_path)
-    victim.unlink()
-    with pytest.raises(ArtifactError, match="missing file"):
-        G.load(SETTING, gt_root=tmp_path)
+    (copy / "full" / "full_k01.safetensors").unlink()
+    with pytest.raises(ArtifactError, match=r"checksum mismatch for .*r00_s0002\.npz") as err:
+        _load(tmp_path)
+    assert "missing file" in str(err.value)
+    command = str(err.value).split("`")[1]
+    assert command == f"tdabench gt {SETTING}"
+    trained = []
+
+    class Counting(LocalExecutor):
+        def run(self, fn, jobs):
+            jobs = list(jobs)
+            trained.extend(u.name for j in jobs for u in j.units)
+            yield from super().run(fn, jobs)
+
+    import shlex
+
+    from benchmark.cli import groundtruth as cli_gt
+
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.setattr(cli_gt, "_executor", lambda args: Counting(1))
+    try:
+        assert cli.main(["--results", str(tmp_path)] + shlex.split(command)[1:] + ["--trainer", "loop", "--quiet"]) == 0
+    finally:
+        monkeypatch.undo()
+    assert sorted(trained) == ["full_k01", "r00_s0002"]  # exactly the damaged units, nothing else
+    gt = _load(tmp_path)  # verifies again; the repaired files (new timings) are pinned under a new root hash
+    assert gt.pinned and gt.root_hash() != G.GroundTruth.open(reference, S).root_hash()
+    _assert_same(_content(copy), _content(reference))  # retrained from the recorded seeds: the same models
+
+
+def test_rehashed_tampering_is_refused_by_the_pinned_root_hash(tmp_path, reference):
+    """Negating every unit's margins and rewriting their sha256 in the manifest passes the file checks; the root
+    hash pinned in the store's index does not."""
+    from benchmark.setup.artifacts import file_hashes
+
+    copy = _copy(reference, tmp_path)
+    man = read_json(copy / MANIFEST)
+    for name in [n for n in man["files"] if n.startswith("units/")]:
+        with np.load(copy / name) as z:
+            arrays = {k: z[k] for k in z.files}
+        arrays["outputs"][0] *= -1
+        np.savez(copy / name, **arrays)
+    man["files"].update(file_hashes(copy, list(man["files"])))
+    write_json(copy / MANIFEST, man)
+    with pytest.raises(ArtifactError, match="differs from the one pinned"):
+        _load(tmp_path)
+
+
+@pytest.mark.parametrize("edit", ["seeds", "subsets", "ceiling", "units_done"])
+def test_a_manifest_that_does_not_describe_its_files_is_refused(tmp_path, reference, edit):
+    """Protocol, unit count and recorded summaries are checked against the files on load, before any scoring,
+    even when someone re-pinned the edited manifest."""
+    copy = _copy(reference, tmp_path)
+    man = read_json(copy / MANIFEST)
+    if edit == "seeds":
+        man["protocol"]["seeds"] = 1
+        expect = "files the protocol has no unit for"
+    elif edit == "subsets":
+        man["protocol"]["subsets"] -= 1
+        expect = "masks.npy holds"
+    elif edit == "ceiling":
+        man["noise_ceiling"]["margin"]["lds_ceiling"] += 0.05
+        expect = "recorded noise_ceiling is not what the files give"
+    else:
+        man["units_done"] -= 1
+        expect = "manifest says"
+    write_json(copy / MANIFEST, man)
+    if edit in ("seeds", "subsets"):  # the protocol is part of the root hash: refused at once
+        with pytest.raises(ArtifactError, match="differs from the one pinned"):
+            _load(tmp_path)
+        index.pin(ResultsStore(tmp_path), copy, index.root_hash(man), "ground truth")
+    with pytest.raises(ArtifactError, match=expect):
+        _load(tmp_path)
+
+
+def test_two_builds_of_one_artifact_cannot_run_at_once(tmp_path):
+    _build(tmp_path, max_units=1)
+    path = tmp_path / "gt" / SETTING / "v1"
+    with ArtifactLock(path):  # another build holds the artifact
+        with pytest.raises(ArtifactError, match="is being built by pid"):
+            _build(tmp_path)
+    _build(tmp_path, max_units=1)  # free again once the holder is done
+
+
+def test_a_build_moved_to_other_hardware_says_so(tmp_path, monkeypatch):
+    _build(tmp_path, max_units=5)
+    monkeypatch.setattr(B, "hardware", lambda device: {"device": "cpu", "cpu": "Another CPU", "torch": "x"})
+    path = _build(tmp_path)
+    man = read_json(path / MANIFEST)
+    assert len(man["hardware"]) == 2 and sorted(man["hardware"].values()) == [5, man["units_total"] - 5]
+    summary = G.verify(ResultsStore(tmp_path), S)
+    assert summary["mixed_hardware"] and any("Another CPU" in k for k in summary["hardware"])
 
 
 def test_stale_recipe_is_rejected(reference, monkeypatch):
-    s = settings.get(SETTING)
+    s = S
     changed = dataclasses.replace(s, recipe=dataclasses.replace(s.recipe, epochs=s.recipe.epochs + 1))
     with pytest.raises(ArtifactError, match=r"stale.*differs in: train"):
         G.GroundTruth.open(reference, changed)
 
 
 def test_extending_trains_only_new_units_into_a_new_version(tmp_path, reference):
-    import shutil
-
-    shutil.copytree(reference, tmp_path / SETTING / "v1")
-    base = settings.get(SETTING).protocols["default"]
+    _copy(reference, tmp_path)
+    base = S.protocols["default"]
     bigger = Protocol(**{**base.to_dict(), "seeds": base.seeds + 1, "subsets": base.subsets + 2})
     trained = []
 
@@ -197,15 +318,15 @@ def test_extending_trains_only_new_units_into_a_new_version(tmp_path, reference)
             trained.extend(u for j in jobs for u in j.units)
             yield from super().run(fn, jobs)
 
-    path = G.build(SETTING, bigger, gt_root=tmp_path, executor=Counting(1), trainer="loop", **quiet)
+    path = G.build(S, bigger, store=ResultsStore(tmp_path), executor=Counting(1), trainer="loop", **quiet)
     assert path.name == "v2"
     old_units = base.seeds * base.subsets
     assert len(trained) == bigger.seeds * bigger.subsets - old_units
-    gt = G.load(SETTING, gt_root=tmp_path)
-    ref = G.GroundTruth.open(reference)
+    gt = _load(tmp_path)
+    ref = G.GroundTruth.open(reference, S)
     assert np.array_equal(gt.masks[:base.subsets], ref.masks)  # old subsets unchanged
     assert np.array_equal(gt.outputs["margin"][:base.seeds, :base.subsets], ref.outputs["margin"])
-    assert G.load(SETTING, "v1", gt_root=tmp_path).manifest["complete"]
+    assert _load(tmp_path, version="v1").manifest["complete"]
 
 
 def test_seed_policies():
@@ -228,15 +349,14 @@ def test_protocol_validation():
 
 def test_a_settings_trainer_choice_replaces_calibration(tmp_path, monkeypatch):
     """A setting that names its trainer (large models: "loop") is not calibrated; a bad choice is refused."""
-    from benchmark import training
+    from benchmark.setup import training
 
-    base = settings.get(SETTING)
-    monkeypatch.setitem(settings._REGISTRY, "synthetic-mlp-loop", dataclasses.replace(base, name="synthetic-mlp-loop",
-                                                                                       trainer="loop"))
+    base = S
+    looping = dataclasses.replace(base, name="synthetic-mlp-loop", trainer="loop")
+    monkeypatch.setitem(settings._REGISTRY, "synthetic-mlp-loop", looping)
     monkeypatch.setattr(training, "choose_trainer", lambda *a, **k: pytest.fail("calibrated despite the setting"))
     small = Protocol(alpha=0.5, subsets=2, seeds=1, queries=8, validation_queries=4, full_models=1)
-    root = G.build("synthetic-mlp-loop", protocol=small, gt_root=tmp_path, trainer="auto", executor=LocalExecutor(1),
-                   **quiet)
-    assert json.loads((root / G.MANIFEST).read_text())["environment"]["trainer"] == "loop"
+    root = G.build(looping, small, store=ResultsStore(tmp_path), trainer="auto", executor=LocalExecutor(1), **quiet)
+    assert json.loads((root / MANIFEST).read_text())["environment"]["trainer"] == "loop"
     with pytest.raises(ValueError, match="trainer must be None, 'loop' or 'vmap'"):
         dataclasses.replace(base, trainer="fast")

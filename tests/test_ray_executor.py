@@ -20,7 +20,10 @@ import pytest
 ray = pytest.importorskip("ray", reason="ray is not installed (pip install 'tdabench[distributed]')")
 
 from benchmark import groundtruth as G  # noqa: E402
-from benchmark.executors import LocalExecutor, RayExecutor  # noqa: E402
+from benchmark.groundtruth import builder  # noqa: E402
+from benchmark.setup import settings  # noqa: E402
+from benchmark.setup.store import ResultsStore  # noqa: E402
+from benchmark.groundtruth.executors import LocalExecutor, RayExecutor  # noqa: E402
 from test_groundtruth import _assert_same, _content  # noqa: E402
 
 SETTING = "synthetic-mlp"
@@ -153,18 +156,20 @@ class Recording(RayExecutor):
 
 
 def test_ray_cluster_builds_the_local_artifact_and_survives_killed_workers(cluster, tmp_path, monkeypatch):
-    local = G.build(SETTING, gt_root=tmp_path / "local", executor=LocalExecutor(1), device="cpu", trainer="loop",
-                    **quiet)
+    setting = settings.get(SETTING)
+    local = G.build(setting, store=ResultsStore(tmp_path / "local"), executor=LocalExecutor(1), device="cpu",
+                    trainer="loop", **quiet)
 
     log, marks = tmp_path / "attempts.log", tmp_path / "marks"
     marks.mkdir()
     executor = Recording(address=cluster["address"], num_cpus_per_task=1, max_retries=2)
     assert executor.threads_per_worker == 1  # bitwise-equal CPU results need one torch thread per unit
-    # build() hands groundtruth.run_job to the executor; route it through the logging, killing job function.
-    monkeypatch.setattr(G, "run_job", functools.partial(_job_on_cluster, log=str(log), marks=str(marks)))
-    built = G.build(SETTING, gt_root=tmp_path / "ray", executor=executor, device="cpu", trainer="loop", **quiet)
+    # build() hands builder.run_job to the executor; route it through the logging, killing job function.
+    monkeypatch.setattr(builder, "run_job", functools.partial(_job_on_cluster, log=str(log), marks=str(marks)))
+    built = G.build(setting, store=ResultsStore(tmp_path / "ray"), executor=executor, device="cpu", trainer="loop",
+                    **quiet)
 
-    protocol = G.settings_mod.get(SETTING).protocols["default"]
+    protocol = setting.protocols["default"]
     units = [u.name for u in G.all_units(protocol)]
 
     # Both kills happened.
@@ -188,7 +193,7 @@ def test_ray_cluster_builds_the_local_artifact_and_survives_killed_workers(clust
     assert [r["unit"] for r in executor.results if r.get("already_done")] == [KILL_AFTER]
 
     # The artifact is the local one, bit for bit (timings aside), complete and verified.
-    man = G.GroundTruth.open(built, G.settings_mod.get(SETTING)).manifest
+    man = G.GroundTruth.open(built, setting).manifest
     assert man["complete"] and man["units_done"] == len(units)
     assert man["environment"]["executor"].startswith("ray 127.0.0.1")
     _assert_same(_content(built), _content(local))
@@ -197,10 +202,12 @@ def test_ray_cluster_builds_the_local_artifact_and_survives_killed_workers(clust
 def test_ray_executor_refuses_what_the_cluster_cannot_run(cluster, tmp_path):
     import dataclasses
 
-    from benchmark.executors import ExecutorError
+    from benchmark.groundtruth.executors import ExecutorError
 
-    job = G.Job(SETTING, G.settings_mod.get(SETTING).protocols["default"], str(tmp_path), (G.Unit(0, 0),),
-                device="cuda")
+    from benchmark.setup.config import Unit
+
+    setting = settings.get(SETTING)
+    job = G.Job(setting, setting.protocols["default"], str(tmp_path), (Unit(0, 0),), device="cuda")
     with pytest.raises(ExecutorError, match="needs 0.5 GPU but the Ray cluster has 0"):
         list(RayExecutor(address=cluster["address"], num_gpus_per_task=0.5).run(G.run_job, [job]))
     with pytest.raises(ValueError, match="no GPU is requested"):

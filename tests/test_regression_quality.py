@@ -7,12 +7,18 @@
 """
 
 import pytest
-from eval_helpers import synthetic_gt, synthetic_mislabel, write_solver
+from eval_helpers import synthetic_store, write_solver
 
-from benchmark import regress, runner
-from benchmark.artifacts import read_json
+from benchmark.evaluate import registry
+from benchmark.groundtruth import artifact as gt_artifact
+from benchmark.setup import settings
+from benchmark.setup.artifacts import MANIFEST, read_json, write_json
+from benchmark.setup.store import ResultsStore
+from benchmark.studies import regress
 
 SETTING = "synthetic-mlp"
+S = settings.get(SETTING)
+QUIET = dict(device="cpu", log=lambda *a: None)
 
 
 def test_tolerance_follows_the_standard_error():
@@ -28,23 +34,22 @@ def test_tolerance_follows_the_standard_error():
 
 
 def test_broken_solver_fails_the_check(tmp_path, monkeypatch):
-    roots = dict(gt_root=synthetic_gt(), mislabel_root=synthetic_mislabel(), device="cpu", log=lambda *a: None)
-    path = tmp_path / "baselines.json"
+    store = synthetic_store(tmp_path)
     good = tmp_path / "good"
     write_solver(good, "toy-exact")
     monkeypatch.setenv("TDABENCH_SOLVERS_PATH", str(good))
-    regress.record([SETTING], ["toy-exact"], path=path, **roots)
-    base = read_json(path)["settings"][SETTING]["solvers"]["toy-exact"]
+    regress.record(store, [S], {"toy-exact": registry.get("toy-exact")}, **QUIET)
+    base = read_json(store.baselines)["settings"][SETTING]["solvers"]["toy-exact"]
     assert set(base["metrics"]) == {"lds", *regress.MISLABEL_METRICS}
     assert base["params"] in [{"damping": d} for d in (1e-3, 1e-1, 10.0)]
 
-    results = regress.check(path=path, **roots)
+    results = regress.check(store, [S], {"toy-exact": registry.get("toy-exact")}, **QUIET)
     assert results and regress.report(results, log=lambda *a: None)
 
     broken = tmp_path / "broken"
     write_solver(broken, "toy-exact", sign=-1)  # same name: a regression introduced into the solver
     monkeypatch.setenv("TDABENCH_SOLVERS_PATH", str(broken))
-    results = regress.check(path=path, **roots)
+    results = regress.check(store, [S], {"toy-exact": registry.get("toy-exact")}, **QUIET)
     lines = []
     assert not regress.report(results, log=lines.append)
     failed = {r.metric for r in results if r.failed}
@@ -53,44 +58,59 @@ def test_broken_solver_fails_the_check(tmp_path, monkeypatch):
     lds_line = next(line for line in fail_lines if " lds " in line)
     assert "toy-exact" in lds_line and f"baseline {base['metrics']['lds']['value']:.4f}" in lds_line
     assert "new -" in lds_line  # anti-correlated: a negative LDS
+    # a baseline whose solver file is gone fails too
+    results = regress.check(store, [S], {}, **QUIET)
+    assert any(r.failed and "no solver file defines it" in r.message() for r in results)
 
 
 def test_check_refuses_a_changed_ground_truth(tmp_path, monkeypatch):
     import shutil
 
-    from benchmark import groundtruth
-    from benchmark.artifacts import MANIFEST, write_json
+    import numpy as np
 
-    gt_root = tmp_path / "gt"
-    shutil.copytree(synthetic_gt(), gt_root)
-    roots = dict(gt_root=gt_root, mislabel_root=synthetic_mislabel(), device="cpu", log=lambda *a: None)
+    from benchmark.setup.artifacts import file_hashes
+
+    store = synthetic_store(tmp_path)
     folder = tmp_path / "good"
     write_solver(folder, "toy-exact")
     monkeypatch.setenv("TDABENCH_SOLVERS_PATH", str(folder))
-    path = tmp_path / "baselines.json"
-    regress.record([SETTING], ["toy-exact"], path=path, **roots)
-    root = groundtruth.latest(SETTING, gt_root)
-    dst = root.with_name("v99")
-    shutil.copytree(root, dst)
-    man = read_json(dst / MANIFEST)
-    man["version"] = "v99"
-    write_json(dst / MANIFEST, man)
+    regress.record(store, [S], {"toy-exact": registry.get("toy-exact")}, **QUIET)
+    # a newer version whose units were trained again (other outputs): another root hash, not comparable
+    root = gt_artifact.latest(store.gt, S)
+    other = root.with_name("v2")
+    shutil.copytree(root, other)
+    man = read_json(other / MANIFEST)
+    man["version"] = "v2"
+    unit = other / "units" / "r00_s0000.npz"
+    with np.load(unit) as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays["outputs"][0] += 0.1
+    np.savez(unit, **arrays)
+    man["files"].update(file_hashes(other, ["units/r00_s0000.npz"]))
+    write_json(other / MANIFEST, man)
     with pytest.raises(regress.RegressionError, match="not comparable"):
-        regress.check(path=path, **roots)
+        regress.check(store, [S], {"toy-exact": registry.get("toy-exact")}, **QUIET)
 
 
 def _committed_benchmark_ready() -> str | None:
-    if not regress.BASELINES_FILE.is_file():
-        return f"{regress.BASELINES_FILE} not committed yet (record it with `tdabench regress --update`)"
-    for setting in read_json(regress.BASELINES_FILE)["settings"]:
-        if runner.current_gt_root(setting) is None:
-            return f"no committed ground truth for {setting}"
+    store = ResultsStore.default()
+    if not store.baselines.is_file():
+        return f"{store.baselines} not committed yet (record it with `tdabench regress --update`)"
+    for name in read_json(store.baselines)["settings"]:
+        if gt_artifact.current(store, settings.get(name)) is None:
+            return f"no committed ground truth for {name}"
     return None
 
 
 @pytest.mark.skipif(_committed_benchmark_ready() is not None, reason=str(_committed_benchmark_ready()))
 def test_committed_solvers_hold_their_baselines():
+    from eval_helpers import require_real_data
+
+    store = ResultsStore.default()
+    chosen = [settings.get(n) for n in regress.REGRESS_SETTINGS]
+    for s in chosen:
+        require_real_data(s)
     lines = []
-    results = regress.check(log=lines.append)
+    results = regress.check(store, chosen, registry.available(), log=lines.append)
     ok = regress.report(results, log=lines.append)
     assert ok, "attribution quality regressed:\n" + "\n".join(line for line in lines if line.startswith("FAIL"))

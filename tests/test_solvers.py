@@ -24,12 +24,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmark import curvature as cv
-from benchmark import solver_api
-from benchmark.models import MEASUREMENTS, logistic_regression
-from benchmark.solver_api import SolverError, Task
+from benchmark import core as cv
+from benchmark.core.measurements import MEASUREMENTS
+from benchmark.evaluate import DAMPING_GRID, SolverError, Task, registry, scores_many
+from benchmark.setup.models import logistic_regression
+from benchmark.setup.plugins import REPO_ROOT
 
-SOLVERS = ["cg", "ekfac", "exact", "identity", "kfac", "lissa"]
+# Every solver file is put through the contract tests: the list comes from the registry, not from this file.
+SOLVERS = sorted(registry.available())
 TIGHT = dict(rtol=1e-8, atol=1e-10)
 
 
@@ -73,8 +75,11 @@ def query_grads(task, n=6):
 # ---------------------------------------------------------------- the registry
 
 def test_all_solvers_are_discovered_with_consistent_declarations():
-    found = solver_api.available()
-    assert sorted(found) == SOLVERS
+    found = registry.available()
+    assert not registry.broken(), registry.broken()
+    defined = {p.stem for p in (REPO_ROOT / "solvers").glob("*.py") if not p.name.startswith("_")}
+    assert {cls.__module__.rsplit(".", 1)[1] for cls in found.values()} == defined  # each file defines a solver
+    assert {"cg", "ekfac", "exact", "identity", "kfac", "lissa"} <= set(found)
     for name, cls in found.items():
         assert cls.name == name and cls.description
         assert set(cls.parameters) <= set(cls.defaults), name
@@ -82,27 +87,27 @@ def test_all_solvers_are_discovered_with_consistent_declarations():
             assert isinstance(values, list) and values
         cls(**cls.defaults)  # the defaults are valid parameters
     for name in ["cg", "ekfac", "exact", "kfac", "lissa"]:
-        assert found[name].parameters["damping"] == solver_api.DAMPING_GRID
+        assert found[name].parameters["damping"] == DAMPING_GRID
     assert found["exact"].max_params is not None
 
 
 def test_unknown_parameters_and_bad_damping_are_refused():
     with pytest.raises(SolverError, match="has no parameter"):
-        solver_api.get("exact")(dampnig=1e-3)
+        registry.get("exact")(dampnig=1e-3)
     for name in ["cg", "ekfac", "exact", "kfac", "lissa"]:
         for bad in (-1e-3, float("nan"), "0.1"):
             with pytest.raises(SolverError, match="damping must be"):
-                solver_api.get(name)(damping=bad)
+                registry.get(name)(damping=bad)
     with pytest.raises(SolverError, match="unknown solver"):
-        solver_api.get("newton")
+        registry.get("newton")
 
 
 def test_scores_before_fit_is_an_error():
     with pytest.raises(SolverError, match="call fit"):
-        solver_api.get("identity")().ihvp(torch.zeros(1, 3))
+        registry.get("identity")().ihvp(torch.zeros(1, 3))
     task, x, y = problem()
     with pytest.raises(SolverError, match="call fit"):
-        solver_api.get("exact")().scores(x, y, x, y)
+        registry.get("exact")().scores(x, y, x, y)
 
 
 # ---------------------------------------------------------------- exactness
@@ -112,7 +117,7 @@ def test_exact_equals_linalg_solve(arch):
     task, _, _ = problem(arch)
     V, _, _ = query_grads(task)
     for damping in (1e-3, 1.0):
-        R = solver_api.get("exact")(damping=damping).fit(task).ihvp(V)
+        R = registry.get("exact")(damping=damping).fit(task).ihvp(V)
         torch.testing.assert_close(R, dense_reference(task, damping, V), **TIGHT)
 
 
@@ -124,11 +129,11 @@ def test_exact_with_the_true_hessian():
     low = float(torch.linalg.eigvalsh(H).min())
     assert low < 0  # an untrained MLP is not at a minimum: the Hessian is indefinite
     damping = -low + 0.5
-    R = solver_api.get("exact")(damping=damping, curvature="hessian").fit(task).ihvp(V)
+    R = registry.get("exact")(damping=damping, curvature="hessian").fit(task).ihvp(V)
     want = torch.linalg.solve(H + damping * torch.eye(len(H), dtype=H.dtype), V.T).T
     torch.testing.assert_close(R, want, **TIGHT)
     with pytest.raises(SolverError, match="not positive definite"):
-        solver_api.get("exact")(damping=-low / 2, curvature="hessian").fit(task)
+        registry.get("exact")(damping=-low / 2, curvature="hessian").fit(task)
 
 
 @pytest.mark.parametrize("arch", ["mlp", "cnn"])
@@ -136,13 +141,13 @@ def test_cg_and_full_batch_lissa_equal_exact(arch):
     task, _, _ = problem(arch)
     V, _, _ = query_grads(task)
     ref = dense_reference(task, 0.1, V)
-    cg = solver_api.get("cg")(damping=0.1, tol=1e-12, max_iter=500).fit(task)
+    cg = registry.get("cg")(damping=0.1, tol=1e-12, max_iter=500).fit(task)
     assert rel_err(cg.ihvp(V), ref) < 1e-8
     info = cg.info()
     assert info["converged_fraction"] == 1.0 and info["final_residual_max"] < 1e-10
     # batch_size ≥ N: G̃ = G, so LiSSA is the truncated Neumann series, converging at rate 1 − αλ;
     # run it to the depth J where (1 − αλ)^J < 1e-13.
-    lissa = solver_api.get("lissa")(damping=0.1, batch_size=len(task.train_y)).fit(task)
+    lissa = registry.get("lissa")(damping=0.1, batch_size=len(task.train_y)).fit(task)
     depth = math.ceil(math.log(1e-13) / math.log1p(-lissa.alpha * 0.1))
     assert depth < 1000  # α is not needlessly small: α(G + λI) ⪯ I with room to spare only from the estimate
     assert rel_err(lissa.ihvp_path(V, [depth])[depth], ref) < 1e-8
@@ -153,12 +158,12 @@ def test_cg_and_lissa_approach_exact_as_iterations_grow():
     V, _, _ = query_grads(task)
     damping = 1e-2
     ref = dense_reference(task, damping, V)
-    errs = [rel_err(solver_api.get("cg")(damping=damping, tol=1e-14, max_iter=k).fit(task).ihvp(V), ref)
+    errs = [rel_err(registry.get("cg")(damping=damping, tol=1e-14, max_iter=k).fit(task).ihvp(V), ref)
             for k in (1, 2, 4, 8, 16, 32, 64)]
     assert all(b <= a * (1 + 1e-9) for a, b in zip(errs, errs[1:])), errs  # CG's error is monotone
     assert errs[0] > 0.3 and errs[-1] < 1e-6, errs
 
-    lissa = solver_api.get("lissa")(damping=damping, batch_size=len(task.train_y)).fit(task)
+    lissa = registry.get("lissa")(damping=damping, batch_size=len(task.train_y)).fit(task)
     depths = [1, 10, 100, 1000]
     path = lissa.ihvp_path(V, depths)
     errs = [float(((path[J] - ref).norm(dim=1)).max()) for J in depths]
@@ -174,8 +179,8 @@ def test_stochastic_lissa_is_unbiased_and_averages_down():
     task, _, _ = problem()
     V, _, _ = query_grads(task)
     ref = dense_reference(task, 0.1, V)
-    one = solver_api.get("lissa")(damping=0.1, depth=100, batch_size=8, repeats=1).fit(task).ihvp(V)
-    many = solver_api.get("lissa")(damping=0.1, depth=100, batch_size=8, repeats=8).fit(task).ihvp(V)
+    one = registry.get("lissa")(damping=0.1, depth=100, batch_size=8, repeats=1).fit(task).ihvp(V)
+    many = registry.get("lissa")(damping=0.1, depth=100, batch_size=8, repeats=8).fit(task).ihvp(V)
     assert rel_err(many, ref) < 0.1
     assert rel_err(many, ref) < rel_err(one, ref)
 
@@ -196,7 +201,7 @@ def test_kfac_and_ekfac_are_exact_where_g_is_a_kronecker_product(name, case):
     task = single_linear(1) if case == "one example" else single_linear(30, zero_weights=True)
     V = torch.randn(4, 18, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     for damping in (1e-3, 1.0):
-        R = solver_api.get(name)(damping=damping, pseudo_labels="all").fit(task).ihvp(V)
+        R = registry.get(name)(damping=damping, pseudo_labels="all").fit(task).ihvp(V)
         assert rel_err(R, dense_reference(task, damping, V)) < 1e-8
 
 
@@ -208,11 +213,11 @@ def test_kfac_ekfac_on_multilayer_models(arch):
     task, _, _ = problem(arch)
     V, _, _ = query_grads(task)
     for name in ("kfac", "ekfac"):
-        errs = [rel_err(solver_api.get(name)(damping=d, pseudo_labels="all").fit(task).ihvp(V),
+        errs = [rel_err(registry.get(name)(damping=d, pseudo_labels="all").fit(task).ihvp(V),
                         dense_reference(task, d, V)) for d in (1e-2, 1.0, 100.0)]
         assert errs[0] > errs[1] > errs[2] and errs[2] < 1e-2, (name, errs)
-    kfac = solver_api.get("kfac")(damping=1.0, pseudo_labels="all").fit(task)
-    ekfac = solver_api.get("ekfac")(damping=1.0, pseudo_labels="all").fit(task)
+    kfac = registry.get("kfac")(damping=1.0, pseudo_labels="all").fit(task)
+    ekfac = registry.get("ekfac")(damping=1.0, pseudo_labels="all").fit(task)
     fm = cv.FunctionalModel(task.model)
     G = cv.dense_ggn(fm, task.train_x)
     for layer in kfac.layers:
@@ -228,7 +233,7 @@ def test_kfac_ekfac_on_multilayer_models(arch):
 
 def test_identity_is_the_gradient_dot_product():
     task, x, y = problem()
-    s = solver_api.get("identity")().fit(task)
+    s = registry.get("identity")().fit(task)
     V = torch.randn(3, 82, dtype=torch.float64)
     assert torch.equal(s.ihvp(V), V)
     fm = cv.FunctionalModel(task.model)
@@ -251,9 +256,9 @@ def loop_grads(model, x, y, measurement):
 @pytest.mark.parametrize("name", SOLVERS)
 def test_scores_follow_the_definition_and_chunking_changes_nothing(name):
     task, x, y = problem("cnn", n=24)
-    kw = {"damping": 0.1} if "damping" in solver_api.get(name).defaults else {}
+    kw = {"damping": 0.1} if "damping" in registry.get(name).defaults else {}
     kw.update({"cg": {"tol": 1e-10}, "lissa": {"depth": 20, "batch_size": 8}}.get(name, {}))
-    s = solver_api.get(name)(**kw).fit(task)
+    s = registry.get(name)(**kw).fit(task)
     qx, qy = data(5, (1, 6, 6), seed=7)
     whole = s.scores(qx, qy, x, y, query_chunk=100, train_chunk=100)
     chunked = s.scores(qx, qy, x, y, query_chunk=2, train_chunk=7)
@@ -270,7 +275,7 @@ def test_score_memory_budget_sets_the_blocks(monkeypatch):
     """$TDABENCH_SCORE_MEMORY_MB sizes the query block (3/4 of the budget, gradient + its IHVP per query) and
     the train block (1/4); a bad value is a clear error."""
     task, _, _ = problem("mlp")
-    s = solver_api.get("identity")().fit(task)
+    s = registry.get("identity")().fit(task)
     row = 4 * sum(p.numel() for p in task.model.parameters())
     monkeypatch.setenv("TDABENCH_SCORE_MEMORY_MB", "0.25")
     assert s.chunk_sizes() == (2**18 * 3 // 4 // (2 * row), 2**18 // 4 // row)
@@ -320,7 +325,7 @@ def test_scores_predict_leave_one_out_retraining():
     qy = torch.tensor([0, 1])
     full = train_l2_logreg(x, y, mu)
     task = Task(full, x, y, num_classes=classes)
-    tau = solver_api.get("exact")(damping=mu).fit(task).scores(qx, qy, x, y).double()
+    tau = registry.get("exact")(damping=mu).fit(task).scores(qx, qy, x, y).double()
     f0 = MEASUREMENTS["margin"](full(qx), qy).detach()
     removed = torch.arange(0, n, 10)  # 40 leave-one-out retrainings
     actual = torch.zeros(len(qy), len(removed), dtype=torch.float64)
@@ -343,9 +348,9 @@ def test_scores_predict_leave_one_out_retraining():
 @pytest.mark.parametrize("name", SOLVERS)
 def test_non_finite_gradients_are_a_clear_error(name):
     task, x, y = problem(n=24)
-    kw = {"damping": 0.1} if "damping" in solver_api.get(name).defaults else {}
+    kw = {"damping": 0.1} if "damping" in registry.get(name).defaults else {}
     kw.update({"lissa": {"depth": 5}, "cg": {"max_iter": 5}}.get(name, {}))
-    s = solver_api.get(name)(**kw).fit(task)
+    s = registry.get(name)(**kw).fit(task)
     bad_x = x.clone()
     bad_x[17, 0, 1, 1] = float("inf")
     with pytest.raises(SolverError, match="non-finite train loss gradient for example 17"):
@@ -354,14 +359,15 @@ def test_non_finite_gradients_are_a_clear_error(name):
         s.scores(bad_x[16:18], y[:2], x, y)
 
 
-@pytest.mark.parametrize("name", ["exact", "kfac", "ekfac", "cg", "lissa"])
+@pytest.mark.parametrize("name", SOLVERS)
 def test_non_finite_training_data_is_a_clear_error_at_fit(name):
     task, x, y = problem(n=24)
     x = x.clone()
     x[3, 0, 0, 0] = float("nan")
+    cls = registry.get(name)
+    kw = {"damping": 0.1} if "damping" in cls.defaults else {}
     with pytest.raises(SolverError, match="non-finite"):
-        s = solver_api.get(name)(damping=0.1, **({"max_iter": 3} if name == "cg" else {})).fit(
-            Task(task.model, x, y, num_classes=4))
+        s = cls(**kw, **({"max_iter": 3} if name == "cg" else {})).fit(Task(task.model, x, y, num_classes=4))
         s.ihvp(torch.ones(1, 82, dtype=torch.float64))
 
 
@@ -371,10 +377,10 @@ def test_unsupported_layers_for_kfac(name):
     model = nn.Sequential(nn.Flatten(), nn.Linear(12, 6), nn.LayerNorm(6), nn.Linear(6, 4)).double().eval()
     x, y = data(10, (1, 3, 4))
     with pytest.raises(SolverError, match="only nn.Linear and nn.Conv2d.*LayerNorm.*exact, cg, lissa or identity"):
-        solver_api.get(name)(damping=0.1, unsupported_layers="error").fit(Task(model, x, y, num_classes=4))
-    solver_api.get("cg")(damping=0.1, max_iter=3).fit(Task(model, x, y, num_classes=4)).scores(x[:2], y[:2], x, y)
+        registry.get(name)(damping=0.1, unsupported_layers="error").fit(Task(model, x, y, num_classes=4))
+    registry.get("cg")(damping=0.1, max_iter=3).fit(Task(model, x, y, num_classes=4)).scores(x[:2], y[:2], x, y)
     # by default the LayerNorm is held constant, and the run record says so
-    s = solver_api.get(name)(damping=0.1).fit(Task(model, x, y, num_classes=4))
+    s = registry.get(name)(damping=0.1).fit(Task(model, x, y, num_classes=4))
     info = s.info()
     assert info["excluded"] == {"normalisation layer (LayerNorm)": ["2.weight", "2.bias"]}
     assert (info["attributed_params"], info["total_params"]) == (12 * 6 + 6 + 6 * 4 + 4, 12 * 6 + 6 + 12 + 6 * 4 + 4)
@@ -389,24 +395,24 @@ def test_last_blocks_restricts_every_solver_to_the_subblock():
     g, qx, qy = query_grads(task)
     S = slice(12 * 6 + 6, None)  # the last Linear's weight and bias
     G = cv.dense_ggn(cv.FunctionalModel(task.model, torch.float64), task.train_x)[S, S]
-    exact = solver_api.get("exact")(damping=0.01, last_blocks=1).fit(task)
+    exact = registry.get("exact")(damping=0.01, last_blocks=1).fit(task)
     assert exact.info()["attributed_params"] == 6 * 4 + 4 and exact.info()["blocks"] == ["3"]
     want = torch.linalg.solve(G + 0.01 * torch.eye(len(G), dtype=G.dtype), g[:, S].T).T
     torch.testing.assert_close(exact.ihvp(g[:, S]), want, **TIGHT)
-    ident = solver_api.get("identity")(last_blocks=1).fit(task)
+    ident = registry.get("identity")(last_blocks=1).fit(task)
     gt = cv.per_sample_grads(cv.FunctionalModel(task.model), task.train_x, task.train_y, "loss")
     torch.testing.assert_close(ident.scores(qx, qy, task.train_x, task.train_y), -(g[:, S] @ gt[:, S].T).float())
     with pytest.raises(SolverError, match="last_blocks must be a positive integer"):
-        solver_api.get("cg")(last_blocks=0)
+        registry.get("cg")(last_blocks=0)
 
 
 def test_zero_damping_on_a_singular_matrix_is_a_clear_error():
     task, _, _ = problem()
     for name in ("exact", "kfac", "ekfac"):
         with pytest.raises(SolverError, match="singular.*damping > 0"):
-            solver_api.get(name)(damping=0.0).fit(task)
+            registry.get(name)(damping=0.0).fit(task)
     with pytest.raises(SolverError, match="damping must be > 0"):
-        solver_api.get("lissa")(damping=0.0).fit(task)
+        registry.get("lissa")(damping=0.0).fit(task)
     # CG runs until a search direction has zero curvature: shifting every logit by the same amount (the
     # last layer's bias along 1) is invisible to the softmax, so G is singular along that direction.
     fm = cv.FunctionalModel(task.model)
@@ -415,30 +421,30 @@ def test_zero_damping_on_a_singular_matrix_is_a_clear_error():
     v = fm.layout.flatten(null, batch_dims=1)
     assert float(cv.ggn_vector_product(fm, v, task.train_x).norm()) < 1e-12
     with pytest.raises(SolverError, match="singular along a search direction"):
-        solver_api.get("cg")(damping=0.0).fit(task).ihvp(v)
+        registry.get("cg")(damping=0.0).fit(task).ihvp(v)
 
 
 def test_exact_refuses_models_over_its_limit_before_any_work():
     model = nn.Sequential(nn.Flatten(), nn.Linear(2000, 10)).eval()  # 20,010 parameters
     x, y = torch.randn(4, 2000), torch.randint(0, 10, (4,))
     with pytest.raises(SolverError, match="accepts models up to 12,000 parameters; this model has 20,010"):
-        solver_api.get("exact")().fit(Task(model, x, y, num_classes=10))
+        registry.get("exact")().fit(Task(model, x, y, num_classes=10))
 
 
 def test_scores_many_shares_the_train_pass_and_equals_scoring_one_by_one():
     task, x, y = problem("cnn", n=24)
     qx, qy = data(5, (1, 6, 6), seed=7)
-    grid = [solver_api.get("ekfac")(damping=lam).fit(task) for lam in (1e-3, 1e-1, 1.0)]
-    grid.append(solver_api.get("identity")().fit(task))
+    grid = [registry.get("ekfac")(damping=lam).fit(task) for lam in (1e-3, 1e-1, 1.0)]
+    grid.append(registry.get("identity")().fit(task))
     # the loss measurement shares the pass too (its own query gradients, the same train gradients)
     loss_task = Task(task.model, x, y, num_classes=task.num_classes, measurement="loss")
-    grid.append(solver_api.get("ekfac")(damping=1e-1).fit(loss_task))
-    together = solver_api.scores_many(grid, qx, qy, x, y, train_chunk=7)
+    grid.append(registry.get("ekfac")(damping=1e-1).fit(loss_task))
+    together = scores_many(grid, qx, qy, x, y, train_chunk=7)
     for s, got in zip(grid, together):
         torch.testing.assert_close(got, s.scores(qx, qy, x, y), rtol=1e-6, atol=1e-7)
     assert not torch.allclose(together[0], together[2])  # the dampings do differ
     assert not torch.allclose(together[1], together[4])  # and so do the measurements
     # a solver on another model cannot share the pass: it is scored on its own, still correctly
-    other = solver_api.get("identity")().fit(problem("cnn", n=24)[0])
-    mixed = solver_api.scores_many([grid[0], other], qx, qy, x, y)
+    other = registry.get("identity")().fit(problem("cnn", n=24)[0])
+    mixed = scores_many([grid[0], other], qx, qy, x, y)
     torch.testing.assert_close(mixed[1], other.scores(qx, qy, x, y))

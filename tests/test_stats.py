@@ -1,4 +1,7 @@
-"""Rank statistics against scipy, and the noise ceiling against a brute-force loop."""
+"""Rank statistics against scipy, and the noise ceiling against a brute-force loop and a simulation whose
+answer is known."""
+
+import itertools
 
 import numpy as np
 import pytest
@@ -6,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.stats import spearmanr
 
-from benchmark.stats import mean_se, noise_ceiling, spearman_rows
+from benchmark.core.stats import mean_se, noise_ceiling, spearman_rows
 
 
 @pytest.mark.filterwarnings("ignore::scipy.stats.ConstantInputWarning")  # constant rows are part of the test
@@ -27,27 +30,67 @@ def test_spearman_rows_equals_scipy(rows, cols, seed, ties):
             assert got[i] == pytest.approx(expect, abs=1e-12)
 
 
-def test_noise_ceiling_brute_force():
+def _ceiling_by_hand(outputs, target_replicas):
+    """The estimator written out with scipy: per query, every split into two halves of ⌊R/2⌋ replicas, the
+    Spearman correlation of the half-averages stepped up (Spearman-Brown) to the target's replicas, averaged over
+    the splits; the root per query; the mean over queries."""
+    r, _, q = outputs.shape
+    h = r // 2
+    splits = []
+    for a in itertools.combinations(range(r), h):
+        for b in itertools.combinations([i for i in range(r) if i not in a], h):
+            if (b, a) not in splits:
+                splits.append((a, b))
+    k = target_replicas / h
+    per_query = []
+    for j in range(q):
+        rels = []
+        for a, b in splits:
+            rho = spearmanr(outputs[list(a), :, j].mean(0), outputs[list(b), :, j].mean(0)).statistic
+            rels.append(k * rho / (1 + (k - 1) * rho))
+        per_query.append(np.mean(rels))
+    return np.asarray(per_query), len(splits)
+
+
+@pytest.mark.parametrize("replicas", [2, 3, 4])
+@pytest.mark.parametrize("target", [None, 1])
+def test_noise_ceiling_brute_force(replicas, target):
     rng = np.random.default_rng(0)
     signal = rng.normal(size=(1, 40, 7))
-    outputs = signal + 0.8 * rng.normal(size=(4, 40, 7))
-    nc = noise_ceiling(outputs)
+    outputs = signal + 0.8 * rng.normal(size=(replicas, 40, 7))
+    nc = noise_ceiling(outputs, target)
+    rel, n_splits = _ceiling_by_hand(outputs, replicas if target is None else target)
+    assert nc["splits"] == n_splits == {2: 1, 3: 3, 4: 3}[replicas]
+    assert nc["reliability"] == pytest.approx(np.mean(rel))
+    # the ceiling is the root of each query's own reliability, averaged: not the root of the mean reliability
+    assert nc["lds_ceiling"] == pytest.approx(np.mean(np.sqrt(np.clip(rel, 0, None))))
+    assert nc["lds_ceiling"] < np.sqrt(np.mean(rel))
+    assert 0 < nc["lds_ceiling_se"] < 0.2
     pairs = [np.mean([spearmanr(outputs[i, :, q], outputs[j, :, q]).statistic for q in range(7)])
-             for i in range(4) for j in range(i + 1, 4)]
-    per_query = [np.mean([spearmanr(outputs[i, :, q], outputs[j, :, q]).statistic
-                          for i in range(4) for j in range(i + 1, 4)]) for q in range(7)]
+             for i in range(replicas) for j in range(i + 1, replicas)]
     assert nc["pairwise_single_seed"] == pytest.approx(np.mean(pairs))
-    assert nc["pairwise_single_seed_se"] == pytest.approx(np.std(per_query, ddof=1) / np.sqrt(7))
-    half = np.mean([spearmanr(outputs[:2, :, q].mean(0), outputs[2:, :, q].mean(0)).statistic for q in range(7)])
-    assert nc["split_half"] == pytest.approx(half)
-    assert nc["reliability_full"] == pytest.approx(2 * half / (1 + half))
-    # More seeds average out noise: the 2-seed halves agree better than single seeds.
-    assert nc["split_half"] > nc["pairwise_single_seed"]
-    # three replicas: halves of one seed each, stepped up to three seeds (not two)
-    nc3 = noise_ceiling(outputs[:3])
-    one = np.mean([spearmanr(outputs[0, :, q], outputs[1, :, q]).statistic for q in range(7)])
-    assert nc3["split_half"] == pytest.approx(one)
-    assert nc3["reliability_full"] == pytest.approx(3 * one / (1 + 2 * one))
+
+
+def test_noise_ceiling_estimates_the_lds_of_the_true_datamodel():
+    """A simulation whose answer is known: targets are a known additive datamodel plus seed noise whose size
+    differs from query to query. The true datamodel's mean LDS against the R-seed average target is what a
+    perfect attribution reaches; the estimator must land within its standard error of it. The estimator used
+    before (root of the Spearman-Brown step-up of the mean split-half correlation) overstates it."""
+    rng = np.random.default_rng(2026)
+    n, m, q, r = 300, 100, 400, 4
+    masks = np.zeros((m, n), dtype=bool)
+    for j in range(m):
+        masks[j, rng.choice(n, n // 2, replace=False)] = True
+    weights = rng.normal(size=(q, n))
+    signal = masks @ weights.T  # (M, Q): the true datamodel's prediction of every subset's output
+    noise_sd = signal.std(axis=0) * rng.uniform(0.1, 3.0, size=q)  # signal-to-noise varies per query
+    outputs = signal[None] + rng.normal(size=(r, m, q)) * noise_sd
+    truth = spearman_rows(signal.T, outputs.mean(0).T).mean()
+    nc = noise_ceiling(outputs)
+    assert abs(nc["lds_ceiling"] - truth) <= nc["lds_ceiling_se"], (nc["lds_ceiling"], truth, nc["lds_ceiling_se"])
+    half = spearman_rows(outputs[:2].mean(0).T, outputs[2:].mean(0).T).mean()
+    old = np.sqrt(2 * half / (1 + half))
+    assert old - truth > 3 * nc["lds_ceiling_se"]
 
 
 def test_noise_ceiling_needs_two_replicas():

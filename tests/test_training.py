@@ -5,8 +5,8 @@ import dataclasses
 import pytest
 import torch
 
-from benchmark import settings
-from benchmark.training import evaluate, train, train_batched
+from benchmark.setup import settings
+from benchmark.setup.training import evaluate, train, train_batched
 
 
 def _subset(n, size, seed):
@@ -60,7 +60,7 @@ def test_training_learns_and_schedule_reaches_zero():
 
 
 def test_margin_and_loss_measurements():
-    from benchmark.models import loss, margin
+    from benchmark.core.measurements import loss, margin
 
     logits = torch.tensor([[2.0, 0.0, -1.0], [0.0, 3.0, 1.0]])
     y = torch.tensor([0, 2])

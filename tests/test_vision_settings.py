@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from benchmark import settings
-from benchmark.config import DataSpec, TrainRecipe
-from benchmark.data import DataError
-from benchmark.plugins import REPO_ROOT, load_plugin_file
+from benchmark.setup import settings
+from benchmark.setup.config import DataSpec, TrainRecipe
+from benchmark.setup.data import DataError
+from benchmark.setup.plugins import REPO_ROOT, load_plugin_file
 
 LARGE = ("flowers102-resnet50", "food101-vitb16")
 REDUCED = ("fmnist-resnet", "mnist-vit")
@@ -49,8 +49,8 @@ def test_settings_register_and_list_without_timm(monkeypatch, capsys):
 timm = pytest.importorskip("timm", reason="the vision extra is not installed (pip install 'tdabench[vision]')")
 hf_datasets = pytest.importorskip("datasets", reason="the vision extra is not installed (pip install 'tdabench[vision]')")
 
-from benchmark import vision  # noqa: E402
-from benchmark.training import evaluate, train  # noqa: E402
+from benchmark.setup import vision  # noqa: E402
+from benchmark.setup.training import evaluate, train  # noqa: E402
 
 RED, BLUE, GREY = (255, 0, 0), (0, 0, 255), (128, 128, 128)
 
@@ -275,15 +275,15 @@ def test_ekfac_on_small_timm_models_matches_the_ggn_trace(arch, options, held_co
     compute independently from explicit per-example Jacobians of the logits."""
     from torch.func import functional_call, jacrev, vmap
 
-    from benchmark import curvature as cv
-    from benchmark import solver_api
+    from benchmark import core as cv
+    from benchmark.evaluate import Task, registry
 
     torch.manual_seed(0)
     model = vision.TimmModel(arch, 3, options=options)().double().eval()
     x = torch.randn(6, 3, 8, 8, dtype=torch.float64)
     y = torch.randint(0, 3, (6,))
-    task = solver_api.Task(model, x, y, num_classes=3)
-    s = solver_api.get("ekfac")(damping=0.1, pseudo_labels="all").fit(task)
+    task = Task(model, x, y, num_classes=3)
+    s = registry.get("ekfac")(damping=0.1, pseudo_labels="all").fit(task)
     info = s.info()
     assert held_constant in info["excluded"] and 0 < info["attributed_params"] < info["total_params"]
     if arch.startswith("vit"):
@@ -305,21 +305,23 @@ def test_ekfac_on_small_timm_models_matches_the_ggn_trace(arch, options, held_co
 
     scores = s.scores(x[:2], y[:2], x, y)
     assert scores.shape == (2, 6) and torch.isfinite(scores).all()
-    last = solver_api.get("ekfac")(damping=0.1, last_blocks=1).fit(task).info()
+    last = registry.get("ekfac")(damping=0.1, last_blocks=1).fit(task).info()
     assert last["attributed_params"] < info["attributed_params"] and last["blocks"] == [last["blocks"][0]]
 
 
 def test_leaderboard_lists_the_large_rows_as_not_yet_run(tmp_path, monkeypatch):
     """Table 1's large rows appear even where their data, weights and ground truth are absent: "not yet run",
     with where to go, and no numbers."""
-    from benchmark import leaderboard
+    from benchmark.evaluate import campaign, registry
+    from benchmark.report import leaderboard
+    from benchmark.setup.store import ResultsStore
 
     monkeypatch.setenv("TDABENCH_DATA", str(tmp_path / "data"))
     monkeypatch.setenv("TDABENCH_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    assert set(LARGE) <= set(leaderboard.leaderboard_settings(tmp_path / "runs"))
-    df, records = leaderboard.collect(list(LARGE), runs_root=tmp_path / "runs", gt_root=tmp_path / "gt",
-                                      mislabel_root=tmp_path / "mislabel")
+    assert set(LARGE) <= {s.name for s in campaign.leaderboard_settings()}
+    df, records = leaderboard.collect(ResultsStore(tmp_path), [settings.get(n) for n in LARGE],
+                                      campaign.leaderboard_methods(registry.available()))
     assert not records and set(df["setting"]) == set(LARGE)
     applicable = df[~df["solver"].isin(["exact", "cg", "lissa"])]
     assert applicable["status"].str.startswith("not yet run (no ground truth; GPU runbook").all()

@@ -28,7 +28,7 @@ def _executor(args):
 
 
 def _cmd_gt(args) -> int:
-    from ..groundtruth import artifact, build
+    from ..groundtruth import artifact, builder
 
     store = resolve.store(args)
     setting = resolve.setting(args.setting)
@@ -45,11 +45,11 @@ def _cmd_gt(args) -> int:
                   f"`{artifact.build_command(man, Path(summary['artifact']), setting)}`", file=sys.stderr)
             return 3 if args.require_complete else 0
         return 0
-    protocol = build.protocol_with(
+    protocol = builder.protocol_with(
         setting.protocols[args.protocol], alpha=args.alpha, subsets=args.subsets, seeds=args.seeds,
         queries=args.queries, validation_queries=args.validation_queries, full_models=args.full_models,
         seed_policy=args.seed_policy, base_seed=args.base_seed)
-    build.build(setting, protocol, store=store, study=study, executor=_executor(args), device=args.device,
+    builder.build(setting, protocol, store=store, study=study, executor=_executor(args), device=args.device,
                 trainer=args.trainer, models_per_job=args.models_per_job, max_units=args.max_units,
                 progress=not args.quiet)
     return 0

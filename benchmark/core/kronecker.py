@@ -20,7 +20,7 @@ from torch.func import vjp, vmap
 
 from .errors import SolverError
 from .params import FunctionalModel, ParamLayout, check_finite, chunks
-from .products import singular_tolerance
+from .products import logit_hessian_factor, singular_tolerance
 
 
 @dataclass(frozen=True)

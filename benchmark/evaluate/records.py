@@ -33,8 +33,8 @@ from ..setup.data import DataError
 from ..setup.store import ResultsStore
 from . import engine, fingerprint
 from .cost import machine_load
-from .engine import BASELINES, LOSS, RANDOM, Baseline, RunError
-from .solver import Solver, SolverError
+from .engine import LOSS, RANDOM, Baseline, RunError
+from .solver import Solver
 
 # Bump when the record's layout changes: every record made before goes stale.
 RUN_FORMAT = 2

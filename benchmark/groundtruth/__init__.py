@@ -9,5 +9,5 @@
 """
 
 from .artifact import GroundTruth, build_command, current, gt_root, latest, load, root_hash, verify, versions
-from .build import Job, build, protocol_with, run_job, train_unit, unit_done
+from .builder import Job, build, protocol_with, run_job, train_unit, unit_done
 from .protocol import OUTPUT_ROWS, all_units, checkpoint_file, query_indices, subset_indices, unit_file

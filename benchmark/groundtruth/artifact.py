@@ -33,7 +33,7 @@ from ..core.stats import noise_ceiling
 from ..setup import settings as settings_mod
 from ..setup.artifacts import (FORMAT_VERSION, MANIFEST, ArtifactError, hardware_key, load_safetensors, read_json,
                                sha256_file)
-from ..setup.config import Protocol, stable_hash, unit_seed
+from ..setup.config import Protocol, unit_seed
 from ..setup.store import ResultsStore
 from . import index
 from .index import root_hash

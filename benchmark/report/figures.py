@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
 from ..evaluate.engine import BASELINES
 from ..studies.gap import grid_rows

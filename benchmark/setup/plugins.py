@@ -48,6 +48,24 @@ def module_name(kind: str, path: Path) -> str:
     return f"{PACKAGE}.{kind}.{folder_key(kind, path.parent)}.{path.stem}"
 
 
+def _stamp(path: Path) -> tuple[int, int]:
+    st = Path(path).stat()
+    return st.st_mtime_ns, st.st_size
+
+
+class _PluginLoader(importlib.machinery.SourceFileLoader):
+    """Executes a plugin file and remembers which version of the file it ran (to reload it when it changes)."""
+
+    def exec_module(self, module):
+        module.__tdabench_stamp__ = _stamp(self.path)
+        super().exec_module(module)
+
+
+def _spec(name: str, path: Path):
+    path = Path(path).resolve()
+    return importlib.util.spec_from_file_location(name, path, loader=_PluginLoader(name, str(path)))
+
+
 class _Namespace(importlib.abc.Loader):
     """Loader of the empty packages above the plugin modules."""
 
@@ -74,7 +92,7 @@ class PluginFinder(importlib.abc.MetaPathFinder):
             return None
         for folder in plugin_dirs(kind):
             if folder_key(kind, folder) == key and (folder / f"{stem}.py").is_file():
-                return importlib.util.spec_from_file_location(fullname, folder / f"{stem}.py")
+                return _spec(fullname, folder / f"{stem}.py")
         return None
 
 
@@ -84,12 +102,13 @@ def install_finder() -> None:
 
 
 def load_plugin_file(path: Path, kind: str) -> ModuleType:
-    """Import one plugin file under its stable name (once per process)."""
+    """Import one plugin file under its stable name: once per process, again when the file has changed since."""
     install_finder()
     name = module_name(kind, path)
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, Path(path).resolve())
+    cached = sys.modules.get(name)
+    if cached is not None and getattr(cached, "__tdabench_stamp__", None) == _stamp(path):
+        return cached
+    spec = _spec(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     try:
@@ -102,7 +121,7 @@ def load_plugin_file(path: Path, kind: str) -> ModuleType:
 
 def load_plugins(kind: str) -> list[ModuleType]:
     """Every plugin file of ``kind`` that imports; the ones that do not are recorded in :func:`broken`."""
-    modules = []
+    modules, trouble = [], {}
     for d in plugin_dirs(kind):
         if not d.is_dir():
             continue
@@ -113,9 +132,8 @@ def load_plugins(kind: str) -> list[ModuleType]:
                 modules.append(load_plugin_file(path, kind))
             except ImportError as exc:
                 cause = exc.__cause__ or exc
-                _BROKEN[kind][str(path)] = f"{type(cause).__name__}: {cause}"
-            else:
-                _BROKEN[kind].pop(str(path), None)
+                trouble[str(path)] = f"{type(cause).__name__}: {cause}"
+    _BROKEN[kind] = trouble
     return modules
 
 

@@ -29,7 +29,8 @@ def describe_os_error(exc: OSError, path: Path | str | None = None) -> str:
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return (f"cannot write {where} ({exc.strerror}); make it writable, or write results elsewhere with "
                 f"--results DIR or ${RESULTS_ENV}")
-    return f"cannot write {where}: {exc.strerror or exc}"
+    return (f"cannot write {where}: {exc.strerror or exc}; fix the path, or write results elsewhere with --results DIR "
+            f"or ${RESULTS_ENV}")
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,6 @@ import datetime as _dt
 import math
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from ..evaluate import engine, records
 from ..groundtruth import artifact as gt_artifact

@@ -89,7 +89,7 @@ class Job:
 def train_unit(setting: settings_mod.Setting, protocol: Protocol, unit: Unit, device: torch.device) -> tuple:
     """Train one unit from its seed and subset: ``(model, outputs (3, Q+V), full test accuracy or None, seconds)``.
     What :func:`run_job` writes, and what ``--reproduce`` compares a committed unit with."""
-    from ..setup.training import evaluate, train
+    from ..setup.training import train
 
     data = setting.data()
     q, v = query_indices(protocol, len(data.test_y))

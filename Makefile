@@ -108,13 +108,13 @@ gt-studies-mnist: venv
 	@for e in $(STUDY_EPOCHS); do $(TDABENCH) gt "mnist-cnn@epochs=$$e" $(STUDY_ARGS) || exit 1; done
 
 bench-train: venv
-	$(PY) -m benchmark.bench_train
+	$(PY) -m benchmarks.bench_train
 
 ihvp-error: venv
 	$(TDABENCH) ihvp-error
 
 bench-solvers: venv
-	$(PY) -m benchmark.bench_solvers
+	$(PY) -m benchmarks.bench_solvers
 
 # On a GPU machine: ground truth + EK-FAC for the timm settings, within BUDGET_S seconds, resumable
 # (docs/large-settings.md). e.g. make gpu-runbook BUDGET_S=3600 RUNBOOK_SETTINGS="fmnist-resnet mnist-vit"

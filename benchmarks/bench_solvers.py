@@ -1,6 +1,6 @@
 """Solver cost on this machine: fit time, score time for Q × N pairwise scores, and peak memory.
 
-    python -m benchmark.studies.bench_solvers [--setting mnist-cnn] [--queries 2000] [--solver NAME ...]
+    python -m benchmarks.bench_solvers [--setting mnist-cnn] [--queries 2000] [--solver NAME ...]
 
 Each solver runs in its own process (so its peak resident memory is its own): it fits on the whole training
 set — a real, full-size fit — then times the three parts of ``scores`` on a measured chunk and extrapolates
@@ -26,12 +26,12 @@ import time
 
 import torch
 
-from .. import core as curvature
-from ..evaluate import registry, solver as solver_api
-from ..groundtruth import artifact as gt_artifact
-from ..setup import settings
-from ..setup.artifacts import ArtifactError
-from ..setup.store import ResultsStore
+from benchmark import core as curvature
+from benchmark.evaluate import registry, solver as solver_api
+from benchmark.groundtruth import artifact as gt_artifact
+from benchmark.setup import settings
+from benchmark.setup.artifacts import ArtifactError
+from benchmark.setup.store import ResultsStore
 
 # Iterative solvers are timed with a few iterations on a few queries and scaled to their configured count;
 # CG's iterations each sweep the whole training set, so they are timed on a subset and scaled by N too.
@@ -60,7 +60,7 @@ def _model(setting, log):
         return gt.full_model(0), f"ground-truth full-data model 0 ({gt.root.name})"
     except ArtifactError as exc:
         log(f"no ground-truth model ({str(exc).split(';')[0]}); training one epoch instead")
-    from ..setup.training import train
+    from benchmark.setup.training import train
     import dataclasses
 
     d = setting.data()
@@ -154,7 +154,7 @@ def main(argv=None) -> int:
     names = args.solver or list(registry.available())
     rows = []
     for name in names:
-        cmd = [sys.executable, "-m", "benchmark.studies.bench_solvers", "--one", name, "--setting", args.setting,
+        cmd = [sys.executable, "-m", "benchmarks.bench_solvers", "--one", name, "--setting", args.setting,
                "--queries", str(args.queries), "--chunk-queries", str(args.chunk_queries),
                "--chunk-train", str(args.chunk_train)] + (["--threads", str(args.threads)] if args.threads else [])
         t0 = time.perf_counter()

@@ -1,6 +1,6 @@
 """Training throughput on this machine: plain loop vs vmap-batched, and ground-truth models per minute.
 
-    python -m benchmark.studies.bench_train [--setting mnist-cnn] [--models 4] [--epochs 1]
+    python -m benchmarks.bench_train [--setting mnist-cnn] [--models 4] [--epochs 1]
 
 Trains the same ``--models`` α-subset models three ways, side by side in one run:
   loop        one after another in this process (all torch threads)
@@ -18,11 +18,11 @@ import time
 
 import torch
 
-from ..groundtruth import protocol as groundtruth
-from ..groundtruth.executors import LocalExecutor, cpu_count
-from ..setup import settings
-from ..setup.config import Protocol, Unit, unit_seed
-from ..setup.training import default_device, train, train_batched
+from benchmark.groundtruth import protocol as groundtruth
+from benchmark.groundtruth.executors import LocalExecutor, cpu_count
+from benchmark.setup import settings
+from benchmark.setup.config import Protocol, Unit, unit_seed
+from benchmark.setup.training import default_device, train, train_batched
 
 
 def _loop(setting, recipe, x, y, seeds, idxs):

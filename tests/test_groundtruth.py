@@ -360,3 +360,15 @@ def test_a_settings_trainer_choice_replaces_calibration(tmp_path, monkeypatch):
     assert json.loads((root / MANIFEST).read_text())["environment"]["trainer"] == "loop"
     with pytest.raises(ValueError, match="trainer must be None, 'loop' or 'vmap'"):
         dataclasses.replace(base, trainer="fast")
+
+
+def test_ctrl_c_is_one_line_that_says_how_to_resume(tmp_path, monkeypatch, capsys):
+    from benchmark import cli
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(B, "build", interrupted)
+    assert cli.main(["--results", str(tmp_path), "gt", SETTING, "--quiet"]) == 130
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "run the same command again to resume" in err and f"gt {SETTING}" in err

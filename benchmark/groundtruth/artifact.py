@@ -32,7 +32,7 @@ import torch
 from ..core.stats import noise_ceiling
 from ..setup import settings as settings_mod
 from ..setup.artifacts import (FORMAT_VERSION, MANIFEST, ArtifactError, hardware_key, load_safetensors, read_json,
-                               sha256_file)
+                               sha256_file, version_folders)
 from ..setup.config import Protocol, unit_seed
 from ..setup.store import ResultsStore
 from . import index
@@ -49,11 +49,7 @@ def gt_root(store: ResultsStore, study: bool = False) -> Path:
 
 
 def versions(root: Path, setting_name: str) -> list[Path]:
-    d = Path(root) / setting_name
-    if not d.is_dir():
-        return []
-    found = [p for p in d.iterdir() if p.is_dir() and p.name.startswith("v") and p.name[1:].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[1:]))
+    return version_folders(Path(root) / setting_name)
 
 
 def protocol_of(manifest: dict) -> Protocol:

@@ -31,7 +31,7 @@ import torch
 from ..setup import settings as settings_mod
 from ..setup.artifacts import (FORMAT_VERSION, MANIFEST, ArtifactError, ArtifactLock, code_version, environment,
                                file_hashes, load_safetensors, read_json, remove_stale_temporaries, save_npy,
-                               save_safetensors, verify_files, write_json)
+                               save_safetensors, verify_files, version_folders, write_json)
 from ..setup.config import TRAINING_CODE_VERSION, stable_hash
 from ..setup.data import corrupt_labels
 from ..setup.store import ResultsStore
@@ -81,11 +81,7 @@ def checkpoint_name(k: int) -> str:
 
 
 def versions(store: ResultsStore, setting: settings_mod.Setting) -> list[Path]:
-    d = store.mislabel / setting.name
-    if not d.is_dir():
-        return []
-    found = [p for p in d.iterdir() if p.is_dir() and p.name.startswith("v") and p.name[1:].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[1:]))
+    return version_folders(store.mislabel / setting.name)
 
 
 def find(store: ResultsStore, setting: settings_mod.Setting, spec: Spec | None = None) -> Path | None:

@@ -35,7 +35,7 @@ import torch
 from ..setup import settings as settings_mod
 from ..setup.artifacts import (FORMAT_VERSION, MANIFEST, ArtifactError, ArtifactLock, code_version, environment,
                                file_hashes, hardware, load_safetensors, read_json, remove_stale_temporaries, save_npz,
-                               save_safetensors, verify_files, write_json)
+                               save_safetensors, verify_files, version_folders, write_json)
 from ..setup.config import Protocol, stable_hash, unit_seed
 from ..setup.store import ResultsStore
 from . import index
@@ -140,11 +140,7 @@ def run_zoo_job(job: ZooJob) -> list[dict]:
 # ---------------------------------------------------------------- the artifact
 
 def versions(store: ResultsStore, setting: settings_mod.Setting) -> list[Path]:
-    d = store.models / setting.name
-    if not d.is_dir():
-        return []
-    found = [p for p in d.iterdir() if p.is_dir() and p.name.startswith("v") and p.name[1:].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[1:]))
+    return version_folders(store.models / setting.name)
 
 
 def _model_done(root: Path, k: int, epochs: int) -> bool:

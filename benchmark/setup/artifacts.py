@@ -95,6 +95,15 @@ def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
+def version_folders(folder: Path) -> list[Path]:
+    """The ``v1``, ``v2``, … folders of an artifact family, in version order."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if p.is_dir() and p.name.startswith("v") and p.name[1:].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[1:]))
+
+
 def file_hashes(root: Path, names) -> dict[str, str]:
     return {n: sha256_file(root / n) for n in sorted(names)}
 

@@ -10,7 +10,7 @@ STAMP      := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
 TDABENCH   := $(PY) -m benchmark
 
 .PHONY: venv data test test-fast lds-mnist lds-fmnist table1 gt-mnist gt-fmnist gt-small gt-verify zoo clean-venv help
-.PHONY: leaderboard mislabel-mnist figures-mnist gap-mnist gap-fmnist regress ihvp-error gt-studies-mnist
+.PHONY: leaderboard report mislabel-mnist figures-mnist gap-mnist gap-fmnist regress ihvp-error gt-studies-mnist
 .PHONY: bench-train bench-solvers
 
 # Solvers the evaluation targets run (Table 1's method by default): make lds-mnist SOLVERS="ekfac identity"
@@ -29,6 +29,7 @@ help:
 	@echo "make data         fetch and verify MNIST and FashionMNIST"
 	@echo "make leaderboard  rerun missing/stale rows, write results/leaderboard.{csv,md} and figures"
 	@echo "                  (make leaderboard SETTINGS='mnist-lr mnist-mlp-small' SOLVERS=mysolver: only those rows)"
+	@echo "make report       the results site results/report/index.html from the committed results (seconds)"
 	@echo "make gt-mnist     build/resume/repair the mnist-cnn ground truth (hours on CPU; resumable)"
 	@echo "make gt-verify    verify every committed ground-truth artifact (checksums, pinned root hash, consistency)"
 	@echo "make zoo          the explained-model zoo: full-data models by seed with per-epoch checkpoints"
@@ -86,6 +87,10 @@ gap-fmnist: venv
 
 leaderboard: venv
 	$(TDABENCH) leaderboard $(LB_ARGS)
+
+# `make leaderboard` rebuilds it too; this only redraws it from what is committed
+report: venv
+	$(TDABENCH) report
 
 regress: venv
 	$(TDABENCH) regress

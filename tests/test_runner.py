@@ -299,6 +299,9 @@ def test_rerunning_some_rows_keeps_the_others(tmp_path, store, monkeypatch):
     rows = table[table.setting == SETTING].set_index("solver")
     assert rows.loc["solver-a", "status"] == "ok" and rows.loc["solver-b", "status"] == "ok"
     assert read_json(records.run_path(store, SETTING, "solver-a"))["created"] == a_created  # not rerun
+    # the report is rebuilt with the tables: it shows both rows
+    page = (store.report / "index.html").read_text()
+    assert "<b>solver-a</b>" in page and "<b>solver-b</b>" in page
 
 
 def test_table1_recomputes_and_compares_with_the_committed_record(toy, store):

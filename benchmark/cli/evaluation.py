@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import resolve
+from . import report, resolve
 
 
 def _cmd_run(args) -> int:
@@ -81,6 +81,7 @@ def _cmd_leaderboard(args) -> int:
     if not args.no_figures:
         for p in figures.leaderboard(df, found, store.figures):
             print(f"wrote {p}")
+    report.write_report(store)  # the report says what the tables say, always
     return 0
 
 
@@ -126,7 +127,8 @@ def add_commands(sub) -> None:
     s.add_argument("--solver", action="append", help="default: ekfac")
     s.set_defaults(func=_cmd_table1)
 
-    s = sub.add_parser("leaderboard", help="rerun what is missing or stale, write results/leaderboard.{csv,md} and figures")
+    s = sub.add_parser("leaderboard", help="rerun what is missing or stale, write results/leaderboard.{csv,md}, "
+                                          "figures and the report (results/report/)")
     s.add_argument("--setting", action="append", help="rerun only these settings (the tables keep every row)")
     s.add_argument("--solver", action="append", help="rerun only these solvers (the tables keep every row)")
     s.add_argument("--no-rerun", action="store_true", help="only rewrite the tables from the existing records")

@@ -32,19 +32,36 @@ def _plt():
     return plt
 
 
-def _label(data, y: int) -> str:
+def label_name(data, y: int) -> str:
+    """A class's name (its index where the names are only digits)."""
     names = data.class_names
     return names[y] if names and len(names) > y and not names[y].isdigit() else str(y)
 
 
-def _show(ax, img: torch.Tensor, caption: str, color: str | None = None, title: str | None = None):
+def image_array(img: torch.Tensor) -> np.ndarray:
+    """A normalised image tensor as something to look at: (H, W) grey or (H, W, 3) colour, in [0, 1] (the
+    dataset's normalisation undone per image, as a grey imshow would scale it)."""
     arr = img.detach().cpu().float()
-    if arr.dim() == 3 and arr.shape[0] == 3:  # colour: channels last, normalisation undone per image
-        arr = arr.permute(1, 2, 0)
-        arr = (arr - arr.min()) / (arr.max() - arr.min() + 1e-12)
-        ax.imshow(arr.numpy(), interpolation="nearest")
-    else:
-        ax.imshow(arr.squeeze().numpy(), cmap="gray", interpolation="nearest")
+    arr = arr.permute(1, 2, 0) if arr.dim() == 3 and arr.shape[0] == 3 else arr.squeeze()
+    return ((arr - arr.min()) / (arr.max() - arr.min() + 1e-12)).numpy()
+
+
+def thumbnail(img: torch.Tensor, out: Path, max_px: int = 96) -> Path:
+    """``img`` as a PNG file at most ``max_px`` on a side (MNIST's 28 px stay as they are; the page scales them)."""
+    from PIL import Image
+
+    pic = Image.fromarray(np.round(image_array(img) * 255).astype(np.uint8))
+    if max(pic.size) > max_px:
+        pic.thumbnail((max_px, max_px), Image.LANCZOS)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    pic.save(out, optimize=True)
+    return out
+
+
+def _show(ax, img: torch.Tensor, caption: str, color: str | None = None, title: str | None = None):
+    arr = image_array(img)
+    ax.imshow(arr, cmap=None if arr.ndim == 3 else "gray", vmin=0, vmax=1, interpolation="nearest")
     ax.set_xticks([])
     ax.set_yticks([])
     if color:
@@ -65,12 +82,7 @@ def leaderboard(df: pd.DataFrame, records: dict, out_dir: Path, log=print) -> li
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    # One colour per solver across both figures.
-    names = sorted(set(df["solver"]) - set(BASELINES))
-    cb = sns.color_palette("colorblind", 10)
-    order = [0, 1, 2, 4, 9, 5, 3, 8, 6, 7]  # colorblind-safe; similar hues (orange/vermillion, pinks) kept apart
-    palette = {n: cb[order[i % len(order)]] for i, n in enumerate(names)}
-    palette.update({"baseline-random": (0.6, 0.6, 0.6), "baseline-loss": (0.1, 0.1, 0.1)})
+    palette = solver_palette(df["solver"])
 
     lds = df[df["lds"].notna()]
     if len(lds):
@@ -112,25 +124,7 @@ def leaderboard(df: pd.DataFrame, records: dict, out_dir: Path, log=print) -> li
         settings = list(dict.fromkeys(k[0] for k, _ in mis))
         fig, axes = plt.subplots(1, len(settings), figsize=(5.2 * len(settings), 4.2), squeeze=False, sharey=True)
         for ax, setting in zip(axes[0], settings):
-            items = [(k[1], m) for k, m in mis if k[0] == setting]
-            for solver, m in items:
-                f = np.asarray(m["recall_curve"]["fractions"])
-                r = np.asarray(m["recall_curve"]["recall"])
-                keep = f <= 0.5 + 1e-9
-                style = {"baseline-random": dict(color="grey", ls=":", label="random order"),
-                         "baseline-loss": dict(color="black", ls="--", label="training loss")}.get(
-                    solver, dict(color=palette.get(solver), ls="-", label=f"{solver} self-influence"))
-                ax.plot(100 * f[keep], r[keep], lw=1.8, **style)
-                ax.plot([10, 20, 30, 40, 50], [m[k] for k in RECALL_KEYS], "o", ms=4, color=style["color"])
-            spec = items[0][1]["artifact"]["spec"]
-            p = spec["fraction"]
-            ax.plot([0, 100 * p, 50], [0, 1, 1], color="lightgrey", lw=1, zorder=0, label="perfect ranking")
-            ax.set_title(f"{setting}: {p:.0%} labels flipped")
-            ax.set_xlabel("training data inspected (%)")
-            ax.set_xlim(0, 50)
-            ax.set_ylim(0, 1.02)
-            ax.legend(loc="lower right", fontsize=8)
-        axes[0][0].set_ylabel("flipped labels found (recall)")
+            _recall_panel(ax, setting, [(k[1], m) for k, m in mis if k[0] == setting], palette)
         fig.tight_layout()
         path = out_dir / "mislabel_recall.png"
         fig.savefig(path, dpi=130)
@@ -139,6 +133,94 @@ def leaderboard(df: pd.DataFrame, records: dict, out_dir: Path, log=print) -> li
     else:
         log("no mislabel figure: no run has mislabel results yet")
     return written
+
+
+def solver_palette(names) -> dict:
+    """One colour per solver, the same in every figure drawn from the same leaderboard."""
+    import seaborn as sns
+
+    names = sorted(set(names) - set(BASELINES))
+    cb = sns.color_palette("colorblind", 10)
+    order = [0, 1, 2, 4, 9, 5, 3, 8, 6, 7]  # colorblind-safe; similar hues (orange/vermillion, pinks) kept apart
+    palette = {n: cb[order[i % len(order)]] for i, n in enumerate(names)}
+    palette.update({"baseline-random": (0.6, 0.6, 0.6), "baseline-loss": (0.1, 0.1, 0.1)})
+    return palette
+
+
+def _recall_panel(ax, setting: str, items: list, palette: dict) -> None:
+    """Recall against the share of training data inspected, for ``items`` = [(solver, mislabel section)]."""
+    for solver, m in items:
+        f = np.asarray(m["recall_curve"]["fractions"])
+        r = np.asarray(m["recall_curve"]["recall"])
+        keep = f <= 0.5 + 1e-9
+        style = {"baseline-random": dict(color="grey", ls=":", label="random order"),
+                 "baseline-loss": dict(color="black", ls="--", label="training loss")}.get(
+            solver, dict(color=palette.get(solver), ls="-", label=f"{solver} self-influence"))
+        ax.plot(100 * f[keep], r[keep], lw=1.8, **style)
+        ax.plot([10, 20, 30, 40, 50], [m[k] for k in RECALL_KEYS], "o", ms=4, color=style["color"])
+    p = items[0][1]["artifact"]["spec"]["fraction"]
+    ax.plot([0, 100 * p, 50], [0, 1, 1], color="lightgrey", lw=1, zorder=0, label="perfect ranking")
+    ax.set_title(f"{setting}: {p:.0%} labels flipped")
+    ax.set_xlabel("training data inspected (%)")
+    ax.set_ylabel("flipped labels found (recall)")
+    ax.set_xlim(0, 50)
+    ax.set_ylim(0, 1.02)
+    ax.legend(loc="lower right", fontsize=8)
+
+
+def mislabel_recall(setting: str, items: list, palette: dict, out: Path) -> Path:
+    """One setting's mislabel recall curves (``items`` = [(solver, the record's mislabel section)])."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.6, 4.0))
+    _recall_panel(ax, setting, items, palette)
+    return _save(fig, out, 110)
+
+
+def lds_vs_cost(part: pd.DataFrame, palette: dict, out: Path) -> Path:
+    """One setting's leaderboard rows as LDS (95% CI) against cost (fit + score seconds, log scale), with the noise
+    ceiling and the paper's value: the trade-off a user chooses on. Rows without a cost (the random baseline) are
+    drawn as horizontal lines."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.0, 3.7))
+    rows = part[part["lds"].notna()]
+    for _, r in rows.iterrows():
+        colour = palette.get(r["solver"], "grey")
+        stale = "STALE" in (r["status"] or "")
+        label = r["solver"] + (" (stale)" if stale else "")
+        if pd.isna(r["fit_s"]) or pd.isna(r["score_s"]):
+            ax.axhline(r["lds"], color=colour, ls=":", lw=1.2, label=label)
+            continue
+        cost = r["fit_s"] + r["score_s"]
+        ax.errorbar([cost], [r["lds"]], yerr=[[r["lds"] - r["lds_ci_low"]], [r["lds_ci_high"] - r["lds"]]], fmt="o",
+                    ms=7, capsize=3, color=colour, mfc="white" if stale else colour, label=label)
+        ax.annotate(label, (cost, r["lds"]), xytext=(6, 4), textcoords="offset points", fontsize=8)
+    ceiling, paper = part["lds_ceiling"].dropna(), part["paper_lds"].dropna()
+    if len(ceiling):
+        ax.axhline(ceiling.iloc[0], color="grey", ls="--", lw=1.3, label=f"noise ceiling {ceiling.iloc[0]:.2f}")
+    if len(paper):
+        ax.axhline(paper.iloc[0], color="crimson", ls="-.", lw=1.3, label=f"paper {paper.iloc[0]:.2f}")
+    ax.set_xscale("log")
+    from matplotlib.ticker import LogFormatter
+
+    ax.xaxis.set_major_formatter(LogFormatter(labelOnlyBase=False))  # 200, not 2×10²
+    ax.xaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False))  # labels minor ticks only on a short range
+    ax.tick_params(axis="x", which="minor", labelsize=7)
+    ax.set_xlabel("cost: fit + score seconds (log scale)")
+    ax.set_ylabel("LDS (95% CI)")
+    ax.set_title(part["setting"].iloc[0], fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.margins(x=0.12)  # room for the names beside the points
+    ax.legend(fontsize=7, loc="best")
+    return _save(fig, out, 110)
+
+
+def _save(fig, out: Path, dpi: int) -> Path:
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(out, dpi=dpi)
+    _plt().close(fig)
+    return out
 
 
 def gap_study(rec: dict, out: Path, paper_lds: float | None = None) -> Path:
@@ -211,7 +293,8 @@ def ihvp_error(df, lissa, path: Path) -> Path:
         ax.set(xscale="log", yscale="log", xlabel="LiSSA depth J", ylabel="relative error (bound clipped to [1e-9, 1e4])",
                ylim=(1e-9, 2e4),
                title=f"{name}: LiSSA error vs depth (batch {int(ls['batch_size'].iloc[0]) if len(ls) else '?'})")
-        ax.legend(fontsize=7, ncol=2)
+        if len(ls):  # a study without LiSSA rows leaves this panel empty
+            ax.legend(fontsize=7, ncol=2)
         ax = axes[i, 3]
         for label in [x for x in labels if x.startswith(("ekfac", "kfac"))]:
             s = d[d["solver"] == label]
@@ -219,7 +302,8 @@ def ihvp_error(df, lissa, path: Path) -> Path:
             ax.plot(s["damping"], s["bound_rel"], marker="x", ls="--", color=palette[label], label=f"{label} §6.2 bound")
         ax.set(xscale="log", yscale="log", xlabel="damping λ", ylabel="relative error",
                title=f"{name}: K-FAC / EK-FAC beside the §6.2 bound\n(sorted spectra; it assumes shared eigenvectors)")
-        ax.legend(fontsize=7)
+        if ax.lines:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -237,13 +321,13 @@ def influence_grid(data, items: list[dict], out: Path, title_extra: str = "") ->
     fig, axes = plt.subplots(len(rows), cols, figsize=(1.35 * cols + 0.6, 2.4 * len(rows) + 0.5), squeeze=False)
     for r, (q, item) in enumerate(rows):
         params = "\n".join(fmt_params({k: v}) for k, v in item["params"].items() if v is not None)
-        _show(axes[r][0], data.test_x[q["index"]], f"test #{q['index']}, label {_label(data, q['label'])}\n"
+        _show(axes[r][0], data.test_x[q["index"]], f"test #{q['index']}, label {label_name(data, q['label'])}\n"
               f"{item['solver']}" + (f"\n{params}" if params else ""), title="query" if r == 0 else None)
         for j, p in enumerate(q["positive"]):
-            _show(axes[r][1 + j], data.train_x[p["index"]], f"#{p['index']} y={_label(data, p['label'])}\n"
+            _show(axes[r][1 + j], data.train_x[p["index"]], f"#{p['index']} y={label_name(data, p['label'])}\n"
                   f"τ={p['score']:+.3g}", POSITIVE, "most helpful" if (r == 0 and j == 0) else None)
         for j, p in enumerate(q["negative"]):
-            _show(axes[r][1 + top + j], data.train_x[p["index"]], f"#{p['index']} y={_label(data, p['label'])}\n"
+            _show(axes[r][1 + top + j], data.train_x[p["index"]], f"#{p['index']} y={label_name(data, p['label'])}\n"
                   f"τ={p['score']:+.3g}", NEGATIVE, "most harmful" if (r == 0 and j == 0) else None)
     sources = sorted({i["params_source"] for i in items})
     title = (f"{items[0]['setting']}: most positively (green) and negatively (red) influential training images "
@@ -270,8 +354,8 @@ def self_influence_top(data, item: dict, out: Path) -> Path:
     for k, p in enumerate(top):
         ax = axes[k // ncols][k % ncols]
         ax.axis("on")
-        _show(ax, data.train_x[p["index"]], f"#{p['rank']}: idx {p['index']}\nlabel {_label(data, p['label'])}, "
-              f"model says {_label(data, p['predicted'])}", NEGATIVE if p["predicted"] != p["label"] else None)
+        _show(ax, data.train_x[p["index"]], f"#{p['rank']}: idx {p['index']}\nlabel {label_name(data, p['label'])}, "
+              f"model says {label_name(data, p['predicted'])}", NEGATIVE if p["predicted"] != p["label"] else None)
     fig.suptitle(f"{item['setting']}: top-{len(top)} self-influence training images ({item['solver']}, "
                  f"{fmt_params(item['params'])}; {item['params_source']})\nred frame: the explained model disagrees "
                  f"with the label", fontsize=8)

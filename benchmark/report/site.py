@@ -1,0 +1,506 @@
+"""Floor 6: the report — a static site under ``<store>/report/`` that opens from disk, without a server or a network.
+
+- ``index.html``: per setting, the leaderboard as a table sortable by any column (stale and not-yet-run rows marked
+  with the reason) beside LDS against cost, with the noise ceiling and the paper's value;
+- ``<setting>.html``: the ground truth (protocol, version, pinned root hash, noise ceiling), Table 1 beside the
+  paper, the gap study, the mislabel recall curves, the IHVP error where it was measured, and a gallery: for each
+  query of the qualitative study, the training images each solver blames most, side by side (the paper's Fig. 1);
+- ``img/``: the figures and thumbnails the pages show.
+
+Everything is read from the results on disk — the leaderboard table :func:`leaderboard.write` wrote (so the report
+says what ``leaderboard.md`` says), the run records, ground-truth manifests, ``index.json``, the gap and IHVP-error
+studies, the qualitative study — and the settings' data (the thumbnails); nothing is computed. Plain HTML with
+inline CSS and an inline script that sorts the tables; no external script, font or stylesheet. The folder is
+written beside the old one and swapped in whole.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+import shutil
+from pathlib import Path
+
+import pandas as pd
+
+from ..evaluate.engine import BASELINES
+from ..groundtruth import artifact as gt_artifact
+from ..groundtruth import index
+from ..setup import settings as settings_mod
+from ..setup.artifacts import MANIFEST, read_json, temp_dir_beside
+from ..setup.data import DataError
+from ..setup.store import ResultsStore
+from ..studies import gap, ihvp_error, qualitative, table1
+from . import browser, figures, tables
+from .leaderboard import NOTES, RECALL_KEYS, fmt_num, fmt_params, fmt_pm, fmt_text
+
+CSS = """
+body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,"Helvetica Neue",Arial,sans-serif;margin:0 auto;
+  max-width:1720px;padding:0 1.2rem 3rem;color:#1b1f24;line-height:1.4;font-size:15px}
+h1{font-size:1.6rem;margin:1.2rem 0 .3rem}h2{font-size:1.25rem;margin:2rem 0 .4rem;border-bottom:1px solid #d0d7de}
+h3{font-size:1.05rem;margin:1.4rem 0 .3rem}a{color:#0550ae}code{font-size:.9em;background:#f3f4f6;padding:0 .2em}
+.lead{color:#444;max-width:75rem}.muted{color:#666;font-size:.88em}
+nav.settings{display:flex;flex-wrap:wrap;gap:.4rem .9rem;margin:.6rem 0}
+nav.settings a{border:1px solid #d0d7de;border-radius:6px;padding:.2rem .6rem;text-decoration:none}
+nav.settings a.pending{color:#888;border-style:dashed}
+.wrap{overflow-x:auto}.pair{display:flex;flex-wrap:wrap;gap:1rem;align-items:flex-start}
+.pair>figure{flex:0 0 auto;margin:0}.pair>div{flex:1 1 760px;max-width:900px}
+table{border-collapse:collapse;font-size:.84rem;margin:.4rem 0}
+th,td{border:1px solid #d0d7de;padding:.2rem .45rem;text-align:left;vertical-align:top}
+th{background:#f6f8fa;white-space:nowrap}td.n{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
+table.sortable th{cursor:pointer;user-select:none}table.sortable th:hover{background:#eaeef2}
+table.sortable th::after{content:" \\2195";color:#aaa;font-size:.8em}
+table.sortable th[aria-sort=ascending]::after{content:" \\25B2";color:#1b1f24}
+table.sortable th[aria-sort=descending]::after{content:" \\25BC";color:#1b1f24}
+tr.stale td,.stale-key{background:#fff5d6}tr.pending td{color:#777;background:#fafafa}tr.pending td.st{font-style:italic}
+td.st{min-width:9rem;max-width:16rem;font-size:.85em}td.dev{white-space:nowrap}td.params{font-size:.85em;color:#444;max-width:18rem}
+dl.facts{display:grid;grid-template-columns:max-content 1fr;gap:.15rem 1rem;margin:.4rem 0}dl.facts dt{font-weight:600}
+dl.facts dd{margin:0}dl.notes dt{font-weight:600;margin-top:.3rem}dl.notes dd{margin:0 0 0 1.2rem;color:#333}
+img.fig{max-width:100%;height:auto;border:1px solid #eee}
+.query{border:1px solid #d0d7de;border-radius:8px;padding:.5rem .7rem;margin:.9rem 0}
+.query>.head{display:flex;gap:.8rem;align-items:center;margin-bottom:.3rem}.query>.head img{margin:0}
+table.gallery td,table.gallery th{border:none;padding:.15rem .25rem;text-align:center;vertical-align:top}
+table.gallery td.who{text-align:left;font-size:.85em;width:11rem;max-width:11rem;overflow-wrap:anywhere}
+table.gallery th.pos{color:#1a7f37}table.gallery th.neg{color:#c62828}table.gallery td.gap{width:.8rem}
+.thumb{margin:0;font-size:.72em;line-height:1.15;white-space:nowrap}
+.thumb img,.head img{image-rendering:pixelated;display:block;margin:0 auto 1px;border:3px solid transparent}
+.thumb.pos img{border-color:#1a7f37}.thumb.neg img{border-color:#c62828}.thumb.off{color:#c62828;font-weight:600}
+.warn{background:#fff5d6;border-left:4px solid #d4a72c;padding:.3rem .6rem}
+"""
+
+# Sorting: numbers are read from the start of a cell ("0.288 ± 0.003" sorts as 0.288, "−0.01" as −0.01); a
+# column where every non-empty cell starts with a number sorts numerically, any other as text; empty cells go
+# last in either direction. Numeric columns sort high-to-low on the first click.
+SORT_JS = r"""
+(function () {
+  var NUM = /^[-+]?(\d+\.?\d*|\.\d+)(e[-+]?\d+)?/i;
+  function key(td) {
+    var t = td.textContent.replace(/\u2212/g, "-").trim();
+    if (t === "") return null;
+    var m = NUM.exec(t);
+    return m ? parseFloat(m[0]) : t.toLowerCase();
+  }
+  function sortBy(th) {
+    var row = th.parentNode, table = row.closest("table"), body = table.tBodies[0], col = th.cellIndex;
+    var rows = Array.prototype.slice.call(body.rows);
+    var keys = rows.map(function (r) { return key(r.cells[col]); });
+    var numeric = keys.every(function (k) { return k === null || typeof k === "number"; });
+    var now = th.getAttribute("aria-sort");
+    var dir = now === "descending" ? "ascending" : now === "ascending" ? "descending"
+            : numeric ? "descending" : "ascending";
+    var sign = dir === "ascending" ? 1 : -1;
+    var order = rows.map(function (r, i) { return i; });
+    order.sort(function (a, b) {
+      var x = keys[a], y = keys[b];
+      if (x === null || y === null) return (x === null) - (y === null) || a - b;
+      if (!numeric) { x = String(x); y = String(y); }
+      return (x < y ? -1 : x > y ? 1 : 0) * sign || a - b;
+    });
+    Array.prototype.forEach.call(row.cells, function (c) { c.removeAttribute("aria-sort"); });
+    th.setAttribute("aria-sort", dir);
+    order.forEach(function (i) { body.appendChild(rows[i]); });
+  }
+  document.querySelectorAll("table.sortable th").forEach(function (th) {
+    th.tabIndex = 0;
+    th.title = "sort by this column";
+    th.addEventListener("click", function () { sortBy(th); });
+    th.addEventListener("keydown", function (e) { if (e.key === "Enter") sortBy(th); });
+  });
+})();
+"""
+
+# The ceiling is the setting's (in the line above the table); intervals and hyper-parameters are in Table 1 on the
+# setting's page: the table stays narrow enough to read beside its figure.
+LEADERBOARD_HEAD = ("solver", "status", "LDS ± se", "of ceiling", "recall@10%", "@20%", "@30%", "@40%", "@50%", "AUC",
+                    "fit s", "score s", "self s", "peak MB", "device")
+
+
+def e(value) -> str:
+    return html.escape(fmt_text(value))
+
+
+def _md(text: str) -> str:
+    """The little Markdown the shared notes and the gap table use (**bold**, `code`) as HTML."""
+    text = html.escape(text)
+    text = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", text)
+    return re.sub(r"`(.+?)`", r"<code>\1</code>", text)
+
+
+def _page(title: str, body: str) -> str:
+    return (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
+            f'<meta name="viewport" content="width=device-width, initial-scale=1">'
+            f"<title>{html.escape(title)}</title><style>{CSS}</style></head>\n<body>\n{body}\n"
+            f"<script>{SORT_JS}</script>\n</body></html>\n")
+
+
+def _table(head, rows, *, cls: str = "", row_cls=None) -> str:
+    """``rows``: lists of cells, each HTML or a (HTML, td class) pair."""
+    out = [f'<div class="wrap"><table class="{cls}"><thead><tr>'
+           + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr></thead><tbody>"]
+    for i, row in enumerate(rows):
+        rc = (row_cls or [""] * len(rows))[i]
+        cells = "".join(f'<td class="{c[1]}">{c[0]}</td>' if isinstance(c, tuple) else f"<td>{c}</td>" for c in row)
+        out.append(f'<tr class="{rc}">{cells}</tr>' if rc else f"<tr>{cells}</tr>")
+    return "\n".join(out) + "</tbody></table></div>"
+
+
+def _img(src: str, alt: str, cls: str = "fig", **attrs) -> str:
+    extra = "".join(f' {k}="{v}"' for k, v in attrs.items())
+    return f'<img class="{cls}" src="{html.escape(src)}" alt="{html.escape(alt)}"{extra}>'
+
+
+def _row_class(status) -> str:
+    status = status or ""
+    if "STALE" in status:
+        return "stale"
+    return "" if status == "ok" or status.startswith(("LDS", "mislabel", "last rerun")) else "pending"
+
+
+def _has_numbers(part: pd.DataFrame) -> bool:
+    return bool(part["lds"].notna().any() or part["recall_10"].notna().any())
+
+
+def leaderboard_table(part: pd.DataFrame) -> str:
+    """One setting's leaderboard rows, sortable: rows with numbers first, then those not run, each with its reason."""
+    rows, classes = [], []
+    pending = part["status"].map(_row_class) == "pending"
+    part = pd.concat([part[~pending], part[pending]])
+    for _, r in part.iterrows():
+        rows.append([f"<b>{e(r['solver'])}</b>", (e(r["status"]), "st"), (e(fmt_pm(r["lds"], r["lds_se"])), "n"),
+                     (e(fmt_num(r["lds_of_ceiling"], 2)), "n"), *[(e(fmt_num(r[k], 2)), "n") for k in RECALL_KEYS],
+                     (e(fmt_num(r["auc"])), "n"), (e(fmt_num(r["fit_s"], 1)), "n"), (e(fmt_num(r["score_s"], 1)), "n"),
+                     (e(fmt_num(r["self_score_s"], 1)), "n"), (e(fmt_num(r["peak_mb"], 0)), "n"), (e(r["device"]), "dev")])
+        classes.append(_row_class(r["status"]))
+    return _table(LEADERBOARD_HEAD, rows, cls="sortable leaderboard", row_cls=classes)
+
+
+class _Site:
+    """One build: the output folder, the settings by name, and the solver colours shared by every figure."""
+
+    def __init__(self, store: ResultsStore, out: Path, settings: list, df: pd.DataFrame, found: dict, methods: list,
+                 log):
+        self.store, self.out, self.df, self.found, self.methods, self.log = store, out, df, found, methods, log
+        self.settings = {s.name: s for s in settings}
+        self.palette = figures.solver_palette(df["solver"])
+        self.names = list(dict.fromkeys(df["setting"]))
+
+    def img(self, *parts: str) -> tuple[Path, str]:
+        """(file to write, its address from the pages)."""
+        rel = "/".join(("img",) + parts)
+        return self.out / rel, rel
+
+    # ------------------------------------------------------------------------------------------ index
+    def index(self) -> str:
+        ran = [n for n in self.names if _has_numbers(self.df[self.df["setting"] == n])]
+        links = "".join(f'<a href="{html.escape(n)}.html"{"" if n in ran else " class=pending"}>{html.escape(n)}</a>'
+                        for n in self.names)
+        body = ["<h1>tdabench results</h1>",
+                '<p class="lead">Influence-function solvers for training-data attribution, compared on the linear '
+                "datamodeling score (LDS) against a retraining ground truth, on mislabel detection, and on cost. "
+                "Built by <code>tdabench report</code> from the committed results (the leaderboard table "
+                "<code>results/leaderboard.csv</code>, the run records, the ground truths and the studies) and rebuilt "
+                "whenever the leaderboard is. Click a column header to sort. Each setting's page has its ground "
+                "truth, Table 1 beside the paper, the gap study, mislabel curves, IHVP error and the training images "
+                'each solver blames. <a href="#notes">What the columns mean</a>.</p>',
+                f'<nav class="settings">{links}</nav>',
+                '<p class="muted">Rows in <span class="stale-key">yellow</span> are STALE: the record no longer '
+                "describes what a fresh run computes (the status says why). Grey rows were not run, or do not "
+                "apply, with the reason.</p>"]
+        for name in ran:
+            part = self.df[self.df["setting"] == name]
+            body.append(f'<h2 id="{html.escape(name)}"><a href="{html.escape(name)}.html">{html.escape(name)}</a></h2>')
+            body.append(f"<p>{self._summary(name, part)}</p>")
+            body.append(leaderboard_table(part))
+            body.append(f'<div class="pair">{self._lds_cost(name, part)}{self._mislabel_figure(name)}</div>')
+        body.append('<h2 id="notes">What the columns mean</h2><dl class="notes">'
+                    + "".join(f"<dt>{_md(t)}</dt><dd>{_md(x)}</dd>" for t, x in NOTES) + "</dl>")
+        pending = [n for n in self.names if n not in ran]
+        if pending:
+            body.append("<h2>Settings without results yet</h2>")
+            for name in pending:
+                part = self.df[self.df["setting"] == name]
+                body.append(f'<details><summary><a href="{html.escape(name)}.html">{html.escape(name)}</a> — '
+                            f"{self._summary(name, part)}</summary>{leaderboard_table(part)}</details>")
+        return _page("tdabench results", "\n".join(body))
+
+    def _summary(self, name: str, part: pd.DataFrame) -> str:
+        s = self.settings.get(name)
+        gts = "; ".join(sorted({str(g) for g in part["ground_truth"] if g})) or "none"
+        ceilings = ", ".join(dict.fromkeys(fmt_num(c) for c in part["lds_ceiling"] if c is not None))
+        ceiling = f" Noise ceiling: LDS {ceilings}." if ceilings else ""
+        paper = "" if s is None or s.paper_lds is None else f" Paper (Table 1): LDS {s.paper_lds:.2f}."
+        return (f"{e(s.description if s else 'no longer a registered setting')}. Ground truth: {e(gts)}."
+                f"{e(ceiling)}{e(paper)}")
+
+    def _lds_cost(self, name: str, part: pd.DataFrame) -> str:
+        if not part["lds"].notna().any():
+            return ""
+        path, rel = self.img(name, "lds_cost.png")
+        if not path.is_file():  # the index and the setting's page show the same figure
+            figures.lds_vs_cost(part, self.palette, path)
+        return f"<figure>{_img(rel, name + ': LDS against cost', width=440)}</figure>"
+
+    # ------------------------------------------------------------------------------------------ setting pages
+    def setting_page(self, name: str) -> str:
+        part = self.df[self.df["setting"] == name]
+        setting = self.settings.get(name)
+        body = ['<p><a href="index.html">← all settings</a></p>', f"<h1>{html.escape(name)}</h1>",
+                f'<p class="lead">{self._summary(name, part)}</p>',
+                "<h2>Leaderboard</h2>", leaderboard_table(part), self._lds_cost(name, part)]
+        if setting is not None:
+            body += [self._ground_truth(setting), self._table1(setting, part), self._gap(setting), self._mislabel(name),
+                     self._ihvp(name), self._gallery(setting)]
+        return _page(f"tdabench: {name}", "\n".join(b for b in body if b))
+
+    def _ground_truth(self, setting) -> str:
+        root = gt_artifact.current(self.store, setting)
+        if root is None:
+            how = ("docs/large-settings.md (GPU runbook)" if setting.requires else f"`tdabench gt {setting.name}`")
+            return f"<h2>Ground truth</h2><p>None yet: build it with {_md(how)}.</p>"
+        man = read_json(root / MANIFEST)
+        pin = index.pinned(self.store, root)
+        p = man["protocol"]
+        facts = [("artifact", f"<code>{e(self.store.relative(root))}</code> ({e(man['version'])}, "
+                              + ("complete" if man.get("complete") else
+                                 f"INCOMPLETE: {e(man.get('units_done'))}/{e(man.get('units_total'))} units") + ")"),
+                 ("root hash", f"<code>{e(pin)}</code> (pinned in <code>results/index.json</code>)" if pin else
+                  "not pinned in <code>results/index.json</code>"),
+                 ("protocol", e(f"{p['subsets']} random subsets of {p['alpha']:.0%} of the training set × {p['seeds']} "
+                                f"seed replicas ({p['seed_policy']} seeds); {p['queries']} reported and "
+                                f"{p['validation_queries']} validation test queries; {p['full_models']} full-data "
+                                f"models; measurement {man.get('measurement', setting.measurement)}")),
+                 ("built", e(f"{man.get('created')} → {man.get('completed') or 'not finished'}, code "
+                             f"{man.get('code_version')}; {man.get('environment', {}).get('device', '')}"))]
+        ceiling = (man.get("noise_ceiling") or {}).get(man.get("measurement", setting.measurement))
+        if ceiling:
+            facts.append(("noise ceiling", e(f"LDS {fmt_pm(ceiling.get('lds_ceiling'), ceiling.get('lds_ceiling_se'))}"
+                                             f" (reliability of the {ceiling.get('target_replicas')}-replica target "
+                                             f"{fmt_num(ceiling.get('reliability'))}; one seed against another: "
+                                             f"{fmt_num(ceiling.get('pairwise_single_seed'))}; "
+                                             f"{ceiling.get('estimator')})")))
+        summary = man.get("summary") or {}
+        if summary.get("full_model_test_accuracy"):
+            facts.append(("full-data models", e("test accuracy " + ", ".join(
+                f"{a:.4f}" for a in summary["full_model_test_accuracy"]))))
+        if summary.get("mean_seconds_per_subset_model") is not None:
+            facts.append(("training cost", e(f"{summary['mean_seconds_per_subset_model']:.1f} s per subset model")))
+        return ("<h2>Ground truth</h2><dl class=facts>" + "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in facts)
+                + "</dl>")
+
+    def _table1(self, setting, part: pd.DataFrame) -> str:
+        rows, classes = [], []
+        for _, r in part[part["lds"].notna()].iterrows():
+            ci = f"{r['lds_ci_low']:.3f} – {r['lds_ci_high']:.3f}"
+            rows.append([e(r["solver"]), (e(fmt_pm(r["lds"], r["lds_se"])), "n"), (e(ci), "n"),
+                         (e(fmt_num(r["lds_of_ceiling"], 2)), "n"),
+                         (e(fmt_num(setting.paper_lds, 2)), "n"), e(r["params"]), (e(r["status"]), "st")])
+            classes.append(_row_class(r["status"]))
+        for g in table1.gap_reported(self.store, setting, self.methods):
+            rep, lds = g["reported"], g["reported"]["lds"]
+            stale = "; ".join(w for v in g["stale"].values() for w in v)
+            rows.append([e(f"{g['name']}, gap study's protocol (ensemble of {rep['ensemble']}, {rep['measurement']})"),
+                         (e(fmt_pm(lds["mean"], lds["se"])), "n"), (e(f"{lds['ci_low']:.3f} – {lds['ci_high']:.3f}"), "n"),
+                         (e(fmt_num(lds.get("of_ceiling"), 2)), "n"), (e(fmt_num(setting.paper_lds, 2)), "n"),
+                         e(fmt_params(rep["params"])), (e(f"STALE: {stale}" if stale else f"ok ({g['path']})"), "st")])
+            classes.append("stale" if stale else "")
+        if not rows:
+            return ""
+        return ("<h2>Table 1 beside the paper</h2><p class=muted>LDS on the reported queries, hyper-parameters chosen "
+                "on validation queries; the gap study's rows use the protocol it chose on validation (more "
+                "models, another measurement) — see below.</p>"
+                + _table(("method", "LDS ± se", "95% CI", "of ceiling", "paper", "params", "status"), rows,
+                         cls="sortable", row_cls=classes))
+
+    def _gap(self, setting) -> str:
+        out = []
+        for path in sorted(self.store.gap.glob(f"{setting.name}_*.json")) if self.store.gap.is_dir() else []:
+            rec = read_json(path)
+            if rec.get("setting") != setting.name:
+                continue  # another setting whose name starts the same way
+            fig, rel = self.img(setting.name, f"gap_{rec['solver']}.png")
+            figures.gap_study(rec, fig, setting.paper_lds)
+            out.append(f"<h3>{e(rec['solver'])} <span class=muted>({e(self.store.relative(path))}, "
+                       f"{e(rec.get('created'))})</span></h3><div class=pair><div>"
+                       f"{_markdown_block(tables.gap_table(rec))}</div>"
+                       f"<figure>{_img(rel, 'gap study ' + rec['solver'], width=620)}</figure></div>")
+        if not out:
+            return ""
+        return ("<h2>Gap study: what moves LDS</h2><p class=muted>Each factor varied alone from the baseline on the "
+                "validation queries (<code>tdabench gap</code>).</p>" + "".join(out))
+
+    def _mislabel_items(self, name: str) -> list:
+        return [(solver, rec["mislabel"]) for (s, solver), rec in self.found.items() if s == name and rec.get("mislabel")]
+
+    def _mislabel_figure(self, name: str) -> str:
+        items = self._mislabel_items(name)
+        if not items:
+            return ""
+        path, rel = self.img(name, "mislabel_recall.png")
+        if not path.is_file():
+            figures.mislabel_recall(name, items, self.palette, path)
+        return f"<figure>{_img(rel, name + ': mislabel recall', width=440)}</figure>"
+
+    def _mislabel(self, name: str) -> str:
+        items = self._mislabel_items(name)
+        if not items:
+            return ""
+        art = items[0][1]["artifact"]
+        model = (art.get("models") or [{}])[0]
+        facts = (f"Artifact <code>{e(art['path'])}</code>: {e(items[0][1].get('n_flipped'))} of "
+                 f"{e(items[0][1].get('n'))} training labels flipped (seed {e(art['spec']['seed'])}); the "
+                 f"corrupted-label model fits {e(fmt_num(model.get('train_accuracy_noisy_labels')))} of the noisy "
+                 f"labels and has test accuracy {e(fmt_num(model.get('test_accuracy'), 4))}.")
+        return (f"<h2>Mislabel detection</h2><p>{facts} Rankings: self-influence ∇L(zᵢ)ᵀ(G+λI)⁻¹∇L(zᵢ) per solver, "
+                f"the training loss, and a random order.</p>{self._mislabel_figure(name)}")
+
+    def _ihvp(self, name: str) -> str:
+        csv, lissa_csv = ihvp_error.csv_paths(self.store)
+        if not csv.is_file():
+            return ""
+        df = pd.read_csv(csv)
+        df = df[df["setting"] == name]
+        if df.empty:
+            return ""
+        lissa = pd.read_csv(lissa_csv) if lissa_csv.is_file() else pd.DataFrame(columns=["setting", "damping"])
+        fig, rel = self.img(name, "ihvp_error.png")
+        figures.ihvp_error(df, lissa[lissa["setting"] == name], fig)
+        dampings = sorted(df["damping"].unique())
+        head = ("solver", *[f"λ={d:g}" for d in dampings])
+        err, agree = [], []
+        for solver, s in df.groupby("solver", sort=False):
+            by = {d: r for d, r in zip(s["damping"], s.itertuples())}
+            err.append([e(solver)] + [(e(f"{by[d].rel_error:.2g} ± {by[d].rel_error_se:.1g}") if d in by else "", "n")
+                                      for d in dampings])
+            agree.append([e(solver)] + [(e(f"{by[d].score_spearman:.3f}") if d in by else "", "n") for d in dampings])
+        return (f"<h2>IHVP error</h2><p class=muted>Against the exact damped inverse on {e(df['queries'].iloc[0])} "
+                f"test-query gradients, {e(df['train_size'].iloc[0])} training points, {e(df['parameters'].iloc[0])} "
+                f"parameters (<code>{e(self.store.relative(csv))}</code>).</p>"
+                "<h3>relative error ‖r − r*‖ / ‖r*‖ (± se)</h3>" + _table(head, err)
+                + "<h3>Spearman of the influence scores with the exact inverse's</h3>" + _table(head, agree)
+                + f"<figure>{_img(rel, f'{name}: IHVP error', style='width:100%')}</figure>")
+
+    def _gallery(self, setting) -> str:
+        order = [n for n in self.df[self.df["setting"] == setting.name]["solver"]]
+        items = [qualitative.read(self.store, setting.name, n) for n in order]
+        items = [i["influential"] for i in items if i and i.get("influential")]
+        if not items:
+            return ""
+        head = ("<h2>Which training images each solver blames</h2><p class=muted>For each query (a reported test "
+                f"point of the qualitative study, <code>tdabench figures {e(setting.name)}</code>): the training "
+                "images with the largest positive (green: up-weighting them raises the query's "
+                f"{e(items[0]['measurement'])}) and negative (red) scores τ under each solver, explaining "
+                f"{e(items[0]['explained'])}. A label in red differs from the query's.</p>")
+        try:
+            data = setting.data()
+        except DataError as exc:
+            return head + f"<p class=warn>Images unavailable here: {e(str(exc).splitlines()[0])}</p>"
+        root = gt_artifact.current(self.store, setting)
+        pin = index.pinned(self.store, root) if root is not None else None
+        notes = []
+        for item in items:
+            rec = self.found.get((setting.name, item["solver"])) or {}
+            chosen = (rec.get("lds") or {}).get("params")
+            if item.get("ground_truth_root_hash") not in (None, pin):
+                notes.append(f"{item['solver']} explains another ground truth's model than the current one")
+            if chosen is not None and chosen != item["params"]:
+                notes.append(f"{item['solver']} used {fmt_params(item['params'])}, its run record now chooses "
+                             f"{fmt_params(chosen)}")
+        out = [head] + [f"<p class=warn>Drawn from older choices: {e('; '.join(notes))}.</p>"] * bool(notes)
+        queries = list(dict.fromkeys(q["index"] for item in items for q in item["queries"]))
+        top = max(len(q["positive"]) for item in items for q in item["queries"])
+        for qi in queries:
+            first = next(q for item in items for q in item["queries"] if q["index"] == qi)
+            label = figures.label_name(data, first["label"])
+            src = self._thumb(setting.name, "test", qi, data.test_x[qi])
+            pic = _img(src, f"test point {qi}", "", height=84)
+            out.append(f'<div class="query"><div class="head">{pic}'
+                       f"<div><b>query: test #{qi}</b>, label {e(label)}</div></div>"
+                       f'<table class="gallery"><tr><th></th><th class="pos" colspan="{top}">most helpful</th>'
+                       f'<th></th><th class="neg" colspan="{top}">most harmful</th></tr>')
+            for item in items:
+                q = next((q for q in item["queries"] if q["index"] == qi), None)
+                who = f"<b>{e(item['solver'])}</b><br><span class=muted>{e(fmt_params(item['params']))}</span>"
+                if q is None:
+                    out.append(f'<tr><td class="who">{who}</td><td colspan="{2 * top + 1}" class="muted">not drawn '
+                               "for this query</td></tr>")
+                    continue
+                cells = [self._train_cell(setting.name, data, p, "pos", first["label"]) for p in q["positive"]]
+                cells += ['<td class="gap"></td>']
+                cells += [self._train_cell(setting.name, data, p, "neg", first["label"]) for p in q["negative"]]
+                out.append(f'<tr><td class="who">{who}</td>{"".join(cells)}</tr>')
+            out.append("</table></div>")
+        return "\n".join(out)
+
+    def _thumb(self, name: str, split: str, i: int, img) -> str:
+        path, rel = self.img(name, f"{split}-{i}.png")
+        if not path.is_file():
+            figures.thumbnail(img, path)
+        return rel
+
+    def _train_cell(self, name: str, data, p: dict, kind: str, query_label: int) -> str:
+        src = self._thumb(name, "train", p["index"], data.train_x[p["index"]])
+        off = " off" if p["label"] != query_label else ""
+        pic = _img(src, f"training point {p['index']}", "", height=56)
+        return (f'<td><figure class="thumb {kind}{off}">{pic}'
+                f"#{p['index']} y={e(figures.label_name(data, p['label']))}<br>τ={p['score']:+.3g}</figure></td>")
+
+
+NUMERIC_CELL = re.compile(r"[-+−]?[\d.]+(e[-+]?\d+)?( ± [\d.]+)?†?")
+
+
+def _markdown_block(text: str) -> str:
+    """A Markdown table with lines around it (what :func:`tables.gap_table` writes) as HTML."""
+    out, table = [], []
+    for line in text.splitlines() + [""]:
+        if line.startswith("|"):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if not all(set(c) <= set("-: ") for c in cells):
+                table.append(cells)
+            continue
+        if table:
+            out.append(_table(table[0], [[(_md(c), "n" if NUMERIC_CELL.fullmatch(c) else "") for c in r]
+                                         for r in table[1:]]))
+            table = []
+        if line.strip():
+            out.append(f"<p>{_md(line)}</p>")
+    return "\n".join(out)
+
+
+def build(store: ResultsStore, settings: list[settings_mod.Setting], df: pd.DataFrame, found: dict, methods: list, *,
+          out: Path | None = None, screenshot: bool = True, log=print) -> Path:
+    """Write the site into ``out`` (default ``<store>/report/``; replaced whole) and return its ``index.html``.
+    ``df`` and ``found``: the leaderboard (:func:`leaderboard.read`); ``methods``: the solvers whose gap-study rows
+    are checked for staleness. With a headless Chromium on the machine, it also takes ``screenshot.png`` of the
+    index; without one the previous screenshot is kept, and the log says so."""
+    final = Path(out) if out is not None else store.report
+    tmp = temp_dir_beside(final)
+    try:
+        site = _Site(store, tmp, settings, df, found, methods, log)
+        (tmp / "index.html").write_text(site.index())
+        for name in site.names:
+            (tmp / f"{name}.html").write_text(site.setting_page(name))
+        old_shot = final / "screenshot.png"
+        if screenshot and browser.find():
+            browser.screenshot(tmp / "index.html", tmp / "screenshot.png")
+        elif old_shot.is_file():
+            shutil.copy2(old_shot, tmp / "screenshot.png")
+            log(f"{old_shot} kept as it was: {browser.MISSING if screenshot else 'not asked for'}")
+        _swap(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(f"wrote {store.relative(final / 'index.html')}, {len(site.names)} setting pages and their images")
+    return final / "index.html"
+
+
+def _swap(new: Path, final: Path) -> None:
+    """Put the freshly written folder in place of the old one; a reader never sees half a site."""
+    new.chmod(0o755)
+    old = None
+    if final.exists():
+        old = temp_dir_beside(final)
+        old.rmdir()
+        final.rename(old)
+    new.rename(final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

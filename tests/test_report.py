@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from eval_helpers import synthetic_store, write_solver
+from eval_helpers import require_real_data, synthetic_store, write_solver
 
 from benchmark.evaluate import campaign, registry
 from benchmark.evaluate.engine import LOSS, RANDOM
@@ -94,6 +94,11 @@ def test_site_pages_numbers_and_images(built):
     # the leaderboard's numbers, as leaderboard.md gives them
     assert leaderboard.fmt_pm(rec["lds"]["mean"], rec["lds"]["se"]) in text
     assert leaderboard.fmt_num(rec["mislabel"]["recall_10"], 2) in text
+    row = next(r for r in re.findall(r"<tr[^>]*>(.*?)</tr>", text, re.S) if "<b>toy-exact</b>" in r)
+    cells = dict(zip(site.LEADERBOARD_HEAD, re.findall(r"<td[^>]*>(.*?)</td>", row, re.S)))
+    assert cells["score s"] == leaderboard.fmt_num(rec["cost"]["score_s"], 1)  # rounded as in leaderboard.md
+    assert cells["LDS ± se"] == leaderboard.fmt_pm(rec["lds"]["mean"], rec["lds"]["se"])
+    assert cells["status"] == "ok" and cells["device"] == rec["device"]
     md = (store.root / "leaderboard.md").read_text()
     assert leaderboard.fmt_pm(rec["lds"]["mean"], rec["lds"]["se"]) in md
     # a not-yet-run setting is listed with its reason, greyed
@@ -152,7 +157,10 @@ window.addEventListener("error", function (e) {
   __errors.push(e.message || ("failed to load " + (e.target && (e.target.src || e.target.href))));
 }, true);
 (function () { var orig = console.error;
-  console.error = function () { __errors.push(Array.prototype.join.call(arguments, " ")); orig.apply(console, arguments); };
+  console.error = function () {
+    __errors.push(Array.prototype.join.call(arguments, " "));
+    orig.apply(console, arguments);
+  };
 })();
 window.addEventListener("load", function () {
   var out = {errors: __errors, images: [], tables: []};
@@ -279,6 +287,22 @@ def test_committed_report_files():
         pytest.skip("no committed report (results/report/): `make report` writes it")
     assert file_problems(COMMITTED / "index.html", _committed_settings()) == []
     assert (COMMITTED / "screenshot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_committed_report_is_current(tmp_path):
+    """The committed site is what the committed results give now (`make report` rewrites it when not)."""
+    if not (COMMITTED / "index.html").is_file():
+        pytest.skip("no committed report (results/report/): `make report` writes it")
+    require_real_data(settings.get("mnist-lr"))  # the gallery's labels and thumbnails come from the data
+    store = ResultsStore(COMMITTED.parent)
+    df, found = leaderboard.read(store)
+    fresh = site.build(store, campaign.leaderboard_settings(), df, found,
+                       campaign.leaderboard_methods(registry.available()), out=tmp_path / "report", screenshot=False,
+                       **QUIET).parent
+    for page in sorted(COMMITTED.glob("*.html")):
+        assert (fresh / page.name).read_text() == page.read_text(), f"{page} is not current: run `make report`"
+    files = lambda root: sorted(str(p.relative_to(root)) for p in root.rglob("*.png") if p.name != "screenshot.png")
+    assert files(fresh) == files(COMMITTED), "the committed report's images differ: run `make report`"
 
 
 @needs_browser

@@ -192,7 +192,8 @@ def to_markdown(df: pd.DataFrame) -> str:
             recalls = " / ".join(fmt_num(r[k], 2) for k in RECALL_KEYS) if r["recall_10"] is not None \
                 and not pd.isna(r["recall_10"]) else ""
             lines.append("| " + " | ".join([
-                r["solver"], fmt_text(r["status"]), lds, fmt_num(r["lds_ceiling"]), fmt_num(r["lds_of_ceiling"], 2), recalls,
+                r["solver"], fmt_text(r["status"]), lds, fmt_num(r["lds_ceiling"]), fmt_num(r["lds_of_ceiling"], 2),
+                recalls,
                 fmt_num(r["auc"]), fmt_num(r["fit_s"], 1), fmt_num(r["score_s"], 1), fmt_num(r["self_score_s"], 1),
                 fmt_num(r["peak_mb"], 0), fmt_text(r["device"]), fmt_text(r["params"])]) + " |")
         lines.append("")
@@ -202,7 +203,7 @@ def write(store: ResultsStore, df: pd.DataFrame, log=print) -> tuple[Path, Path]
     """``leaderboard.csv`` and ``leaderboard.md`` in the store's root."""
     store.root.mkdir(parents=True, exist_ok=True)
     csv, md = store.root / "leaderboard.csv", store.root / "leaderboard.md"
-    df.to_csv(csv, index=False, float_format="%.6g")
+    df.to_csv(csv, index=False)  # every digit: the report reads this table and rounds it as the Markdown does
     md.write_text(to_markdown(df) + "\n")
     log(f"wrote {csv} and {md} ({len(df)} rows)")
     return csv, md

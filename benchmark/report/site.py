@@ -52,8 +52,9 @@ table.sortable th{cursor:pointer;user-select:none}table.sortable th:hover{backgr
 table.sortable th::after{content:" \\2195";color:#aaa;font-size:.8em}
 table.sortable th[aria-sort=ascending]::after{content:" \\25B2";color:#1b1f24}
 table.sortable th[aria-sort=descending]::after{content:" \\25BC";color:#1b1f24}
-tr.stale td,.stale-key{background:#fff5d6}tr.pending td{color:#777;background:#fafafa}tr.pending td.st{font-style:italic}
-td.st{min-width:9rem;max-width:16rem;font-size:.85em}td.dev{white-space:nowrap}td.params{font-size:.85em;color:#444;max-width:18rem}
+tr.stale td,.stale-key{background:#fff5d6}tr.pending td{color:#777;background:#fafafa}
+tr.pending td.st{font-style:italic}
+td.st{min-width:9rem;max-width:16rem;font-size:.85em}td.dev{white-space:nowrap}
 dl.facts{display:grid;grid-template-columns:max-content 1fr;gap:.15rem 1rem;margin:.4rem 0}dl.facts dt{font-weight:600}
 dl.facts dd{margin:0}dl.notes dt{font-weight:600;margin-top:.3rem}dl.notes dd{margin:0 0 0 1.2rem;color:#333}
 img.fig{max-width:100%;height:auto;border:1px solid #eee}
@@ -169,7 +170,8 @@ def leaderboard_table(part: pd.DataFrame) -> str:
         rows.append([f"<b>{e(r['solver'])}</b>", (e(r["status"]), "st"), (e(fmt_pm(r["lds"], r["lds_se"])), "n"),
                      (e(fmt_num(r["lds_of_ceiling"], 2)), "n"), *[(e(fmt_num(r[k], 2)), "n") for k in RECALL_KEYS],
                      (e(fmt_num(r["auc"])), "n"), (e(fmt_num(r["fit_s"], 1)), "n"), (e(fmt_num(r["score_s"], 1)), "n"),
-                     (e(fmt_num(r["self_score_s"], 1)), "n"), (e(fmt_num(r["peak_mb"], 0)), "n"), (e(r["device"]), "dev")])
+                     (e(fmt_num(r["self_score_s"], 1)), "n"), (e(fmt_num(r["peak_mb"], 0)), "n"),
+                     (e(r["device"]), "dev")])
         classes.append(_row_class(r["status"]))
     return _table(LEADERBOARD_HEAD, rows, cls="sortable leaderboard", row_cls=classes)
 
@@ -177,9 +179,8 @@ def leaderboard_table(part: pd.DataFrame) -> str:
 class _Site:
     """One build: the output folder, the settings by name, and the solver colours shared by every figure."""
 
-    def __init__(self, store: ResultsStore, out: Path, settings: list, df: pd.DataFrame, found: dict, methods: list,
-                 log):
-        self.store, self.out, self.df, self.found, self.methods, self.log = store, out, df, found, methods, log
+    def __init__(self, store: ResultsStore, out: Path, settings: list, df: pd.DataFrame, found: dict, methods: list):
+        self.store, self.out, self.df, self.found, self.methods = store, out, df, found, methods
         self.settings = {s.name: s for s in settings}
         self.palette = figures.solver_palette(df["solver"])
         self.names = list(dict.fromkeys(df["setting"]))
@@ -299,7 +300,8 @@ class _Site:
             rep, lds = g["reported"], g["reported"]["lds"]
             stale = "; ".join(w for v in g["stale"].values() for w in v)
             rows.append([e(f"{g['name']}, gap study's protocol (ensemble of {rep['ensemble']}, {rep['measurement']})"),
-                         (e(fmt_pm(lds["mean"], lds["se"])), "n"), (e(f"{lds['ci_low']:.3f} – {lds['ci_high']:.3f}"), "n"),
+                         (e(fmt_pm(lds["mean"], lds["se"])), "n"),
+                         (e(f"{lds['ci_low']:.3f} – {lds['ci_high']:.3f}"), "n"),
                          (e(fmt_num(lds.get("of_ceiling"), 2)), "n"), (e(fmt_num(setting.paper_lds, 2)), "n"),
                          e(fmt_params(rep["params"])), (e(f"STALE: {stale}" if stale else f"ok ({g['path']})"), "st")])
             classes.append("stale" if stale else "")
@@ -329,7 +331,8 @@ class _Site:
                 "validation queries (<code>tdabench gap</code>).</p>" + "".join(out))
 
     def _mislabel_items(self, name: str) -> list:
-        return [(solver, rec["mislabel"]) for (s, solver), rec in self.found.items() if s == name and rec.get("mislabel")]
+        return [(solver, rec["mislabel"]) for (s, solver), rec in self.found.items()
+                if s == name and rec.get("mislabel")]
 
     def _mislabel_figure(self, name: str) -> str:
         items = self._mislabel_items(name)
@@ -475,7 +478,7 @@ def build(store: ResultsStore, settings: list[settings_mod.Setting], df: pd.Data
     final = Path(out) if out is not None else store.report
     tmp = temp_dir_beside(final)
     try:
-        site = _Site(store, tmp, settings, df, found, methods, log)
+        site = _Site(store, tmp, settings, df, found, methods)
         (tmp / "index.html").write_text(site.index())
         for name in site.names:
             (tmp / f"{name}.html").write_text(site.setting_page(name))

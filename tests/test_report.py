@@ -142,9 +142,26 @@ def test_report_command(built, tmp_path, capsys):
     (copy.report / "index.html").unlink()
     assert cli.main(["--results", str(copy.root), "report"]) == 0
     assert (copy.report / "index.html").is_file() and (copy.report / f"{CNN.name}.html").is_file()
+    if browser.find():  # a picture of the index, at the size the README shows
+        from PIL import Image
+
+        assert Image.open(copy.report / "screenshot.png").size == (1600, 1500)
     (copy.root / "leaderboard.csv").unlink()
     assert cli.main(["--results", str(copy.root), "report"]) == 2
     assert "tdabench leaderboard --no-rerun" in capsys.readouterr().err
+
+
+def test_without_a_browser_the_old_screenshot_is_kept(built, tmp_path, monkeypatch):
+    store, _ = built
+    copy = ResultsStore(shutil.copytree(store.root, tmp_path / "results"))
+    shot = copy.report / "screenshot.png"
+    shot.write_bytes(b"\x89PNG\r\n\x1a\n an older picture")
+    monkeypatch.setattr(browser, "find", lambda: None)
+    said = []
+    df, found = leaderboard.read(copy)
+    site.build(copy, [S, CNN], df, found, [], log=said.append)
+    assert shot.read_bytes() == b"\x89PNG\r\n\x1a\n an older picture"
+    assert any("kept as it was" in m and browser.MISSING in m for m in said)
 
 
 # ---------------------------------------------------------------------------------------------- in the browser

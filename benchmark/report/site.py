@@ -482,12 +482,16 @@ def build(store: ResultsStore, settings: list[settings_mod.Setting], df: pd.Data
         (tmp / "index.html").write_text(site.index())
         for name in site.names:
             (tmp / f"{name}.html").write_text(site.setting_page(name))
+        why = "not asked for"
+        if screenshot:
+            try:
+                browser.screenshot(tmp / "index.html", tmp / "screenshot.png")
+            except browser.BrowserError as exc:  # the pages are written; only the picture of one is missing
+                why = str(exc)
         old_shot = final / "screenshot.png"
-        if screenshot and browser.find():
-            browser.screenshot(tmp / "index.html", tmp / "screenshot.png")
-        elif old_shot.is_file():
+        if not (tmp / "screenshot.png").is_file() and old_shot.is_file():
             shutil.copy2(old_shot, tmp / "screenshot.png")
-            log(f"{old_shot} kept as it was: {browser.MISSING if screenshot else 'not asked for'}")
+            log(f"{old_shot} kept as it was: {why}")
         _swap(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -125,6 +125,7 @@ def leaderboard(df: pd.DataFrame, records: dict, out_dir: Path, log=print) -> li
         fig, axes = plt.subplots(1, len(settings), figsize=(5.2 * len(settings), 4.2), squeeze=False, sharey=True)
         for ax, setting in zip(axes[0], settings):
             _recall_panel(ax, setting, [(k[1], m) for k, m in mis if k[0] == setting], palette)
+        axes[0][0].set_ylabel("flipped labels found (recall)")
         fig.tight_layout()
         path = out_dir / "mislabel_recall.png"
         fig.savefig(path, dpi=130)
@@ -162,7 +163,6 @@ def _recall_panel(ax, setting: str, items: list, palette: dict) -> None:
     ax.plot([0, 100 * p, 50], [0, 1, 1], color="lightgrey", lw=1, zorder=0, label="perfect ranking")
     ax.set_title(f"{setting}: {p:.0%} labels flipped")
     ax.set_xlabel("training data inspected (%)")
-    ax.set_ylabel("flipped labels found (recall)")
     ax.set_xlim(0, 50)
     ax.set_ylim(0, 1.02)
     ax.legend(loc="lower right", fontsize=8)
@@ -173,6 +173,7 @@ def mislabel_recall(setting: str, items: list, palette: dict, out: Path) -> Path
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5.6, 4.0))
     _recall_panel(ax, setting, items, palette)
+    ax.set_ylabel("flipped labels found (recall)")
     return _save(fig, out, 110)
 
 

@@ -23,13 +23,14 @@ import os
 from dataclasses import dataclass, field
 from typing import Callable, ClassVar
 
+import numpy as np
 import torch
 from torch import nn
 
 from .. import core
 from ..core import CurvatureCache, SolverError  # SolverError is raised by the math below too; re-exported here
 
-__all__ = ["Task", "Solver", "SolverError", "DAMPING_GRID", "scores_many"]
+__all__ = ["Task", "Trajectory", "Solver", "SolverError", "DAMPING_GRID", "scores_many", "subset_predictions"]
 
 # Memory the generic chunked scores may use for gradient blocks (query and train chunks together). Every
 # block of queries costs one pass over the training set, so a large model on a large GPU wants a larger
@@ -55,13 +56,25 @@ DAMPING_GRID = [1e-4, 1e-3, 1e-2, 1e-1, 1.0]
 
 
 @dataclass
+class Trajectory:
+    """How an explained model was trained, for solvers that attribute through training (TracIn, SOURCE): its
+    weights after each epoch (``checkpoint(0)`` is the initialisation, ``checkpoint(epochs)`` the model) and the
+    learning rate of every SGD step, epoch by epoch."""
+
+    epochs: int
+    checkpoint: Callable[[int], nn.Module]
+    learning_rates: np.ndarray  # (epochs, steps per epoch)
+
+
+@dataclass
 class Task:
     """Everything a solver needs about the explained model.
 
     ``train_x``/``train_y`` are the data the curvature is fitted on (the model's own training data).
     ``measurement`` names the query function f: "margin" (default) or "loss".
     ``cache`` holds damping-independent curvature across fits: give the fits of one grid search the same cache
-    (the evaluation does), and the curvature is built once. A Task describes one fixed model: do not change the
+    (the evaluation does), and the curvature is built once. ``trajectory`` is the model's training run when it
+    is known (explained models from the zoo); solvers that need it refuse a task without one. A Task describes one fixed model: do not change the
     model's weights after creating it (the cache is keyed by the content of the model and data).
     """
 
@@ -73,6 +86,7 @@ class Task:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     seed: int = 0  # for solvers that sample (LiSSA mini-batches, random projections)
     cache: CurvatureCache = field(default_factory=CurvatureCache)
+    trajectory: Trajectory | None = None  # where the explained model comes from the zoo
 
     def fingerprint(self) -> str:
         """Content hash of the model and its training data (cached on first use)."""
@@ -108,6 +122,9 @@ class Solver:
     # that sweep the training set per IHVP iteration). `tdabench run` still runs it when asked.
     leaderboard_max_params: ClassVar[int | None] = None
     memory_budget_mb: ClassVar[float | None] = None  # None: $TDABENCH_SCORE_MEMORY_MB, else 1024
+    # Largest batch of vectors per ihvp call, for solvers whose ihvp iterates over the training set (CG,
+    # LiSSA): their cost is the same in small blocks, and a progress bar then moves between blocks.
+    ihvp_block: ClassVar[int | None] = None
 
     @classmethod
     def accepted(cls) -> set[str]:
@@ -203,13 +220,14 @@ class Solver:
         return value
 
     def chunk_sizes(self, query_chunk: int | None = None, train_chunk: int | None = None) -> tuple[int, int]:
-        """Rows of (P,)-vectors per block. The query block (gradients + their IHVPs) gets 3/4 of the budget,
-        because every query block costs one more pass of train gradients (1 GiB holds 2,000 preconditioned
-        queries of the 46,730-parameter MNIST CNN: one pass); the train block gets 1/4."""
+        """Rows of (P,)-vectors per block, from the memory budget. The query block (gradients + their IHVPs)
+        gets 3/4 of it, because with full scores every query block costs one more pass of train gradients
+        (1 GiB holds 2,000 preconditioned queries of the 46,730-parameter MNIST CNN: one pass); the train block
+        gets 1/4. Iterative solvers cap a block at ``ihvp_block`` rows so their progress bars move."""
         P = self._count(self._require_fit().model, self.attributed)
         row = 4 * P  # bytes of one float32 gradient
         budget = int((self.memory_budget_mb or score_memory_budget_mb()) * 2**20)
-        q = query_chunk or max(1, min(8192, budget * 3 // 4 // (2 * row)))
+        q = query_chunk or max(1, min(8192, self.ihvp_block or 8192, budget * 3 // 4 // (2 * row)))
         t = train_chunk or max(1, min(4096, budget // 4 // row))
         return int(q), int(t)
 
@@ -226,9 +244,10 @@ class Solver:
     def self_scores(self, train_x: torch.Tensor, train_y: torch.Tensor, *,
                     train_chunk: int | None = None) -> torch.Tensor:
         """(N,) self-influence ∇L(zᵢ)ᵀ (G + λI)⁻¹ ∇L(zᵢ)."""
-        task = self._require_fit()
+        self._require_fit()
         fm = self.functional()
         _, tc = self.chunk_sizes(None, train_chunk)
+        tc = min(tc, self.ihvp_block or tc)
         out = torch.empty(len(train_y), dtype=torch.float32)
         for ts in core.chunks(len(train_y), tc, desc=f"self-influence ({self.name})"):
             g = core.per_sample_grads(fm, train_x[ts], train_y[ts], "loss")
@@ -236,6 +255,20 @@ class Solver:
             r = self.ihvp(g)
             core.check_finite(r, f"inverse-curvature product of a train gradient ({self.name})", ts.start)
             out[ts] = (g.double() * r.double()).sum(-1).float().cpu()
+        return out
+
+    def query_ihvps(self, query_x: torch.Tensor, query_y: torch.Tensor, *, query_chunk: int | None = None,
+                    desc: str | None = None) -> torch.Tensor:
+        """(Q, P) float64: (G + λI)⁻¹ ∇f(z_q) for every query, a block at a time (a progress bar with ``desc``)."""
+        fm = self.functional()
+        qc, _ = self.chunk_sizes(query_chunk, None)
+        out = torch.empty(len(query_y), fm.numel, dtype=torch.float64)
+        for qs in core.chunks(len(query_y), qc, desc=desc):
+            g = core.per_sample_grads(fm, query_x[qs], query_y[qs], self.task.measurement)
+            core.check_finite(g, f"query gradient ({self.task.measurement})", qs.start)
+            r = self.ihvp(g)
+            core.check_finite(r, f"inverse-curvature product of a query gradient ({self.name})", qs.start)
+            out[qs] = r.double().cpu()
         return out
 
     def info(self) -> dict:
@@ -306,3 +339,59 @@ def _scores_in_one_pass(solvers: list[Solver], query_x, query_y, train_x, train_
             for j, out in enumerate(outs):
                 out[qs, ts] = block[j * rows:(j + 1) * rows]
     return outs
+
+
+def membership_key(membership: torch.Tensor) -> str:
+    """A short content hash of a (M, N) membership matrix (which training points each subset holds)."""
+    import hashlib
+
+    return hashlib.blake2b(membership.detach().cpu().numpy().tobytes(), digest_size=12).hexdigest()
+
+
+def train_subset_sums(solver: Solver, train_x: torch.Tensor, train_y: torch.Tensor, membership: torch.Tensor, *,
+                      train_chunk: int | None = None) -> torch.Tensor:
+    """(M, P) float64: Σᵢ membership[m, i] ∇L(zᵢ) over the solver's attributed parameters — one pass of
+    per-example train gradients, memoised in the run's cache for every solver of the same model."""
+    task, fm = solver._require_fit(), solver.functional()
+    _, tc = solver.chunk_sizes(None, train_chunk)
+    weights = membership.to(torch.float64)
+
+    def build():
+        sums = torch.zeros(len(weights), fm.numel, dtype=torch.float64)
+        for ts in core.chunks(len(train_y), tc, desc="train gradients, summed per subset"):
+            g = core.per_sample_grads(fm, train_x[ts], train_y[ts], "loss")
+            core.check_finite(g, "train loss gradient", ts.start)
+            sums += weights[:, ts] @ g.double().cpu()
+        return sums
+
+    # keyed like solver.cached, but not charged to the solver's fit: this is scoring work
+    scope = None if solver.attributed is None else tuple(solver.attributed)
+    key = (task.fingerprint(), str(task.device), "train-subset-sums", scope, membership_key(membership),
+           core.fingerprint(nn.Identity(), train_x, train_y))
+    return task.cache.get(key, build)[0]
+
+
+def subset_predictions(solvers: list[Solver], query_x: torch.Tensor, query_y: torch.Tensor, train_x: torch.Tensor,
+                       train_y: torch.Tensor, membership: torch.Tensor, *, query_chunk: int | None = None,
+                       train_chunk: int | None = None) -> list[torch.Tensor]:
+    """For each solver, the (M, Q) predictions g(q, Sₘ) = Σᵢ membership[m, i] τ(q, i) that LDS compares with
+    the ground truth.
+
+    τ(q, i) = −∇f(z_q)ᵀ (G + λI)⁻¹ ∇L(zᵢ) is linear in the train gradient, so Σ_{i∈S} τ(q, i) = −r_qᵀ Σ_{i∈S} ∇L(zᵢ):
+    the subset sums of the train gradients (M × P) are taken in one pass per model (:func:`train_subset_sums`,
+    shared by every configuration and every query set of the run), and each query then costs one IHVP and M
+    dot products instead of N. Solvers that override ``scores`` are scored in full and summed.
+    """
+    weights = membership.to(torch.float64)
+    out = []
+    for s in solvers:
+        s._require_fit()
+        if type(s).scores is not Solver.scores:
+            out.append(weights @ s.scores(query_x, query_y, train_x, train_y, query_chunk=query_chunk,
+                                          train_chunk=train_chunk).double().cpu().T)
+            continue
+        sums = train_subset_sums(s, train_x, train_y, weights, train_chunk=train_chunk)
+        r = s.query_ihvps(query_x, query_y, query_chunk=query_chunk,
+                          desc=f"preconditioning {len(query_y):,} queries ({s.name})")
+        out.append(-(sums @ r.T))
+    return out

@@ -35,9 +35,14 @@ def _line(label: str, lds: dict, paper: float | None) -> str:
 
 def _protocol_note(lds: dict) -> str:
     used = lds["ground_truth"]
+    explained = lds.get("explained") or {"source": "ground truth", "models": list(range(lds.get("ensemble", 1)))}
+    models = ", ".join(str(k) for k in explained["models"])
+    source = (f"zoo models {models} (no seed shared with the target)" if explained["source"] == "zoo" else
+              f"the ground truth's full-data model(s) {models} (model k shares its seed with replica k)")
     note = (f"LDS: Spearman over {lds['subsets']} subsets, mean over {lds['queries']} queries, measurement "
-            f"{lds['measurement']}, target = mean of replicas {used['replicas']}; hyper-parameters chosen on "
-            f"validation queries. Ground truth {used['path']} (root hash {used['root_hash'][:12]}…).")
+            f"{lds['measurement']}, target = mean of replicas {used['replicas']}; explained: {source}; "
+            f"hyper-parameters chosen on validation queries. Ground truth {used['path']} (root hash "
+            f"{used['root_hash'][:12]}…).")
     if not used["complete"]:
         note += (f"\n* evaluated on an INCOMPLETE ground truth ({used['units_done']}/{used['units_total']} units): "
                  f"the paper comparison is provisional")

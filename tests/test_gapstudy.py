@@ -254,7 +254,7 @@ def test_study_artifacts_add_seed_policy_and_recipe_rows(toy, store, monkeypatch
     assert [a["setting"] for a in rec["study_artifacts"]] == [SETTING, f"{SETTING}@epochs=1"]
     assert "†" in tables.gap_table(rec)
     # the report never swaps the reported ground truth for a study's
-    assert set(gapstudy.best_protocol(rec)) == {"params", "ensemble", "measurement", "rule"}
+    assert set(gapstudy.best_protocol(rec)) == {"params", "ensemble", "measurement", "explain", "rule"}
 
 
 def test_coupling_rows_and_an_uncoupled_reported_protocol(toy, store):

@@ -178,6 +178,36 @@ class Solver:
         """(B, P) flat vectors -> (B, P) approximations of (G + λI)⁻¹ v."""
         raise NotImplementedError
 
+    # Every score is bilinear: τ(q, i) = −⟨query_features(q), train_features(i)⟩. By default the train features
+    # are the per-example loss gradients over the attributed parameters and the query features their
+    # preconditioned query gradients (G + λI)⁻¹∇f(z_q); a solver with another structure (random projections,
+    # several checkpoints) overrides the pair, and every scoring path — full scores, the subset sums LDS needs,
+    # a grid's shared pass — follows.
+    def train_features(self, train_x: torch.Tensor, train_y: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        """(n, D) right-hand factors b(zᵢ) of the score, for a block of training points starting at example
+        ``offset`` (for error messages)."""
+        g = core.per_sample_grads(self.functional(), train_x, train_y, "loss")
+        core.check_finite(g, "train loss gradient", offset)
+        return g
+
+    def query_features(self, query_x: torch.Tensor, query_y: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        """(Q, D) left-hand factors a(z_q) of the score, for a block of queries starting at query ``offset``."""
+        task, fm = self._require_fit(), self.functional()
+        g = core.per_sample_grads(fm, query_x, query_y, task.measurement)
+        core.check_finite(g, f"query gradient ({task.measurement})", offset)
+        r = self.ihvp(g)
+        core.check_finite(r, f"inverse-curvature product of a query gradient ({self.name})", offset)
+        return r.to(fm.dtype)
+
+    def feature_key(self) -> tuple:
+        """Solvers fitted to one model whose ``feature_key`` is equal have equal train features, so they share a
+        pass over the training set (a damping grid does)."""
+        return ("loss-gradients", None if self.attributed is None else tuple(self.attributed))
+
+    def feature_dim(self) -> int:
+        """D, the length of a feature vector (for the memory budget)."""
+        return self._count(self._require_fit().model, self.attributed)
+
     # -- provided -----------------------------------------------------------------------------
     def functional(self, dtype=None) -> core.FunctionalModel:
         """The explained model as pure functions of its attributed parameters."""
@@ -224,8 +254,7 @@ class Solver:
         gets 3/4 of it, because with full scores every query block costs one more pass of train gradients
         (1 GiB holds 2,000 preconditioned queries of the 46,730-parameter MNIST CNN: one pass); the train block
         gets 1/4. Iterative solvers cap a block at ``ihvp_block`` rows so their progress bars move."""
-        P = self._count(self._require_fit().model, self.attributed)
-        row = 4 * P  # bytes of one float32 gradient
+        row = 4 * self.feature_dim()  # bytes of one float32 feature vector
         budget = int((self.memory_budget_mb or score_memory_budget_mb()) * 2**20)
         q = query_chunk or max(1, min(8192, self.ihvp_block or 8192, budget * 3 // 4 // (2 * row)))
         t = train_chunk or max(1, min(4096, budget // 4 // row))
@@ -257,18 +286,16 @@ class Solver:
             out[ts] = (g.double() * r.double()).sum(-1).float().cpu()
         return out
 
-    def query_ihvps(self, query_x: torch.Tensor, query_y: torch.Tensor, *, query_chunk: int | None = None,
-                    desc: str | None = None) -> torch.Tensor:
-        """(Q, P) float64: (G + λI)⁻¹ ∇f(z_q) for every query, a block at a time (a progress bar with ``desc``)."""
-        fm = self.functional()
+    def all_query_features(self, query_x: torch.Tensor, query_y: torch.Tensor, *, query_chunk: int | None = None,
+                           desc: str | None = None) -> torch.Tensor:
+        """(Q, D) float64 query features, a block at a time (a progress bar with ``desc``)."""
         qc, _ = self.chunk_sizes(query_chunk, None)
-        out = torch.empty(len(query_y), fm.numel, dtype=torch.float64)
+        out = None
         for qs in core.chunks(len(query_y), qc, desc=desc):
-            g = core.per_sample_grads(fm, query_x[qs], query_y[qs], self.task.measurement)
-            core.check_finite(g, f"query gradient ({self.task.measurement})", qs.start)
-            r = self.ihvp(g)
-            core.check_finite(r, f"inverse-curvature product of a query gradient ({self.name})", qs.start)
-            out[qs] = r.double().cpu()
+            a = _checked(self.query_features(query_x[qs], query_y[qs], qs.start), self, qs.start).double().cpu()
+            if out is None:
+                out = torch.empty(len(query_y), a.shape[1], dtype=torch.float64)
+            out[qs] = a
         return out
 
     def info(self) -> dict:
@@ -301,7 +328,7 @@ def scores_many(solvers: list[Solver], query_x: torch.Tensor, query_y: torch.Ten
         return []
     first, task = solvers[0], solvers[0]._require_fit()
     shareable = all(type(s).scores is Solver.scores and s._require_fit().model is task.model
-                    and s.attributed == first.attributed for s in solvers)
+                    and s.feature_key() == first.feature_key() for s in solvers)
     if not shareable or len(solvers) == 1:
         return [s.scores(query_x, query_y, train_x, train_y, query_chunk=query_chunk, train_chunk=train_chunk)
                 for s in solvers]
@@ -310,35 +337,32 @@ def scores_many(solvers: list[Solver], query_x: torch.Tensor, query_y: torch.Ten
 
 def _scores_in_one_pass(solvers: list[Solver], query_x, query_y, train_x, train_y, query_chunk, train_chunk
                         ) -> list[torch.Tensor]:
-    """The generic chunked scores of one or more solvers on one model: per block of queries, their gradients
-    and each solver's IHVPs; then one pass of train gradients, dotted with all of them."""
-    first, task = solvers[0], solvers[0]._require_fit()
-    fm = first.functional()
+    """The chunked scores of one or more solvers with the same train features: per block of queries, each
+    solver's query features; then one pass of train features, dotted with all of them."""
+    first = solvers[0]
     qc, tc = first.chunk_sizes(query_chunk, train_chunk)
-    if query_chunk is None:  # the query block holds every solver's preconditioned queries
+    if query_chunk is None:  # the query block holds every solver's query features
         qc = max(1, qc // len(solvers))
     outs = [torch.empty(len(query_y), len(train_y), dtype=torch.float32) for _ in solvers]
     passes = -(-len(query_y) // qc)
     configs = f", {len(solvers)} configurations" if len(solvers) > 1 else ""
     for p, qs in enumerate(core.chunks(len(query_y), qc)):
-        gqs = {}  # one query gradient per measurement the solvers use
-        for m in dict.fromkeys(s.task.measurement for s in solvers):
-            gqs[m] = core.per_sample_grads(fm, query_x[qs], query_y[qs], m)
-            core.check_finite(gqs[m], f"query gradient ({m})", qs.start)
-        rqs, rows = [], qs.stop - qs.start
-        for s in solvers:
-            rq = s.ihvp(gqs[s.task.measurement])
-            core.check_finite(rq, f"inverse-curvature product of a query gradient ({s.name})", qs.start)
-            rqs.append(rq.to(fm.dtype))
-        stacked = torch.cat(rqs)
+        stacked = torch.cat([_checked(s.query_features(query_x[qs], query_y[qs], qs.start), s, qs.start)
+                             for s in solvers])
+        rows = qs.stop - qs.start
         desc = f"scores ({first.name}{configs}): queries {qs.start}-{qs.stop} of {len(query_y)}, pass {p + 1}/{passes}"
         for ts in core.chunks(len(train_y), tc, desc=desc):
-            gt = core.per_sample_grads(fm, train_x[ts], train_y[ts], "loss")
-            core.check_finite(gt, "train loss gradient", ts.start)
-            block = -(stacked @ gt.T).float().cpu()
+            b = _checked(first.train_features(train_x[ts], train_y[ts], ts.start), first, ts.start)
+            block = -(stacked @ b.to(stacked.dtype).T).float().cpu()
             for j, out in enumerate(outs):
                 out[qs, ts] = block[j * rows:(j + 1) * rows]
     return outs
+
+
+def _checked(features: torch.Tensor, solver: Solver, offset: int) -> torch.Tensor:
+    """Features of a solver that defines its own are checked here too: NaN/Inf is a clear error naming the example."""
+    core.check_finite(features, f"feature ({solver.name})", offset)
+    return features
 
 
 def membership_key(membership: torch.Tensor) -> str:
@@ -350,23 +374,21 @@ def membership_key(membership: torch.Tensor) -> str:
 
 def train_subset_sums(solver: Solver, train_x: torch.Tensor, train_y: torch.Tensor, membership: torch.Tensor, *,
                       train_chunk: int | None = None) -> torch.Tensor:
-    """(M, P) float64: Σᵢ membership[m, i] ∇L(zᵢ) over the solver's attributed parameters — one pass of
-    per-example train gradients, memoised in the run's cache for every solver of the same model."""
-    task, fm = solver._require_fit(), solver.functional()
+    """(M, D) float64: Σᵢ membership[m, i] · train_features(zᵢ) — one pass over the training set, memoised in the
+    run's cache for every solver of the same model with the same ``feature_key``."""
+    task = solver._require_fit()
     _, tc = solver.chunk_sizes(None, train_chunk)
     weights = membership.to(torch.float64)
 
     def build():
-        sums = torch.zeros(len(weights), fm.numel, dtype=torch.float64)
-        for ts in core.chunks(len(train_y), tc, desc="train gradients, summed per subset"):
-            g = core.per_sample_grads(fm, train_x[ts], train_y[ts], "loss")
-            core.check_finite(g, "train loss gradient", ts.start)
-            sums += weights[:, ts] @ g.double().cpu()
+        sums = None
+        for ts in core.chunks(len(train_y), tc, desc="train features, summed per subset"):
+            b = _checked(solver.train_features(train_x[ts], train_y[ts], ts.start), solver, ts.start).double().cpu()
+            sums = weights[:, ts] @ b if sums is None else sums + weights[:, ts] @ b
         return sums
 
     # keyed like solver.cached, but not charged to the solver's fit: this is scoring work
-    scope = None if solver.attributed is None else tuple(solver.attributed)
-    key = (task.fingerprint(), str(task.device), "train-subset-sums", scope, membership_key(membership),
+    key = (task.fingerprint(), str(task.device), "train-subset-sums", solver.feature_key(), membership_key(membership),
            core.fingerprint(nn.Identity(), train_x, train_y))
     return task.cache.get(key, build)[0]
 
@@ -377,10 +399,11 @@ def subset_predictions(solvers: list[Solver], query_x: torch.Tensor, query_y: to
     """For each solver, the (M, Q) predictions g(q, Sₘ) = Σᵢ membership[m, i] τ(q, i) that LDS compares with
     the ground truth.
 
-    τ(q, i) = −∇f(z_q)ᵀ (G + λI)⁻¹ ∇L(zᵢ) is linear in the train gradient, so Σ_{i∈S} τ(q, i) = −r_qᵀ Σ_{i∈S} ∇L(zᵢ):
-    the subset sums of the train gradients (M × P) are taken in one pass per model (:func:`train_subset_sums`,
-    shared by every configuration and every query set of the run), and each query then costs one IHVP and M
-    dot products instead of N. Solvers that override ``scores`` are scored in full and summed.
+    τ(q, i) = −⟨a(q), b(zᵢ)⟩ is linear in the train features (by default b = ∇L(zᵢ), a = (G + λI)⁻¹∇f(z_q)), so
+    Σ_{i∈S} τ(q, i) = −⟨a(q), Σ_{i∈S} b(zᵢ)⟩: the subset sums of the train features (M × D) are taken in one pass
+    per model (:func:`train_subset_sums`, shared by every configuration and every query set of the run), and each
+    query then costs its features and M dot products instead of N. Solvers that override ``scores`` itself are
+    scored in full and summed.
     """
     weights = membership.to(torch.float64)
     out = []
@@ -391,7 +414,7 @@ def subset_predictions(solvers: list[Solver], query_x: torch.Tensor, query_y: to
                                           train_chunk=train_chunk).double().cpu().T)
             continue
         sums = train_subset_sums(s, train_x, train_y, weights, train_chunk=train_chunk)
-        r = s.query_ihvps(query_x, query_y, query_chunk=query_chunk,
-                          desc=f"preconditioning {len(query_y):,} queries ({s.name})")
-        out.append(-(sums @ r.T))
+        a = s.all_query_features(query_x, query_y, query_chunk=query_chunk,
+                                 desc=f"query features of {len(query_y):,} queries ({s.name})")
+        out.append(-(sums @ a.T))
     return out

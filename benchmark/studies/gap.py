@@ -49,6 +49,8 @@ from ..setup import settings as settings_mod
 from ..setup.artifacts import MANIFEST, ArtifactError, code_version, environment, load_safetensors, read_json, write_json
 from ..setup.store import ResultsStore
 
+# Bump when the study measures other rows (a stored study of another version is never reused).
+STUDY_VERSION = 2  # 2: the explained model's seed (coupling) rows
 STUDY_NOTE = "Δ paired to the benchmark's artifact restricted to the study's subsets and replicas (the row above)"
 
 
@@ -242,8 +244,12 @@ def study(store: ResultsStore, setting: settings_mod.Setting, cls, params: dict 
                                                o.target("margin", "validation", r))
         mine_ceiling = noise_ceiling(gt.outputs["margin"][mine_replicas, :m, len(gt.queries):])["lds_ceiling"]
         their_ceiling = noise_ceiling(o.outputs["margin"][r][:, :, len(o.queries):])["lds_ceiling"]
-        add(factor, mine, "benchmark", matched, mine_ceiling, STUDY_NOTE, against=matched)
-        add(factor, theirs, "study", studied, their_ceiling, STUDY_NOTE, against=matched)
+        add(factor, mine, "benchmark", matched, mine_ceiling, # Bump when the study measures other rows (a stored study of another version is never reused).
+STUDY_VERSION = 2  # 2: the explained model's seed (coupling) rows
+STUDY_NOTE, against=matched)
+        add(factor, theirs, "study", studied, their_ceiling, # Bump when the study measures other rows (a stored study of another version is never reused).
+STUDY_VERSION = 2  # 2: the explained model's seed (coupling) rows
+STUDY_NOTE, against=matched)
 
     damping = []
     rec = records.read_record(store, setting.name, cls.name)
@@ -379,7 +385,7 @@ def grid_rows(rec: dict) -> list[dict]:
 def _options(params, ensemble, dampings, version) -> dict:
     """What a study was asked for (to know when a stored one answers the same question)."""
     return {"params": params, "ensemble": ensemble, "dampings": sorted(float(d) for d in dampings or []),
-            "version": version}
+            "version": version, "study_version": STUDY_VERSION}
 
 
 def _reusable(store: ResultsStore, setting: settings_mod.Setting, cls, stored: dict | None, kw: dict) -> dict | None:

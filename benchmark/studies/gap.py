@@ -244,12 +244,8 @@ def study(store: ResultsStore, setting: settings_mod.Setting, cls, params: dict 
                                                o.target("margin", "validation", r))
         mine_ceiling = noise_ceiling(gt.outputs["margin"][mine_replicas, :m, len(gt.queries):])["lds_ceiling"]
         their_ceiling = noise_ceiling(o.outputs["margin"][r][:, :, len(o.queries):])["lds_ceiling"]
-        add(factor, mine, "benchmark", matched, mine_ceiling, # Bump when the study measures other rows (a stored study of another version is never reused).
-STUDY_VERSION = 2  # 2: the explained model's seed (coupling) rows
-STUDY_NOTE, against=matched)
-        add(factor, theirs, "study", studied, their_ceiling, # Bump when the study measures other rows (a stored study of another version is never reused).
-STUDY_VERSION = 2  # 2: the explained model's seed (coupling) rows
-STUDY_NOTE, against=matched)
+        add(factor, mine, "benchmark", matched, mine_ceiling, STUDY_NOTE, against=matched)
+        add(factor, theirs, "study", studied, their_ceiling, STUDY_NOTE, against=matched)
 
     damping = []
     rec = records.read_record(store, setting.name, cls.name)

@@ -81,6 +81,11 @@ def _stop_cluster(tag: str) -> set[int]:
 def cluster():
     tmp = tempfile.mkdtemp(prefix="tdabench-ray-")  # short: Ray's unix socket paths must stay < 108 bytes
     port = _free_port()
+    # A local Ray instance started earlier on this machine (`tdabench gt --executor ray`) leaves a token in
+    # ~/.ray/auth_token; with it, Ray >= 2.5x starts this head with token authentication and the worker node is
+    # refused. The test cluster runs without it, here and in this process's ray.init.
+    auth_mode = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "disabled"
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     common = ["--num-gpus=0", "--disable-usage-stats", f"--temp-dir={tmp}", "--object-store-memory=80000000"]
     try:
@@ -109,6 +114,10 @@ def cluster():
             pass
         survivors = _stop_cluster(tmp)
         shutil.rmtree(tmp, ignore_errors=True)
+        if auth_mode is None:
+            os.environ.pop("RAY_AUTH_MODE", None)
+        else:
+            os.environ["RAY_AUTH_MODE"] = auth_mode
         assert not survivors, f"Ray processes survived teardown: {sorted(survivors)}"
 
 

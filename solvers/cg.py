@@ -22,6 +22,7 @@ class ConjugateGradient(Solver):
     # parameters, 60,000 examples) extrapolate to days (README, Solvers), so the leaderboard runs it on the
     # small settings only.
     leaderboard_max_params = 12_000
+    ihvp_block = 64  # each ihvp sweeps the training set: blocks of 64 vectors cost the same and show progress
     data_chunk = 1024  # training examples per jvp/vjp pass (memory, not accuracy)
 
     def fit(self, task):

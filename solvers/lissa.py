@@ -27,6 +27,7 @@ class LiSSA(Solver):
     # parameters, 60,000 examples) extrapolate to days (README, Solvers), so the leaderboard runs it on the
     # small settings only.
     leaderboard_max_params = 12_000
+    ihvp_block = 64  # each ihvp sweeps the training set: blocks of 64 vectors cost the same and show progress
     eig_batches = 8  # mini-batches whose top eigenvalues bound α
     eig_iters = 30
 

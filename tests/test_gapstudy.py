@@ -254,4 +254,43 @@ def test_study_artifacts_add_seed_policy_and_recipe_rows(toy, store, monkeypatch
     assert [a["setting"] for a in rec["study_artifacts"]] == [SETTING, f"{SETTING}@epochs=1"]
     assert "†" in tables.gap_table(rec)
     # the report never swaps the reported ground truth for a study's
-    assert set(gapstudy.best_protocol(rec)) == {"params", "ensemble", "measurement", "rule"}
+    assert set(gapstudy.best_protocol(rec)) == {"params", "ensemble", "measurement", "explain", "rule"}
+
+
+def test_coupling_rows_and_an_uncoupled_reported_protocol(toy, store):
+    """With a zoo, the study measures what sharing a seed with a target replica is worth, and the protocol it
+    reports explains zoo models (independent of the target)."""
+    from benchmark.groundtruth import zoo as zoo_mod
+
+    zoo_mod.build(S, zoo_mod.ZooSpec(models=2), store=store, executor=LocalExecutor(1), progress=False,
+                  log=lambda *a: None)
+    zoo = zoo_mod.load(store, S, min_models=2)
+    rec = gapstudy.run(store, S, toy, params={"damping": 0.1}, report_queries=True, **QUIET)
+    gt = groundtruth.load(store, S)
+    data, q = S.data(), len(gt.queries)
+    v = torch.from_numpy(gt.validation_queries)
+
+    def lds_of(model, replicas):
+        sc = toy(damping=0.1).fit(Task(model, data.train_x, data.train_y, data.num_classes)) \
+            .scores(data.test_x[v], data.test_y[v], data.train_x, data.train_y).double().numpy()
+        return scipy_lds(sc, gt.masks, gt.outputs["margin"][replicas][:, :, q:].mean(0))
+
+    rows = {(r["factor"], r["value"]): r for r in rec["rows"]}
+    coupled = np.nanmean([lds_of(gt.full_model(k), [0, 1, 2]) for k in range(2)], axis=0)
+    independent = np.nanmean([lds_of(zoo.model(k), [0, 1, 2]) for k in range(2)], axis=0)
+    c, i = rows[("explained model's seed", "coupled")], rows[("explained model's seed", "independent")]
+    assert c["lds"] == pytest.approx(np.nanmean(coupled), abs=1e-9)
+    assert i["lds"] == pytest.approx(np.nanmean(independent), abs=1e-9)
+    assert i["delta"] == pytest.approx(np.nanmean(independent - coupled), abs=1e-9)
+    others = [[1, 2], [0, 2]]
+    full_minus = np.nanmean([lds_of(gt.full_model(k), others[k]) for k in range(2)], axis=0)
+    zoo_minus = np.nanmean([lds_of(zoo.model(k), others[k]) for k in range(2)], axis=0)
+    assert rows[("target without the explained model's replica", "full")]["lds"] == pytest.approx(
+        np.nanmean(full_minus), abs=1e-9)
+    assert rows[("target without the explained model's replica", "zoo")]["delta"] == pytest.approx(
+        np.nanmean(zoo_minus - full_minus), abs=1e-9)
+    rep = rec["reported"]
+    assert rep["explain"] == "zoo" and rep["lds"]["explained"]["source"] == "zoo"
+    assert rep["lds"]["explained"]["models"] == list(range(rep["ensemble"]))
+    assert rep["lds"]["ground_truth"]["full_models_used"] == 0
+    assert not records.stale_reasons({"format": records.RUN_FORMAT, "lds": rep["lds"]}, store, S, toy)

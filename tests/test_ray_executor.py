@@ -81,6 +81,11 @@ def _stop_cluster(tag: str) -> set[int]:
 def cluster():
     tmp = tempfile.mkdtemp(prefix="tdabench-ray-")  # short: Ray's unix socket paths must stay < 108 bytes
     port = _free_port()
+    # A local Ray instance started earlier on this machine (`tdabench gt --executor ray`) leaves a token in
+    # ~/.ray/auth_token; with it, Ray >= 2.5x starts this head with token authentication and the worker node is
+    # refused. The test cluster runs without it, here and in this process's ray.init.
+    auth_mode = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "disabled"
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     common = ["--num-gpus=0", "--disable-usage-stats", f"--temp-dir={tmp}", "--object-store-memory=80000000"]
     try:
@@ -109,6 +114,10 @@ def cluster():
             pass
         survivors = _stop_cluster(tmp)
         shutil.rmtree(tmp, ignore_errors=True)
+        if auth_mode is None:
+            os.environ.pop("RAY_AUTH_MODE", None)
+        else:
+            os.environ["RAY_AUTH_MODE"] = auth_mode
         assert not survivors, f"Ray processes survived teardown: {sorted(survivors)}"
 
 
@@ -217,3 +226,18 @@ def test_ray_executor_refuses_what_the_cluster_cannot_run(cluster, tmp_path):
             G.run_job, [dataclasses.replace(job, device="cpu")]))
     assert not ray.is_initialized()  # the executor disconnects from a cluster it connected to
     assert not list(tmp_path.iterdir())  # nothing ran, nothing was left behind (the storage probe included)
+
+
+def test_reproduce_retrains_on_the_cluster(cluster, tmp_path):
+    """`gt --reproduce` runs its retrains as jobs on the executor: on the cluster, in its workers, they come back
+    bit-identical to the units a build in this process wrote."""
+    from benchmark.groundtruth import reproduce as R
+    from eval_helpers import synthetic_store
+
+    gt = G.load(synthetic_store(tmp_path, "ensemble"), settings.get(SETTING))
+    executor = RayExecutor(address=cluster["address"], num_cpus_per_task=1)
+    rep = R.reproduce(gt, R.draw_units(gt, 3, 1), executor=executor, log=lambda *a: None)
+    assert rep["overall"]["verdict"] == R.IDENTICAL and rep["overall"]["identical"] == 4
+    assert sorted(u for p in executor.placements for u in p["units"]) == sorted(u["unit"] for u in rep["units"])
+    assert {p["node_id"] for p in executor.placements} <= cluster["nodes"]
+    assert os.getpid() not in {p["pid"] for p in executor.placements}

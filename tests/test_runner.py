@@ -51,13 +51,13 @@ def test_run_selects_on_validation_and_reports_the_brute_force_lds(toy, store, m
     gt = _gt(store)
     data = S.data()
     seen = []
-    real = engine.ensemble_scores
+    real = engine.ensemble_predictions
 
-    def spy(candidates, qx, qy, tx, ty, cost, stage):
+    def spy(candidates, qx, qy, tx, ty, membership, cost, stage):
         seen.append((len(candidates), qx.clone()))
-        return real(candidates, qx, qy, tx, ty, cost, stage)
+        return real(candidates, qx, qy, tx, ty, membership, cost, stage)
 
-    monkeypatch.setattr(engine, "ensemble_scores", spy)
+    monkeypatch.setattr(engine, "ensemble_predictions", spy)
     cls = registry.get("toy-exact")
     rec = records.run(store, S, cls, **QUIET)
 
@@ -366,26 +366,49 @@ def test_cost_reported_without_cache_discount():
     assert json.dumps(records._clean({"a": float("nan"), "b": np.float32(1.5)})) == '{"a": null, "b": 1.5}'
 
 
-def test_configurations_on_two_models_share_one_pass_per_model(monkeypatch):
+def test_subset_predictions_equal_summed_scores_with_one_train_pass_per_model(monkeypatch):
+    """LDS needs Σ_{i∈S} τ(q, i) only: the engine sums the train gradients per subset once per model and run, and
+    every configuration and query set reuses them — the predictions equal the full scores summed over each subset."""
+    from benchmark import core
     from benchmark.evaluate import solver as solver_mod
 
     torch.manual_seed(0)
-    x, y, qx, qy = torch.randn(30, 5), torch.randint(0, 3, (30,)), torch.randn(4, 5), torch.randint(0, 3, (4,))
+    x, y = torch.randn(30, 5), torch.randint(0, 3, (30,))
+    qx, qy, vx, vy = torch.randn(4, 5), torch.randint(0, 3, (4,)), torch.randn(3, 5), torch.randint(0, 3, (3,))
+    masks = torch.rand(7, 30) < 0.5
     models = [torch.nn.Sequential(torch.nn.Linear(5, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3)).eval()
               for _ in range(2)]
     ekfac, identity = registry.get("ekfac"), registry.get("identity")
+    cache = core.CurvatureCache()
     # interleaved, as the gap study asks: the benchmark's model, a study's model, the benchmark's again
-    fitted = [ekfac(damping=1e-2).fit(Task(models[0], x, y, 3)),
-              ekfac(damping=1e-2).fit(Task(models[1], x, y, 3)),
-              identity().fit(Task(models[0], x, y, 3)),
-              ekfac(damping=1.0).fit(Task(models[0], x, y, 3, measurement="loss"))]
-    passes, real = [], solver_mod.scores_many
-    monkeypatch.setattr(solver_mod, "scores_many", lambda solvers, *a, **k: passes.append(len(solvers)) or
-                        real(solvers, *a, **k))
-    got = engine.ensemble_scores([[f] for f in fitted], qx, qy, x, y, Cost("cpu"), "score")
-    assert sorted(passes) == [1, 3]
-    for s, g in zip(fitted, got):
-        torch.testing.assert_close(g, s.scores(qx, qy, x, y).double(), rtol=1e-6, atol=1e-8)
+    fitted = [ekfac(damping=1e-2).fit(Task(models[0], x, y, 3, cache=cache)),
+              ekfac(damping=1e-2).fit(Task(models[1], x, y, 3, cache=cache)),
+              identity().fit(Task(models[0], x, y, 3, cache=cache)),
+              ekfac(damping=1.0).fit(Task(models[0], x, y, 3, measurement="loss", cache=cache))]
+    passes, real = [], core.per_sample_grads
+    monkeypatch.setattr(core, "per_sample_grads", lambda fm, xb, yb, m="loss", **k: passes.append(
+        (m, len(yb))) or real(fm, xb, yb, m, **k))
+    for queries in ((qx, qy), (vx, vy)):  # two query sets, as validation and reported queries
+        got = engine.ensemble_predictions([[f] for f in fitted], *queries, x, y, masks, Cost("cpu"), "score")
+        for s, g in zip(fitted, got):
+            want = masks.double() @ s.scores(*queries, x, y).double().T  # float32 scores: float32 accuracy
+            torch.testing.assert_close(g, want, rtol=1e-5, atol=1e-6 * float(want.abs().max()))
+    train_passes = [n for m, n in passes if n == 30 and m == "loss"]
+    # one summed pass per distinct model over both query sets (+ the full scores computed above for checking)
+    assert len(train_passes) == 2 + 2 * len(fitted)
+
+
+def test_ensemble_predictions_average_the_ensemble(toy, store):
+    gt = _gt(store)
+    data = S.data()
+    cls = registry.get("toy-exact")
+    fitted = [cls(damping=0.1).fit(Task(gt.full_model(0), data.train_x, data.train_y, 4))]
+    membership = torch.from_numpy(gt.masks)
+    q = torch.from_numpy(gt.queries[:5])
+    pred = engine.ensemble_predictions([fitted], data.test_x[q], data.test_y[q], data.train_x, data.train_y,
+                                       membership, Cost("cpu"), "score")[0]
+    scores = fitted[0].scores(data.test_x[q], data.test_y[q], data.train_x, data.train_y).double()
+    torch.testing.assert_close(pred, membership.double() @ scores.T, rtol=1e-7, atol=1e-9)
 
 
 def test_cli_run_lds_and_table1(toy, store, capsys):
@@ -531,3 +554,31 @@ def test_mislabel_is_redone_with_the_parameters_lds_chose(toy, store, monkeypatc
     assert len(calls) == 2
     again = records.run(store, S, cls, {"damping": 1e-3}, tasks=["lds"], search=False, **QUIET)
     assert len(calls) == 2 and again["mislabel"] == rec["mislabel"]  # same parameters: kept, not redone
+
+
+def test_explaining_zoo_models_is_recorded_and_checked(toy, store):
+    from benchmark.groundtruth import zoo as zoo_mod
+    from benchmark.groundtruth.executors import LocalExecutor
+
+    build = dict(store=store, executor=LocalExecutor(1), progress=False, log=lambda *a: None)
+    zoo_mod.build(S, zoo_mod.ZooSpec(models=2), **build)
+    cls = registry.get("toy-exact")
+    rec = records.run(store, S, cls, search=False, tasks=["lds"], ensemble=2, explain="zoo", **QUIET)
+    explained = rec["lds"]["explained"]
+    assert explained["source"] == "zoo" and explained["models"] == [0, 1]
+    assert rec["lds"]["ground_truth"]["full_models_used"] == 0  # the ground truth's models were not read
+    # the same LDS as fitting the zoo's models by hand and averaging their scores
+    zoo, gt, data = zoo_mod.load(store, S), _gt(store), S.data()
+    q = torch.from_numpy(gt.queries)
+    scores = sum(cls(damping=0.1).fit(Task(zoo.model(k), data.train_x, data.train_y, 4))
+                 .scores(data.test_x[q], data.test_y[q], data.train_x, data.train_y).double().numpy()
+                 for k in range(2)) / 2
+    target = gt.outputs["margin"][:, :, :len(gt.queries)].mean(0)
+    expect = [spearmanr(gt.masks.astype(float) @ scores[i], target[:, i]).statistic for i in range(len(gt.queries))]
+    assert rec["lds"]["mean"] == pytest.approx(np.mean(expect), abs=1e-6)
+    assert records.stale_reasons(rec, store, S, cls) == {}
+    zoo_mod.build(S, zoo_mod.ZooSpec(models=3), **build)  # the zoo grows: the models used are unchanged
+    assert records.stale_reasons(rec, store, S, cls) == {}
+    victim = zoo.root / "k01" / f"epoch_{zoo.epochs:02d}.safetensors"
+    victim.write_bytes(victim.read_bytes()[:-8] + b"\0" * 8)
+    assert any("zoo" in w for w in records.stale_reasons(rec, store, S, cls)["lds"])

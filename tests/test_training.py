@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from benchmark.setup import settings
-from benchmark.setup.training import evaluate, train, train_batched
+from benchmark.setup.training import evaluate, train, train_batched, worker_training
 
 
 def _subset(n, size, seed):
@@ -23,6 +23,27 @@ def test_same_seed_same_model(name):
     c = train(s.model(12), d.train_x, d.train_y, s.recipe, 12, idx).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert any(not torch.allclose(a[k], c[k]) for k in a)
+
+
+@pytest.mark.parametrize("name", ["synthetic-mlp", "synthetic-cnn"])
+def test_worker_training_moves_no_bit_on_a_cpu(name):
+    """Workers train with torch's deterministic algorithms (repeatable GPU training); on a CPU that must not change
+    a single bit, or the committed CPU ground truths would no longer be what the code computes. The caller's
+    settings come back afterwards."""
+    s = settings.get(name)
+    d = s.data()
+    idx = _subset(len(d.train_y), 128, 0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        plain = train(s.model(7), d.train_x, d.train_y, s.recipe, 7, idx).state_dict()
+    finally:
+        torch.set_num_threads(threads)
+    with worker_training(1):
+        assert torch.are_deterministic_algorithms_enabled() and torch.get_num_threads() == 1
+        det = train(s.model(7), d.train_x, d.train_y, s.recipe, 7, idx).state_dict()
+    assert not torch.are_deterministic_algorithms_enabled() and torch.get_num_threads() == threads
+    assert all(torch.equal(plain[k], det[k]) for k in plain)
 
 
 @pytest.mark.parametrize("name", ["synthetic-mlp", "synthetic-cnn"])

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from . import report, resolve
 
+EXPLAIN = {"gt": "ground truth", "zoo": "zoo"}
+
 
 def _cmd_run(args) -> int:
     from ..evaluate import records
@@ -11,8 +13,8 @@ def _cmd_run(args) -> int:
     store = resolve.store(args)
     setting, method = resolve.setting(args.setting), resolve.method(args.solver)
     rec = records.run(store, setting, method, resolve.params(args.param), tasks=args.task, search=not args.no_search,
-                      search_queries=args.search_queries, ensemble=args.ensemble, measurement=args.measurement,
-                      version=args.version, device=args.device)
+                      search_queries=args.search_queries, ensemble=args.ensemble, explain=EXPLAIN[args.explain],
+                      measurement=args.measurement, version=args.version, device=args.device)
     lds, mis = rec.get("lds"), rec.get("mislabel")
     if lds:
         used = lds["ground_truth"]
@@ -38,8 +40,8 @@ def _cmd_lds(args) -> int:
     store, setting = resolve.store(args), resolve.setting(args.setting)
     exit_code = 0
     for name in args.solver or ["ekfac"]:
-        result = table1.recompute(store, setting, resolve.solver(name), device=args.device,
-                                  search_queries=args.search_queries)
+        result = table1.recompute(store, setting, resolve.solver(name), explain=EXPLAIN.get(args.explain),
+                                  device=args.device, search_queries=args.search_queries)
         print(tables.table1_recomputed(setting, result))
         if result["comparison"] and not result["comparison"]["agree"]:
             exit_code = 1
@@ -108,7 +110,10 @@ def add_commands(sub) -> None:
                    help="what to evaluate (default: lds, plus mislabel when its artifact exists)")
     s.add_argument("--no-search", action="store_true", help="use defaults/--param instead of the validation grid search")
     s.add_argument("--search-queries", type=int, help="validation queries used for the grid search (default: all)")
-    s.add_argument("--ensemble", type=int, default=1, help="average scores over this many full-data models")
+    s.add_argument("--ensemble", type=int, default=1, help="average scores over this many explained models")
+    s.add_argument("--explain", choices=sorted(EXPLAIN), default="gt",
+                   help="explain the ground truth's full-data models (gt; model k shares its seed with target "
+                        "replica k) or the zoo's (zoo; independent of every replica)")
     s.add_argument("--measurement", choices=["margin", "loss"], help="default: the setting's")
     s.add_argument("--version", help="ground-truth version (default: the newest)")
     s.add_argument("--device")
@@ -119,6 +124,9 @@ def add_commands(sub) -> None:
     s.add_argument("setting")
     s.add_argument("--solver", action="append", help="default: ekfac")
     s.add_argument("--search-queries", type=int, help="validation queries used for the grid search (default: all)")
+    s.add_argument("--explain", choices=sorted(EXPLAIN),
+                   help="explained model from the ground truth (gt) or the zoo (zoo); default: as in the committed "
+                        "record, so the two are comparable")
     s.add_argument("--device")
     s.set_defaults(func=_cmd_lds)
 

@@ -33,6 +33,8 @@ def _cmd_gt(args) -> int:
     store = resolve.store(args)
     setting = resolve.setting(args.setting)
     study = args.study or setting.name != setting.name.partition("@")[0]
+    if args.reproduce is not None or args.reproduce_full:
+        return _reproduce(args, store, setting, study)
     if args.verify:
         summary = artifact.verify(store, setting, args.version, study)
         print(json.dumps(summary, indent=2))
@@ -53,6 +55,22 @@ def _cmd_gt(args) -> int:
                 trainer=args.trainer, models_per_job=args.models_per_job, max_units=args.max_units,
                 progress=not args.quiet)
     return 0
+
+
+def _reproduce(args, store, setting, study) -> int:
+    """Retrain drawn units and compare them with the committed ones; exit 1 only when one is not reproduced."""
+    from ..groundtruth import artifact, reproduce
+    from ..report.tables import reproduce_table
+    from ..setup.training import default_device
+
+    if args.verify:
+        raise ValueError("--reproduce and --verify are separate commands; run one, then the other")
+    gt = artifact.load(store, setting, args.version, study, allow_incomplete=True)
+    units = reproduce.draw_units(gt, args.reproduce or 0, args.reproduce_full, args.draw_seed)
+    rep = reproduce.reproduce(gt, units, executor=_executor(args), device=args.device or str(default_device()),
+                              log=lambda line: print(line, file=sys.stderr, flush=True))
+    print(reproduce_table(rep))
+    return 1 if rep["overall"]["verdict"] == reproduce.NOT_REPRODUCED else 0
 
 
 def _cmd_zoo(args) -> int:
@@ -101,7 +119,13 @@ def add_commands(sub) -> None:
     s.add_argument("--study", action="store_true",
                    help="a study artifact (e.g. --seed-policy varied) under results/gt-studies/, which the benchmark "
                         "never uses as its ground truth; implied by a derived setting such as mnist-cnn@epochs=3")
-    s.add_argument("--version", help="artifact version to verify, e.g. v1 (default: the newest)")
+    s.add_argument("--version", help="artifact version to verify or reproduce, e.g. v1 (default: the newest)")
+    s.add_argument("--reproduce", type=int, metavar="N",
+                   help="retrain N randomly drawn subset units from their recorded seeds and compare them with the "
+                        "committed ones and with seed noise; exit 1 if one is not reproduced")
+    s.add_argument("--reproduce-full", type=int, default=0, metavar="K",
+                   help="with --reproduce: also retrain K randomly drawn full-data models (weights compared too)")
+    s.add_argument("--draw-seed", type=int, default=0, help="with --reproduce: the seed that draws the units")
     s.add_argument("--protocol", default="default", help="named protocol of the setting (default: default)")
     s.add_argument("--alpha", type=float)
     s.add_argument("--subsets", type=int, help="M, the number of random subsets")

@@ -3,7 +3,9 @@ queries, score the reported queries, and compute the metrics with their cost.
 
 - :func:`evaluate_lds`: hyper-parameters chosen by grid search over the solver's ``parameters`` on the ground
   truth's *validation* queries (highest mean validation LDS; the reported queries are never looked at), then
-  the LDS on the reported queries with its uncertainty and the noise ceiling.
+  the LDS on the reported queries with its uncertainty and the noise ceiling. LDS needs only the subset sums
+  of the scores, Σ_{i∈S} τ(q, i), which are linear in the train gradients: the gradients are summed per subset
+  in one pass over the training set and serve every configuration and both query sets.
 - :func:`evaluate_mislabel`: self-influence on the corrupted-label models with the parameters chosen for LDS
   (tuning them on the flipped labels would tune on the reported number), recall at 10-50% inspected and ROC
   AUC, beside the random and training-loss baselines.
@@ -52,8 +54,48 @@ LOSS = Baseline("baseline-loss", "training loss under the corrupted labels, larg
 BASELINES = {b.name: b for b in (RANDOM, LOSS)}
 
 
-def method_name(method) -> str:
-    return method.name
+@dataclass
+class Explained:
+    """The models an evaluation explains, and where they come from (recorded with the numbers).
+
+    - ``ground truth``: the artifact's full-data models. Under the shared seed policy model k shares its
+      initialisation and data-order seed with target replica k, so it is coupled to a quarter of a 4-seed target.
+    - ``zoo``: models from the explained-model zoo, whose seeds no replica uses, with their training trajectories
+      (for solvers that attribute through training).
+    """
+
+    source: str
+    models: list
+    reference: dict
+    trajectories: list | None = None
+
+    @classmethod
+    def from_ground_truth(cls, gt: GroundTruth, n: int = 1) -> "Explained":
+        if not 1 <= n <= gt.protocol.full_models:
+            raise RunError(f"ensemble of {n} models asked for; {gt.root} holds {gt.protocol.full_models} full-data "
+                           f"model(s) (more come from the zoo: --explain zoo)")
+        return cls("ground truth", [gt.full_model(k) for k in range(n)],
+                   {"source": "ground truth", "models": list(range(n)),
+                    "note": "full-data model k shares its seed with target replica k (shared seed policy)"})
+
+    @classmethod
+    def from_zoo(cls, zoo, n: int = 1, first: int = 0) -> "Explained":
+        from .solver import Trajectory
+
+        chosen = list(range(first, first + n))
+        missing = [k for k in chosen if k not in zoo.models]
+        if missing:
+            raise RunError(f"{zoo.root} holds models {zoo.models}; models {missing} were asked for: train them with "
+                           f"`tdabench zoo {zoo.setting.name} --models {first + n}`")
+        trajectories = [Trajectory(zoo.epochs, (lambda e, k=k: zoo.checkpoint(k, e)), zoo.learning_rates(k))
+                        for k in chosen]
+        return cls("zoo", [zoo.model(k) for k in chosen], {"source": "zoo", "root_hash": zoo.root_hash(),
+                                                         **zoo.reference(chosen)}, trajectories)
+
+    @property
+    def ground_truth_models(self) -> int:
+        """How many of the ground truth's full-data models were read (none when they come from the zoo)."""
+        return len(self.models) if self.source == "ground truth" else 0
 
 
 # ---------------------------------------------------------------- parameters
@@ -103,45 +145,37 @@ def check_applicable(cls: type[Solver], model: torch.nn.Module, params: dict | N
 # ---------------------------------------------------------------- fitting and scoring
 
 def fit(cls: type[Solver], params: dict, models: list, train_x, train_y, num_classes: int, measurement: str,
-        device: torch.device, cost: Cost, stage: str, cache: core.CurvatureCache) -> list[Solver]:
+        device: torch.device, cost: Cost, stage: str, cache: core.CurvatureCache,
+        trajectories: list | None = None) -> list[Solver]:
     """One fitted solver per explained model (an ensemble), all sharing the run's curvature cache."""
     fitted = []
     for k, model in enumerate(models):
-        task = Task(model.to(device).eval(), train_x, train_y, num_classes, measurement, device, seed=k, cache=cache)
+        task = Task(model.to(device).eval(), train_x, train_y, num_classes, measurement, device, seed=k, cache=cache,
+                    trajectory=None if trajectories is None else trajectories[k])
         with cost.stage(stage):
             fitted.append(cls(**params).fit(task))
     return fitted
 
 
-def _shared_passes(solvers: list[Solver], qx, qy, tx, ty) -> list[torch.Tensor]:
-    """solver.scores_many on each group of ``solvers`` fitted to the same model, in the input order."""
-    from .solver import scores_many
+def ensemble_predictions(candidates: list[list[Solver]], qx, qy, tx, ty, membership: torch.Tensor, cost: Cost,
+                         stage: str) -> list[torch.Tensor]:
+    """Ensemble-averaged (M, Q) subset predictions Σ_{i∈Sₘ} τ(q, i) of one or more configurations, each a list of
+    solvers fitted to the ensemble's models (:func:`benchmark.evaluate.solver.subset_predictions`): the train
+    gradients of each distinct model are summed per subset once per run, whatever the number of configurations
+    and query sets (a grid search's configurations share them; the gap study mixes models)."""
+    from .solver import subset_predictions
 
-    groups: dict[int, list[int]] = {}
-    for i, s in enumerate(solvers):
-        groups.setdefault(id(getattr(s.task, "model", None)), []).append(i)  # unfitted: scores_many says so
-    outs = [None] * len(solvers)
-    for idx in groups.values():
-        for i, out in zip(idx, scores_many([solvers[i] for i in idx], qx, qy, tx, ty)):
-            outs[i] = out
-    return outs
-
-
-def ensemble_scores(candidates: list[list[Solver]], qx, qy, tx, ty, cost: Cost, stage: str) -> list[torch.Tensor]:
-    """Ensemble-averaged (Q, N) scores of one or more configurations, each a list of solvers fitted to the
-    ensemble's models: for every ensemble member, one shared pass of train gradients per distinct model among
-    the configurations (a grid search's configurations share it; the gap study mixes models)."""
     if not candidates:
         return []
     totals = [None] * len(candidates)
     for k in range(len(candidates[0])):
         with cost.stage(stage):  # entered once per model; the stage accumulates
-            outs = _shared_passes([c[k] for c in candidates], qx, qy, tx, ty)
+            outs = subset_predictions([c[k] for c in candidates], qx, qy, tx, ty, membership)
         for i, out in enumerate(outs):
             out = out.detach().to("cpu", torch.float64)
-            if out.shape != (len(qy), len(ty)):
-                raise RunError(f"solver {type(candidates[i][k]).name!r} returned scores of shape {tuple(out.shape)}, "
-                               f"expected (queries, train) = {(len(qy), len(ty))}")
+            if out.shape != (len(membership), len(qy)):
+                raise RunError(f"solver {type(candidates[i][k]).name!r} gave subset predictions of shape "
+                               f"{tuple(out.shape)}, expected (subsets, queries) = {(len(membership), len(qy))}")
             totals[i] = out if totals[i] is None else totals[i] + out
     return [t / len(candidates[0]) for t in totals]
 
@@ -202,9 +236,9 @@ def device_name(device: torch.device) -> str:
 
 def evaluate_lds(gt: GroundTruth, cls: type[Solver], params: dict | None = None, *, search: bool = True,
                  grid: dict | None = None, search_queries: int | None = None, ensemble: int = 1,
-                 measurement: str | None = None, device=None, max_queries: int | None = None,
-                 log=print) -> dict:
-    """LDS of ``cls`` explaining the ground truth's first ``ensemble`` full-data models.
+                 explained: Explained | None = None, measurement: str | None = None, device=None,
+                 max_queries: int | None = None, log=print) -> dict:
+    """LDS of ``cls`` explaining ``explained`` (default: the ground truth's first ``ensemble`` full-data models).
 
     ``max_queries`` reports on a seeded subset of the reported queries (the CI regression check uses it to
     stay fast); the section says so. Returns the ``lds`` section of a run record (without the references to
@@ -222,9 +256,8 @@ def evaluate_lds(gt: GroundTruth, cls: type[Solver], params: dict | None = None,
     if not gt.manifest.get("complete"):
         log(f"note: {gt.root} is incomplete; evaluating on its complete replicas {replicas} of {gt.protocol.seeds} "
             f"(labelled as such in the record)")
-    if ensemble > gt.protocol.full_models:
-        raise RunError(f"ensemble of {ensemble} models asked for; {gt.root} holds {gt.protocol.full_models}")
-    models = [gt.full_model(k) for k in range(ensemble)]
+    explained = explained or Explained.from_ground_truth(gt, ensemble)
+    models, trajectories = explained.models, explained.trajectories
     check_applicable(cls, models[0], params)
     data = setting.data()
     tx, ty = data.train_x.to(device), data.train_y.to(device)
@@ -236,6 +269,7 @@ def evaluate_lds(gt: GroundTruth, cls: type[Solver], params: dict | None = None,
     target = gt.target(measurement, "queries", replicas)[:, q_cols]
     cost = Cost(device)
     cache = core.CurvatureCache()
+    membership = torch.from_numpy(gt.masks)
     fixed = dict(params or {})
 
     candidates = param_grid(cls, fixed, grid) if search else [{**cls.defaults, **fixed}]
@@ -249,8 +283,9 @@ def evaluate_lds(gt: GroundTruth, cls: type[Solver], params: dict | None = None,
             cols = np.sort(np.random.default_rng(0).choice(len(cols), search_queries, replace=False))
         vx, vy = data.test_x[v_idx[cols]].to(device), data.test_y[v_idx[cols]].to(device)
         v_target = gt.target(measurement, "validation", replicas)[:, cols]
-        chosen, fitted, fit_cost, trials = _grid_search(cls, candidates, models, tx, ty, data.num_classes, measurement,
-                                                        device, cache, gt.masks, vx, vy, v_target, log)
+        chosen, fitted, fit_cost, trials = _grid_search(cls, candidates, (models, trajectories), tx, ty,
+                                                        data.num_classes, measurement, device, cache, membership, vx,
+                                                        vy, v_target, log)
         selection.update(method="grid search: highest mean LDS on the validation queries", metric="validation LDS",
                          validation_queries=int(len(cols)), trials=trials["trials"],
                          validation_scoring=trials["scoring"],
@@ -262,13 +297,14 @@ def evaluate_lds(gt: GroundTruth, cls: type[Solver], params: dict | None = None,
     else:
         chosen = candidates[0]
         selection["method"] = "given by the user" if fixed else "solver defaults (no search)"
-        fitted = fit(cls, chosen, models, tx, ty, data.num_classes, measurement, device, cost, "fit", cache)
+        fitted = fit(cls, chosen, models, tx, ty, data.num_classes, measurement, device, cost, "fit", cache,
+                     trajectories)
     _log_scope(fitted[0], len(qy), len(ty), log)
-    scores = ensemble_scores([fitted], qx, qy, tx, ty, cost, "score")[0]
+    predictions = ensemble_predictions([fitted], qx, qy, tx, ty, membership, cost, "score")[0]
     info = infos(fitted)
     del fitted
     ceiling_info = noise_ceiling(gt.outputs[measurement][replicas][:, :, q_cols])
-    result = metrics.lds(scores, gt.masks, target, ceiling_info.get("lds_ceiling"))
+    result = metrics.lds_summary(metrics.lds_from_predictions(predictions, target), ceiling_info.get("lds_ceiling"))
     per_query = result.pop("per_query")
     return {
         **result,
@@ -276,7 +312,7 @@ def evaluate_lds(gt: GroundTruth, cls: type[Solver], params: dict | None = None,
         "measurement": measurement, "queries": int(len(q_cols)), "queries_available": int(len(gt.queries)),
         "query_columns": None if len(q_cols) == len(gt.queries) else [int(c) for c in q_cols],
         "subsets": int(gt.masks.shape[0]), "replicas": replicas,
-        "ensemble": ensemble, "params": chosen, "selection": selection,
+        "ensemble": len(models), "explained": explained.reference, "params": chosen, "selection": selection,
         "noise_ceiling": ceiling_info,
         "solver_info": info,
         "cost": {"fit_s": fit_seconds(cost, info), "fit_measured_s": cost.seconds("fit"),
@@ -285,31 +321,33 @@ def evaluate_lds(gt: GroundTruth, cls: type[Solver], params: dict | None = None,
     }
 
 
-def _grid_search(cls, candidates, models, tx, ty, num_classes, measurement, device, cache, masks, vx, vy, v_target,
-                 log) -> tuple:
-    """Fit every configuration, score them all on the validation queries in one shared pass of train
-    gradients, and keep the one with the highest mean validation LDS (its fitted solvers too: no second fit)."""
+def _grid_search(cls, candidates, explained, tx, ty, num_classes, measurement, device, cache, membership, vx, vy,
+                 v_target, log) -> tuple:
+    """Fit every configuration, score them all on the validation queries from one pass of train gradients
+    (shared with the reported queries later), and keep the one with the highest mean validation LDS (its fitted
+    solvers too: no second fit)."""
+    models, trajectories = explained
     trials, fits, best = [], [], None
     for cand in candidates:
         trial_cost = Cost(device)
         try:
             fits.append((cand, fit(cls, cand, models, tx, ty, num_classes, measurement, device, trial_cost, "fit",
-                                   cache), trial_cost))
+                                   cache, trajectories), trial_cost))
         except (SolverError, ValueError, torch.linalg.LinAlgError) as exc:
             trials.append({"params": cand, "validation_lds": None, "error": f"{type(exc).__name__}: {exc}"})
     shared_cost = Cost(device)
     try:
-        val_scores = ensemble_scores([f for _, f, _ in fits], vx, vy, tx, ty, shared_cost, "score")
+        val_preds = ensemble_predictions([f for _, f, _ in fits], vx, vy, tx, ty, membership, shared_cost, "score")
     except (SolverError, ValueError, torch.linalg.LinAlgError):
-        val_scores = None  # one configuration failed while scoring: score them one by one to find it
+        val_preds = None  # one configuration failed while scoring: score them one by one to find it
     for i, (cand, fitted, trial_cost) in enumerate(fits):
         try:
-            if val_scores is None:
-                scores_i = ensemble_scores([fitted], vx, vy, tx, ty, trial_cost, "score")[0]
+            if val_preds is None:
+                pred_i = ensemble_predictions([fitted], vx, vy, tx, ty, membership, trial_cost, "score")[0]
                 score_s = trial_cost.seconds("score")
             else:
-                scores_i, score_s = val_scores[i], shared_cost.seconds("score") / len(fits)
-            val = metrics.lds(scores_i, masks, v_target)
+                pred_i, score_s = val_preds[i], shared_cost.seconds("score") / len(fits)
+            val = metrics.lds_summary(metrics.lds_from_predictions(pred_i, v_target))
             trial = {"params": cand, "validation_lds": val["mean"], "validation_lds_se": val["se"],
                      "fit_s": fit_seconds(trial_cost, infos(fitted)), "fit_measured_s": trial_cost.seconds("fit"),
                      "score_s": score_s, "fit_peak_mb": trial_cost.peak_mb("fit")}
@@ -330,7 +368,7 @@ def _grid_search(cls, candidates, models, tx, ty, num_classes, measurement, devi
                        + "; ".join(f"{t['params']}: {t.get('error', 'LDS undefined (constant scores)')}"
                                    for t in trials))
     scoring = ("one shared pass of train gradients for all configurations (each trial's score_s is its share)"
-               if val_scores is not None else "one pass per configuration")
+               if val_preds is not None else "one configuration at a time")
     return best[0]["params"], best[1], best[2], {"trials": trials, "scoring": scoring}
 
 

@@ -4,7 +4,8 @@ A run record is current only while the code behind it still computes the same th
 would stale every record whenever a file moves, and misses the code a file calls. Instead a record carries:
 
 - a **solver probe**: the scores and self-influence scores of the solver, with the record's parameters, on a
-  fixed tiny problem (a small trained CNN on seeded data, no files): 4 × 48 scores and 48 self-scores;
+  fixed tiny problem (a small CNN trained by a few epochs of SGD on seeded data, with its trajectory, no files):
+  4 × 48 scores and 48 self-scores;
 - a **metric probe**: LDS, its uncertainty, mislabel recall, AUC and the noise ceiling on fixed inputs;
 - the **target** it was scored against (a hash of the target arrays the ground truth yields now).
 
@@ -24,14 +25,19 @@ from torch import nn
 from ..core.stats import noise_ceiling
 from . import metrics
 
-FINGERPRINT_VERSION = 1
+FINGERPRINT_VERSION = 2  # 2: the probe model is trained by the recipe's SGD and carries its trajectory
 SOLVER_RTOL = 1e-4  # float round-off between machines and thread counts stays far below this
 METRIC_RTOL = 1e-9
-PROBE_SHAPE = {"classes": 3, "side": 8, "train": 48, "queries": 4}
+PROBE_SHAPE = {"classes": 3, "side": 8, "train": 48, "queries": 4, "epochs": 4}
 
 
 def _probe_problem():
-    """A small CNN trained by a few full-batch gradient steps on seeded data (deterministic on one thread)."""
+    """A small CNN trained for a few epochs of minibatch SGD on seeded data (deterministic on one thread), with its
+    training trajectory, so solvers that attribute through training are probed too."""
+    from ..setup.config import TrainRecipe
+    from ..setup.training import train
+    from .solver import Trajectory
+
     c, side, n, q = (PROBE_SHAPE[k] for k in ("classes", "side", "train", "queries"))
     gen = torch.Generator().manual_seed(20261130)
     x = torch.randn(n + q, 1, side, side, generator=gen)
@@ -40,12 +46,24 @@ def _probe_problem():
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(7)
         model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * (side - 2) ** 2, c))
-    opt = torch.optim.SGD(model.parameters(), lr=0.2)
-    for _ in range(30):
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x[:n]), y[:n]).backward()
-        opt.step()
-    return model.eval(), x[:n], y[:n], x[n:], y[n:], c
+    states, rates = [], []
+
+    def keep(epoch, m, schedule):
+        states.append({k: v.detach().clone() for k, v in m.state_dict().items()})
+        if epoch:
+            rates.append(schedule)
+
+    recipe = TrainRecipe(epochs=PROBE_SHAPE["epochs"], batch_size=12, lr=0.1, momentum=0.9, weight_decay=1e-3)
+    train(model, x[:n], y[:n], recipe, seed=7, on_epoch=keep)
+
+    def checkpoint(epoch: int) -> nn.Module:
+        with torch.random.fork_rng(devices=[]):
+            copy = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * (side - 2) ** 2, c))
+        copy.load_state_dict(states[epoch])
+        return copy.eval()
+
+    trajectory = Trajectory(recipe.epochs, checkpoint, np.asarray(rates, dtype=np.float64))
+    return model.eval(), x[:n], y[:n], x[n:], y[n:], c, trajectory
 
 
 def _round(values, digits: int = 8) -> list[float]:
@@ -57,11 +75,14 @@ def solver_probe(cls, params: dict) -> dict:
     """Scores and self-scores of ``cls(**params)`` on the probe problem (or the error it raises there)."""
     from .solver import Task
 
-    before = torch.get_num_threads()
+    import os
+
+    before, bars = torch.get_num_threads(), os.environ.get("TDABENCH_PROGRESS")
     torch.set_num_threads(1)
+    os.environ["TDABENCH_PROGRESS"] = "0"  # a probe takes seconds: no progress bars
     try:
-        model, tx, ty, qx, qy, classes = _probe_problem()
-        solver = cls(**params).fit(Task(model, tx, ty, classes, "margin", seed=0))
+        model, tx, ty, qx, qy, classes, trajectory = _probe_problem()
+        solver = cls(**params).fit(Task(model, tx, ty, classes, "margin", seed=0, trajectory=trajectory))
         scores = solver.scores(qx, qy, tx, ty)
         selfs = solver.self_scores(tx, ty)
         return {"scores": _round(scores), "self_scores": _round(selfs)}
@@ -69,6 +90,10 @@ def solver_probe(cls, params: dict) -> dict:
         return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"}
     finally:
         torch.set_num_threads(before)
+        if bars is None:
+            os.environ.pop("TDABENCH_PROGRESS", None)
+        else:
+            os.environ["TDABENCH_PROGRESS"] = bars
 
 
 @functools.lru_cache(maxsize=1)

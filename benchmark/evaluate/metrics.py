@@ -93,10 +93,19 @@ def lds_per_query(scores, masks, target) -> np.ndarray:
     ``target``: (M, Q) ground-truth outputs (already averaged over seed replicas). A query whose target
     or prediction is constant over subsets gets NaN.
     """
-    target = np.asarray(target, dtype=np.float64)
-    pred = subset_predictions(scores, masks)
+    return lds_from_predictions(subset_predictions(scores, masks), target)
+
+
+def lds_from_predictions(predictions, target) -> np.ndarray:
+    """(Q,) Spearman correlation over the M subsets between the predicted ``predictions[j, q]`` =
+    Σ_{i∈S_j} τ(q, i) and ``target[j, q]``; NaN where either is constant over subsets."""
+    pred, target = _as_numpy(predictions), np.asarray(target, dtype=np.float64)
     if target.shape != pred.shape:
         raise ValueError(f"target {target.shape} does not match (subsets, queries) = {pred.shape}")
+    if not np.isfinite(pred).all():
+        bad = int((~np.isfinite(pred)).any(axis=0).sum())
+        raise ValueError(f"{bad} queries have non-finite influence scores (NaN or inf); the solver diverged "
+                         f"or its damping is too small")
     return spearman_rows(pred.T, target.T)
 
 

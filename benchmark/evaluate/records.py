@@ -25,6 +25,7 @@ import numpy as np
 
 from ..groundtruth import artifact as gt_artifact
 from ..groundtruth import mislabel as mislabel_mod
+from ..groundtruth import zoo as zoo_mod
 from ..groundtruth.artifact import GroundTruth
 from ..setup import settings as settings_mod
 from ..setup.artifacts import MANIFEST, ArtifactError, code_version, environment, read_json, write_json
@@ -205,6 +206,7 @@ def stale_reasons(record: dict, store: ResultsStore, setting: settings_mod.Setti
                         why.append("the target the ground truth yields now differs from the one scored against")
                 except ArtifactError as exc:
                     why.append(f"its ground truth does not verify: {str(exc).splitlines()[0]}")
+        why += _explained_reasons(store, setting, lds.get("explained"))
         if why:
             reasons["lds"] = why
     if "mislabel" in record:
@@ -221,6 +223,19 @@ def stale_reasons(record: dict, store: ResultsStore, setting: settings_mod.Setti
         if why:
             reasons["mislabel"] = why
     return reasons
+
+
+def _explained_reasons(store: ResultsStore, setting: settings_mod.Setting, explained: dict | None) -> list[str]:
+    """Models explained from the zoo must still be the zoo's, file for file."""
+    if not explained or explained.get("source") != "zoo":
+        return []
+    try:
+        zoo = zoo_mod.load(store, setting, min_models=max(explained["models"]) + 1)
+    except ArtifactError as exc:
+        return [f"its explained models are no longer in the zoo: {str(exc).splitlines()[0]}"]
+    if zoo.reference(explained["models"])["used_files_hash"] != explained.get("used_files_hash"):
+        return ["the zoo models it explained changed"]
+    return []
 
 
 def chosen_params(store: ResultsStore, setting: settings_mod.Setting, cls: type[Solver]) -> tuple[dict, str]:
@@ -243,12 +258,31 @@ def _summary_cost(record: dict) -> dict:
 
 # ---------------------------------------------------------------- running
 
-def lds_section(store: ResultsStore, gt: GroundTruth, method, params: dict | None = None, **kw) -> dict:
+EXPLAIN = ("ground truth", "zoo")
+
+
+def explained_models(store: ResultsStore, gt: GroundTruth, source: str, n: int) -> engine.Explained:
+    """The ``n`` models to explain: the ground truth's full-data models, or the zoo's (seeds no replica uses)."""
+    if source == "zoo":
+        return engine.Explained.from_zoo(zoo_mod.load(store, gt.setting, min_models=n), n)
+    if source != "ground truth":
+        raise RunError(f"explained models come from {' or '.join(EXPLAIN)}, not {source!r}")
+    return engine.Explained.from_ground_truth(gt, n)
+
+
+def lds_section(store: ResultsStore, gt: GroundTruth, method, params: dict | None = None, *,
+                explain: str = "ground truth", ensemble: int = 1, **kw) -> dict:
     """An evaluated ``lds`` section with the references and fingerprint that keep it honest."""
     if method is LOSS:
         raise RunError("the training-loss baseline ranks training points; it has no LDS")
-    section = engine.evaluate_random_lds(gt) if method is RANDOM else engine.evaluate_lds(gt, method, params, **kw)
-    section["ground_truth"] = gt_reference(store, gt.root, section["replicas"], section["ensemble"])
+    if method is RANDOM:
+        section = engine.evaluate_random_lds(gt)
+        explained = None
+    else:
+        explained = explained_models(store, gt, explain, ensemble)
+        section = engine.evaluate_lds(gt, method, params, explained=explained, **kw)
+    used = 1 if explained is None else explained.ground_truth_models
+    section["ground_truth"] = gt_reference(store, gt.root, section["replicas"], used)
     section["ground_truth"]["target_sha256"] = section["target_sha256"] = target_hash(gt, section)
     section["fingerprint"] = section_fingerprint(method, section.get("params"))
     return section
@@ -264,8 +298,8 @@ def mislabel_section(store: ResultsStore, art: mislabel_mod.MislabelArtifact, me
 
 def run(store: ResultsStore, setting: settings_mod.Setting, method, params: dict | None = None, *, tasks=None,
         search: bool = True, grid: dict | None = None, search_queries: int | None = None, ensemble: int = 1,
-        measurement: str | None = None, version: str | None = None, device=None, write: bool = True,
-        log=print) -> dict:
+        explain: str = "ground truth", measurement: str | None = None, version: str | None = None, device=None,
+        write: bool = True, log=print) -> dict:
     """Evaluate ``method`` (a Solver class or a baseline) on ``setting`` and write its run record.
 
     ``tasks``: any of "lds", "mislabel"; default: LDS, plus mislabel when its artifact exists. Sections not
@@ -305,7 +339,8 @@ def run(store: ResultsStore, setting: settings_mod.Setting, method, params: dict
         if not isinstance(method, Baseline):
             log(f"{setting.name} / {name}: LDS" + (" (grid search on validation queries)" if search else ""))
         record["lds"] = lds_section(store, gt, method, params, search=search, grid=grid, search_queries=search_queries,
-                                    ensemble=ensemble, measurement=measurement, device=device, log=log)
+                                    ensemble=ensemble, explain=explain, measurement=measurement, device=device,
+                                    log=log)
     # Self-influence uses the parameters chosen for LDS: a mislabel section made with others (e.g. the
     # defaults, before the ground truth existed) is redone once LDS has chosen.
     if ("lds" in record and "mislabel" not in tasks and not isinstance(method, Baseline) and old and "mislabel" in old

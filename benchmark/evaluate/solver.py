@@ -23,13 +23,14 @@ import os
 from dataclasses import dataclass, field
 from typing import Callable, ClassVar
 
+import numpy as np
 import torch
 from torch import nn
 
 from .. import core
 from ..core import CurvatureCache, SolverError  # SolverError is raised by the math below too; re-exported here
 
-__all__ = ["Task", "Solver", "SolverError", "DAMPING_GRID", "scores_many"]
+__all__ = ["Task", "Trajectory", "Solver", "SolverError", "DAMPING_GRID", "scores_many", "subset_predictions"]
 
 # Memory the generic chunked scores may use for gradient blocks (query and train chunks together). Every
 # block of queries costs one pass over the training set, so a large model on a large GPU wants a larger
@@ -55,13 +56,25 @@ DAMPING_GRID = [1e-4, 1e-3, 1e-2, 1e-1, 1.0]
 
 
 @dataclass
+class Trajectory:
+    """How an explained model was trained, for solvers that attribute through training (TracIn, SOURCE): its
+    weights after each epoch (``checkpoint(0)`` is the initialisation, ``checkpoint(epochs)`` the model) and the
+    learning rate of every SGD step, epoch by epoch."""
+
+    epochs: int
+    checkpoint: Callable[[int], nn.Module]
+    learning_rates: np.ndarray  # (epochs, steps per epoch)
+
+
+@dataclass
 class Task:
     """Everything a solver needs about the explained model.
 
     ``train_x``/``train_y`` are the data the curvature is fitted on (the model's own training data).
     ``measurement`` names the query function f: "margin" (default) or "loss".
     ``cache`` holds damping-independent curvature across fits: give the fits of one grid search the same cache
-    (the evaluation does), and the curvature is built once. A Task describes one fixed model: do not change the
+    (the evaluation does), and the curvature is built once. ``trajectory`` is the model's training run when it
+    is known (explained models from the zoo); solvers that need it refuse a task without one. A Task describes one fixed model: do not change the
     model's weights after creating it (the cache is keyed by the content of the model and data).
     """
 
@@ -73,6 +86,7 @@ class Task:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     seed: int = 0  # for solvers that sample (LiSSA mini-batches, random projections)
     cache: CurvatureCache = field(default_factory=CurvatureCache)
+    trajectory: Trajectory | None = None  # where the explained model comes from the zoo
 
     def fingerprint(self) -> str:
         """Content hash of the model and its training data (cached on first use)."""
@@ -108,6 +122,9 @@ class Solver:
     # that sweep the training set per IHVP iteration). `tdabench run` still runs it when asked.
     leaderboard_max_params: ClassVar[int | None] = None
     memory_budget_mb: ClassVar[float | None] = None  # None: $TDABENCH_SCORE_MEMORY_MB, else 1024
+    # Largest batch of vectors per ihvp call, for solvers whose ihvp iterates over the training set (CG,
+    # LiSSA): their cost is the same in small blocks, and a progress bar then moves between blocks.
+    ihvp_block: ClassVar[int | None] = None
 
     @classmethod
     def accepted(cls) -> set[str]:
@@ -161,6 +178,36 @@ class Solver:
         """(B, P) flat vectors -> (B, P) approximations of (G + λI)⁻¹ v."""
         raise NotImplementedError
 
+    # Every score is bilinear: τ(q, i) = −⟨query_features(q), train_features(i)⟩. By default the train features
+    # are the per-example loss gradients over the attributed parameters and the query features their
+    # preconditioned query gradients (G + λI)⁻¹∇f(z_q); a solver with another structure (random projections,
+    # several checkpoints) overrides the pair, and every scoring path — full scores, the subset sums LDS needs,
+    # a grid's shared pass — follows.
+    def train_features(self, train_x: torch.Tensor, train_y: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        """(n, D) right-hand factors b(zᵢ) of the score, for a block of training points starting at example
+        ``offset`` (for error messages)."""
+        g = core.per_sample_grads(self.functional(), train_x, train_y, "loss")
+        core.check_finite(g, "train loss gradient", offset)
+        return g
+
+    def query_features(self, query_x: torch.Tensor, query_y: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        """(Q, D) left-hand factors a(z_q) of the score, for a block of queries starting at query ``offset``."""
+        task, fm = self._require_fit(), self.functional()
+        g = core.per_sample_grads(fm, query_x, query_y, task.measurement)
+        core.check_finite(g, f"query gradient ({task.measurement})", offset)
+        r = self.ihvp(g)
+        core.check_finite(r, f"inverse-curvature product of a query gradient ({self.name})", offset)
+        return r.to(fm.dtype)
+
+    def feature_key(self) -> tuple:
+        """Solvers fitted to one model whose ``feature_key`` is equal have equal train features, so they share a
+        pass over the training set (a damping grid does)."""
+        return ("loss-gradients", None if self.attributed is None else tuple(self.attributed))
+
+    def feature_dim(self) -> int:
+        """D, the length of a feature vector (for the memory budget)."""
+        return self._count(self._require_fit().model, self.attributed)
+
     # -- provided -----------------------------------------------------------------------------
     def functional(self, dtype=None) -> core.FunctionalModel:
         """The explained model as pure functions of its attributed parameters."""
@@ -203,13 +250,13 @@ class Solver:
         return value
 
     def chunk_sizes(self, query_chunk: int | None = None, train_chunk: int | None = None) -> tuple[int, int]:
-        """Rows of (P,)-vectors per block. The query block (gradients + their IHVPs) gets 3/4 of the budget,
-        because every query block costs one more pass of train gradients (1 GiB holds 2,000 preconditioned
-        queries of the 46,730-parameter MNIST CNN: one pass); the train block gets 1/4."""
-        P = self._count(self._require_fit().model, self.attributed)
-        row = 4 * P  # bytes of one float32 gradient
+        """Rows of (P,)-vectors per block, from the memory budget. The query block (gradients + their IHVPs)
+        gets 3/4 of it, because with full scores every query block costs one more pass of train gradients
+        (1 GiB holds 2,000 preconditioned queries of the 46,730-parameter MNIST CNN: one pass); the train block
+        gets 1/4. Iterative solvers cap a block at ``ihvp_block`` rows so their progress bars move."""
+        row = 4 * self.feature_dim()  # bytes of one float32 feature vector
         budget = int((self.memory_budget_mb or score_memory_budget_mb()) * 2**20)
-        q = query_chunk or max(1, min(8192, budget * 3 // 4 // (2 * row)))
+        q = query_chunk or max(1, min(8192, self.ihvp_block or 8192, budget * 3 // 4 // (2 * row)))
         t = train_chunk or max(1, min(4096, budget // 4 // row))
         return int(q), int(t)
 
@@ -226,9 +273,10 @@ class Solver:
     def self_scores(self, train_x: torch.Tensor, train_y: torch.Tensor, *,
                     train_chunk: int | None = None) -> torch.Tensor:
         """(N,) self-influence ∇L(zᵢ)ᵀ (G + λI)⁻¹ ∇L(zᵢ)."""
-        task = self._require_fit()
+        self._require_fit()
         fm = self.functional()
         _, tc = self.chunk_sizes(None, train_chunk)
+        tc = min(tc, self.ihvp_block or tc)
         out = torch.empty(len(train_y), dtype=torch.float32)
         for ts in core.chunks(len(train_y), tc, desc=f"self-influence ({self.name})"):
             g = core.per_sample_grads(fm, train_x[ts], train_y[ts], "loss")
@@ -236,6 +284,18 @@ class Solver:
             r = self.ihvp(g)
             core.check_finite(r, f"inverse-curvature product of a train gradient ({self.name})", ts.start)
             out[ts] = (g.double() * r.double()).sum(-1).float().cpu()
+        return out
+
+    def all_query_features(self, query_x: torch.Tensor, query_y: torch.Tensor, *, query_chunk: int | None = None,
+                           desc: str | None = None) -> torch.Tensor:
+        """(Q, D) float64 query features, a block at a time (a progress bar with ``desc``)."""
+        qc, _ = self.chunk_sizes(query_chunk, None)
+        out = None
+        for qs in core.chunks(len(query_y), qc, desc=desc):
+            a = _checked(self.query_features(query_x[qs], query_y[qs], qs.start), self, qs.start).double().cpu()
+            if out is None:
+                out = torch.empty(len(query_y), a.shape[1], dtype=torch.float64)
+            out[qs] = a
         return out
 
     def info(self) -> dict:
@@ -268,7 +328,7 @@ def scores_many(solvers: list[Solver], query_x: torch.Tensor, query_y: torch.Ten
         return []
     first, task = solvers[0], solvers[0]._require_fit()
     shareable = all(type(s).scores is Solver.scores and s._require_fit().model is task.model
-                    and s.attributed == first.attributed for s in solvers)
+                    and s.feature_key() == first.feature_key() for s in solvers)
     if not shareable or len(solvers) == 1:
         return [s.scores(query_x, query_y, train_x, train_y, query_chunk=query_chunk, train_chunk=train_chunk)
                 for s in solvers]
@@ -277,32 +337,84 @@ def scores_many(solvers: list[Solver], query_x: torch.Tensor, query_y: torch.Ten
 
 def _scores_in_one_pass(solvers: list[Solver], query_x, query_y, train_x, train_y, query_chunk, train_chunk
                         ) -> list[torch.Tensor]:
-    """The generic chunked scores of one or more solvers on one model: per block of queries, their gradients
-    and each solver's IHVPs; then one pass of train gradients, dotted with all of them."""
-    first, task = solvers[0], solvers[0]._require_fit()
-    fm = first.functional()
+    """The chunked scores of one or more solvers with the same train features: per block of queries, each
+    solver's query features; then one pass of train features, dotted with all of them."""
+    first = solvers[0]
     qc, tc = first.chunk_sizes(query_chunk, train_chunk)
-    if query_chunk is None:  # the query block holds every solver's preconditioned queries
+    if query_chunk is None:  # the query block holds every solver's query features
         qc = max(1, qc // len(solvers))
     outs = [torch.empty(len(query_y), len(train_y), dtype=torch.float32) for _ in solvers]
     passes = -(-len(query_y) // qc)
     configs = f", {len(solvers)} configurations" if len(solvers) > 1 else ""
     for p, qs in enumerate(core.chunks(len(query_y), qc)):
-        gqs = {}  # one query gradient per measurement the solvers use
-        for m in dict.fromkeys(s.task.measurement for s in solvers):
-            gqs[m] = core.per_sample_grads(fm, query_x[qs], query_y[qs], m)
-            core.check_finite(gqs[m], f"query gradient ({m})", qs.start)
-        rqs, rows = [], qs.stop - qs.start
-        for s in solvers:
-            rq = s.ihvp(gqs[s.task.measurement])
-            core.check_finite(rq, f"inverse-curvature product of a query gradient ({s.name})", qs.start)
-            rqs.append(rq.to(fm.dtype))
-        stacked = torch.cat(rqs)
+        stacked = torch.cat([_checked(s.query_features(query_x[qs], query_y[qs], qs.start), s, qs.start)
+                             for s in solvers])
+        rows = qs.stop - qs.start
         desc = f"scores ({first.name}{configs}): queries {qs.start}-{qs.stop} of {len(query_y)}, pass {p + 1}/{passes}"
         for ts in core.chunks(len(train_y), tc, desc=desc):
-            gt = core.per_sample_grads(fm, train_x[ts], train_y[ts], "loss")
-            core.check_finite(gt, "train loss gradient", ts.start)
-            block = -(stacked @ gt.T).float().cpu()
+            b = _checked(first.train_features(train_x[ts], train_y[ts], ts.start), first, ts.start)
+            block = -(stacked @ b.to(stacked.dtype).T).float().cpu()
             for j, out in enumerate(outs):
                 out[qs, ts] = block[j * rows:(j + 1) * rows]
     return outs
+
+
+def _checked(features: torch.Tensor, solver: Solver, offset: int) -> torch.Tensor:
+    """Features of a solver that defines its own are checked here too: NaN/Inf is a clear error naming the example."""
+    core.check_finite(features, f"feature ({solver.name})", offset)
+    return features
+
+
+def membership_key(membership: torch.Tensor) -> str:
+    """A short content hash of a (M, N) membership matrix (which training points each subset holds)."""
+    import hashlib
+
+    return hashlib.blake2b(membership.detach().cpu().numpy().tobytes(), digest_size=12).hexdigest()
+
+
+def train_subset_sums(solver: Solver, train_x: torch.Tensor, train_y: torch.Tensor, membership: torch.Tensor, *,
+                      train_chunk: int | None = None) -> torch.Tensor:
+    """(M, D) float64: Σᵢ membership[m, i] · train_features(zᵢ) — one pass over the training set, memoised in the
+    run's cache for every solver of the same model with the same ``feature_key``."""
+    task = solver._require_fit()
+    _, tc = solver.chunk_sizes(None, train_chunk)
+    weights = membership.to(torch.float64)
+
+    def build():
+        sums = None
+        for ts in core.chunks(len(train_y), tc, desc="train features, summed per subset"):
+            b = _checked(solver.train_features(train_x[ts], train_y[ts], ts.start), solver, ts.start).double().cpu()
+            sums = weights[:, ts] @ b if sums is None else sums + weights[:, ts] @ b
+        return sums
+
+    # keyed like solver.cached, but not charged to the solver's fit: this is scoring work
+    key = (task.fingerprint(), str(task.device), "train-subset-sums", solver.feature_key(), membership_key(membership),
+           core.fingerprint(nn.Identity(), train_x, train_y))
+    return task.cache.get(key, build)[0]
+
+
+def subset_predictions(solvers: list[Solver], query_x: torch.Tensor, query_y: torch.Tensor, train_x: torch.Tensor,
+                       train_y: torch.Tensor, membership: torch.Tensor, *, query_chunk: int | None = None,
+                       train_chunk: int | None = None) -> list[torch.Tensor]:
+    """For each solver, the (M, Q) predictions g(q, Sₘ) = Σᵢ membership[m, i] τ(q, i) that LDS compares with
+    the ground truth.
+
+    τ(q, i) = −⟨a(q), b(zᵢ)⟩ is linear in the train features (by default b = ∇L(zᵢ), a = (G + λI)⁻¹∇f(z_q)), so
+    Σ_{i∈S} τ(q, i) = −⟨a(q), Σ_{i∈S} b(zᵢ)⟩: the subset sums of the train features (M × D) are taken in one pass
+    per model (:func:`train_subset_sums`, shared by every configuration and every query set of the run), and each
+    query then costs its features and M dot products instead of N. Solvers that override ``scores`` itself are
+    scored in full and summed.
+    """
+    weights = membership.to(torch.float64)
+    out = []
+    for s in solvers:
+        s._require_fit()
+        if type(s).scores is not Solver.scores:
+            out.append(weights @ s.scores(query_x, query_y, train_x, train_y, query_chunk=query_chunk,
+                                          train_chunk=train_chunk).double().cpu().T)
+            continue
+        sums = train_subset_sums(s, train_x, train_y, weights, train_chunk=train_chunk)
+        a = s.all_query_features(query_x, query_y, query_chunk=query_chunk,
+                                 desc=f"query features of {len(query_y):,} queries ({s.name})")
+        out.append(-(sums @ a.T))
+    return out

@@ -2,7 +2,8 @@
 
 - :mod:`.protocol`: which subsets, queries and units a ground-truth protocol means;
 - :mod:`.artifact`: opening and verifying a ground truth (:class:`GroundTruth`);
-- :mod:`.build`: building, resuming and repairing one; :mod:`.executors`: where its units run (local, Ray);
+- :mod:`.builder`: building, resuming and repairing one; :mod:`.executors`: where its units run (local, Ray);
+- :mod:`.reproduce`: retraining committed units and comparing them with the artifact and its seed noise;
 - :mod:`.index`: the pinned root hash of every finished artifact;
 - :mod:`.mislabel`: the corrupted-label models of mislabel detection;
 - :mod:`.zoo`: explained models by seed, with per-epoch checkpoints.

@@ -116,10 +116,15 @@ def _evaluate_unit(model, data, eval_idx, unit: Unit, device) -> tuple:
 
 def run_job(job: Job) -> list[dict]:
     """Train the job's units, write each unit's files atomically, return small summaries."""
+    from ..setup.training import worker_training
+
+    with worker_training(job.threads):
+        return _run_job(job)
+
+
+def _run_job(job: Job) -> list[dict]:
     from ..setup.training import train_batched
 
-    if job.threads:
-        torch.set_num_threads(job.threads)
     setting, device, root = job.setting, torch.device(job.device), Path(job.root)
     hw = json.dumps(hardware(device), sort_keys=True)
 

@@ -107,10 +107,15 @@ class ZooJob:
 
 
 def run_zoo_job(job: ZooJob) -> list[dict]:
+    from ..setup.training import worker_training
+
+    with worker_training(job.threads):
+        return _run_zoo_job(job)
+
+
+def _run_zoo_job(job: ZooJob) -> list[dict]:
     from ..setup.training import evaluate, train
 
-    if job.threads:
-        torch.set_num_threads(job.threads)
     setting = job.setting
     data = setting.data()
     device = torch.device(job.device)

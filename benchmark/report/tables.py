@@ -35,9 +35,14 @@ def _line(label: str, lds: dict, paper: float | None) -> str:
 
 def _protocol_note(lds: dict) -> str:
     used = lds["ground_truth"]
+    explained = lds.get("explained") or {"source": "ground truth", "models": list(range(lds.get("ensemble", 1)))}
+    models = ", ".join(str(k) for k in explained["models"])
+    source = (f"zoo models {models} (no seed shared with the target)" if explained["source"] == "zoo" else
+              f"the ground truth's full-data model(s) {models} (model k shares its seed with replica k)")
     note = (f"LDS: Spearman over {lds['subsets']} subsets, mean over {lds['queries']} queries, measurement "
-            f"{lds['measurement']}, target = mean of replicas {used['replicas']}; hyper-parameters chosen on "
-            f"validation queries. Ground truth {used['path']} (root hash {used['root_hash'][:12]}…).")
+            f"{lds['measurement']}, target = mean of replicas {used['replicas']}; explained: {source}; "
+            f"hyper-parameters chosen on validation queries. Ground truth {used['path']} (root hash "
+            f"{used['root_hash'][:12]}…).")
     if not used["complete"]:
         note += (f"\n* evaluated on an INCOMPLETE ground truth ({used['units_done']}/{used['units_total']} units): "
                  f"the paper comparison is provisional")
@@ -154,4 +159,44 @@ def gap_table(rec: dict) -> str:
         lines += ["", f"Chosen on validation ({r['rule']}): {r['params']}, ensemble of {r['ensemble']}, "
                       f"measurement {r['measurement']}. On the {r['queries']} reported queries: LDS {lds['mean']:.3f} ± "
                       f"{lds['se']:.3f} [{lds['ci_low']:.3f}, {lds['ci_high']:.3f}]{ceil}."]
+    return "\n".join(lines)
+
+
+def reproduce_table(rep: dict) -> str:
+    """Retrained ground-truth units beside the committed ones and the seed-noise yardstick, with the verdicts."""
+    o = rep["overall"]
+    lines = [f"Reproducing {rep['setting']} ground truth {rep['artifact']} (root hash {rep['root_hash'][:12]}…): "
+             f"{o['units']} unit(s) retrained from their recorded seeds on {rep['device']} ({rep['executor']})",
+             "query margins (reported + validation columns), retrain vs committed unit | the same between two seeds of "
+             "the same subset, from the artifact (mean over its pairs) | the retrain's fraction of that seed noise",
+             f"{'unit':10s} {'seconds':>7s} {'bitwise':>9s} {'Pearson':>8s} {'Spearman':>8s} {'mean|Δ|':>8s} "
+             f"{'max|Δ|':>7s} | {'Pearson':>8s} {'Spearman':>8s} {'mean|Δ|':>8s} | {'|Δ|':>5s} {'1-r':>5s} | "
+             f"{'query acc.':>15s}  verdict"]
+
+    def row(label, seconds, bitwise, s, y, f, acc, verdict):
+        return (f"{label:10s} {seconds:>7s} {bitwise:>9s} {s['pearson']:>8.4f} {s['spearman']:>8.4f} "
+                f"{s['mean_abs_diff']:>8.4f} {s['max_abs_diff']:>7.3f} | {y['pearson']:>8.4f} {y['spearman']:>8.4f} "
+                f"{y['mean_abs_diff']:>8.4f} | {f['mean_abs_diff']:>5.2f} {f['disagreement']:>5.2f} | {acc:>15s}  {verdict}")
+
+    for u in rep["units"]:
+        acc = u["query_accuracy"]
+        lines.append(row(u["unit"], f"{u['seconds']:.3g}", "identical" if u["identical"] else "differs", u,
+                         u["yardstick"], u["fraction_of_yardstick"],
+                         f"{acc['committed']:.4f}→{acc['retrained']:.4f}", u["verdict"]))
+    counts = ", ".join(f"{n} {v}" for v, n in o["verdicts"].items() if n)
+    lines.append(row("mean", f"{o['seconds'] / max(o['units'], 1):.3g}", f"{o['identical']}/{o['units']}", o,
+                     o["yardstick"], o["fraction_of_yardstick"], "", ""))
+    for u in rep["units"]:
+        if u["test_accuracy"] is not None:
+            t = u["test_accuracy"]
+            lines.append(f"{u['unit']}: weights {'identical' if u['weights_identical'] else 'differ'}"
+                         + ("" if u["max_weight_diff"] is None else f" (max |Δw| {u['max_weight_diff']:.3g})")
+                         + f"; full test accuracy {t['committed']:.4f} committed, {t['retrained']:.4f} retrained")
+    committed = sorted({u["committed_hardware"] for u in rep["units"]})
+    here = sorted({u["hardware"] for u in rep["units"]})
+    lines += [f"committed units trained on: {' | '.join(committed)}", f"retrains trained on: {' | '.join(here)}",
+              f"rule: {rep['rule']}"]
+    if rep.get("note"):
+        lines.append(f"note: {rep['note']}")
+    lines.append(f"verdict: {o['verdict'].upper()} ({counts}; {o['seconds']:.3g} s of training in all)")
     return "\n".join(lines)

@@ -12,8 +12,10 @@ model, yet tiny models (logistic regression) are per-step overhead that vmap amo
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from typing import Sequence
+import os
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +30,31 @@ ORDER_SEED_OFFSET = 0x5EED  # data order and initialisation come from different 
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@contextlib.contextmanager
+def worker_training(threads: int = 0) -> Iterator[None]:
+    """How ground-truth, zoo and retrain workers train: with ``threads`` torch threads (0: as they are) and torch's
+    deterministic algorithms, so that one machine gives the same bits every time it trains the same unit.
+
+    On a CPU the kernels these models use are already deterministic for a fixed thread count, so this changes no
+    number there (tests/test_training.py checks it bitwise); on a GPU it makes cuDNN and cuBLAS pick deterministic
+    kernels (cuBLAS needs its workspace setting before its first call). ``warn_only``: an op without a
+    deterministic kernel warns instead of failing the build. Across machines nothing is promised: other vector
+    instructions or another GPU round differently, and SGD amplifies the difference (docs/ground-truth.md).
+    Everything is restored on exit, so an in-process worker leaves its caller as it found it.
+    """
+    before = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),
+              torch.is_deterministic_algorithms_warn_only_enabled())
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    if threads:
+        torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before[0])
+        torch.use_deterministic_algorithms(before[1], warn_only=before[2])
 
 
 def choose_trainer(setting, device: torch.device, n_models: int, models: int = 4, steps: int = 4) -> tuple[str, dict]:

@@ -42,12 +42,15 @@ from ..core.stats import mean_se, noise_ceiling
 from ..evaluate import engine, metrics, records
 from ..evaluate.cost import Cost, machine_load
 from ..groundtruth import artifact as gt_artifact
+from ..groundtruth import zoo as zoo_mod
 from ..groundtruth.artifact import GroundTruth
 from ..groundtruth.protocol import checkpoint_file
 from ..setup import settings as settings_mod
 from ..setup.artifacts import MANIFEST, ArtifactError, code_version, environment, load_safetensors, read_json, write_json
 from ..setup.store import ResultsStore
 
+# Bump when the study measures other rows (a stored study of another version is never reused).
+STUDY_VERSION = 2  # 2: the explained model's seed (coupling) rows
 STUDY_NOTE = "Δ paired to the benchmark's artifact restricted to the study's subsets and replicas (the row above)"
 
 
@@ -165,13 +168,15 @@ def study(store: ResultsStore, setting: settings_mod.Setting, cls, params: dict 
     for o, (factor, _, _) in zip(studies, study_labels):
         log(f"  study artifact {store.relative(o.root)}: {factor}")
 
+    zoo = _zoo(store, setting, k_max, log)
     cost = Cost(device)
     cache = core.CurvatureCache()
 
     def fitted(p, model, measurement="margin"):
         return engine.fit(cls, p, [model], tx, ty, data.num_classes, measurement, device, cost, "fit", cache)
 
-    margin_scores, loss_scores = [], None
+    membership = torch.from_numpy(gt.masks)  # study artifacts hold the first m of these subsets (checked)
+    margin_preds, loss_preds = [], None
     for k in range(k_max):
         model = gt.full_model(k)
         t0 = time.perf_counter()
@@ -180,17 +185,23 @@ def study(store: ResultsStore, setting: settings_mod.Setting, cls, params: dict 
             configs.append(fitted(params, model, "loss"))
             configs += [fitted({**params, "damping": d}, model) for d in dampings]
             configs += [fitted(params, o.full_model(0)) for o in to_fit]
-        out = [sc.numpy() for sc in engine.ensemble_scores(configs, vx, vy, tx, ty, cost, "score")]
-        margin_scores.append(out[0])
+        out = [p.numpy() for p in engine.ensemble_predictions(configs, vx, vy, tx, ty, membership, cost, "score")]
+        margin_preds.append(out[0])
         if k == 0:
-            loss_scores, damping_scores = out[1], dict(zip(dampings, out[2:2 + len(dampings)]))
-            study_scores = dict(zip([str(o.root) for o in to_fit], out[2 + len(dampings):]))
+            loss_preds, damping_preds = out[1], dict(zip(dampings, out[2:2 + len(dampings)]))
+            study_preds = dict(zip([str(o.root) for o in to_fit], out[2 + len(dampings):]))
         del configs, out
         log(f"  full model {k}: fitted and scored in {time.perf_counter() - t0:.0f} s")
+    zoo_preds = []
+    for k in range(k_max if zoo is not None else 0):  # the same, for models that share no seed with the target
+        t0 = time.perf_counter()
+        zoo_preds.append(engine.ensemble_predictions([fitted(params, zoo.model(k))], vx, vy, tx, ty, membership, cost,
+                                                     "score")[0].numpy())
+        log(f"  zoo model {k}: fitted and scored in {time.perf_counter() - t0:.0f} s")
 
     masks = gt.masks
     base_target = gt.target("margin", "validation", replicas)
-    base = metrics.lds_per_query(margin_scores[0], masks, base_target)
+    base = metrics.lds_from_predictions(margin_preds[0], base_target)
     outputs = {m: gt.outputs[m][replicas][:, :, len(gt.queries):] for m in ("margin", "loss")}
     ceilings = {m: noise_ceiling(outputs[m]) for m in outputs}
     rows = []
@@ -204,31 +215,33 @@ def study(store: ResultsStore, setting: settings_mod.Setting, cls, params: dict 
 
     for size in _sizes(len(replicas)):
         groups = _replica_groups(replicas, size)
-        per = np.nanmean([metrics.lds_per_query(margin_scores[0], masks, gt.target("margin", "validation", g))
+        per = np.nanmean([metrics.lds_from_predictions(margin_preds[0], gt.target("margin", "validation", g))
                           for g in groups], axis=0)
         add("target replicas", f"{size} seed(s) per subset", size, per,
             noise_ceiling(outputs["margin"], target_replicas=size)["lds_ceiling"],
             f"mean over {len(groups)} disjoint group(s)")
     for size in _sizes(k_max):
-        per = metrics.lds_per_query(np.mean(margin_scores[:size], axis=0), masks, base_target)
+        per = metrics.lds_from_predictions(np.mean(margin_preds[:size], axis=0), base_target)
         add("ensemble", f"{size} full model(s)", size, per)
+    if zoo_preds:
+        _coupling_rows(add, gt, replicas, margin_preds, zoo_preds, outputs["margin"])
     loss_target = gt.target("loss", "validation", replicas)
     # Matched pairs only: margin and loss move in opposite directions, so a mismatched pair only flips sign.
-    for m, sc, tg in (("margin", margin_scores[0], base_target), ("loss", loss_scores, loss_target)):
-        add("measurement", f"{m} (solver and target)", m, metrics.lds_per_query(sc, masks, tg),
+    for m, pred, tg in (("margin", margin_preds[0], base_target), ("loss", loss_preds, loss_target)):
+        add("measurement", f"{m} (solver and target)", m, metrics.lds_from_predictions(pred, tg),
             ceilings[m]["lds_ceiling"])
 
     if dampings:
         for d in sorted([*dampings, params["damping"]]):
             add("damping", f"λ={d:g}" + (" (chosen)" if d == params["damping"] else ""), d,
-                base if d == params["damping"] else metrics.lds_per_query(damping_scores[d], masks, base_target))
+                base if d == params["damping"] else metrics.lds_from_predictions(damping_preds[d], base_target))
     for o, (factor, mine, theirs) in zip(studies, study_labels):
         m, r = o.protocol.subsets, o.complete_replicas()
         mine_replicas = replicas[:len(r)]
-        matched = metrics.lds_per_query(margin_scores[0], masks[:m],
-                                        gt.target("margin", "validation", mine_replicas)[:m])
-        studied = metrics.lds_per_query(study_scores.get(str(o.root), margin_scores[0]), o.masks,
-                                        o.target("margin", "validation", r))
+        matched = metrics.lds_from_predictions(margin_preds[0][:m],
+                                               gt.target("margin", "validation", mine_replicas)[:m])
+        studied = metrics.lds_from_predictions(study_preds.get(str(o.root), margin_preds[0])[:m],
+                                               o.target("margin", "validation", r))
         mine_ceiling = noise_ceiling(gt.outputs["margin"][mine_replicas, :m, len(gt.queries):])["lds_ceiling"]
         their_ceiling = noise_ceiling(o.outputs["margin"][r][:, :, len(o.queries):])["lds_ceiling"]
         add(factor, mine, "benchmark", matched, mine_ceiling, STUDY_NOTE, against=matched)
@@ -254,6 +267,49 @@ def study(store: ResultsStore, setting: settings_mod.Setting, cls, params: dict 
     }
 
 
+def _zoo(store: ResultsStore, setting: settings_mod.Setting, n: int, log):
+    """The setting's model zoo when it holds ``n`` models, else None (the coupling rows are then left out)."""
+    try:
+        return zoo_mod.load(store, setting, min_models=n)
+    except ArtifactError as exc:
+        log(f"  no coupling rows: {str(exc).splitlines()[0]}")
+        return None
+
+
+def _coupling_rows(add, gt: GroundTruth, replicas: list[int], coupled: list, independent: list, outputs) -> None:
+    """Does an explained model that shares its seed with a replica of its target score higher? Under the shared
+    seed policy full-data model k has replica k's seed; zoo models share none. Both groups against the same
+    targets, per query averaged over the models of a group, Δ paired:
+
+    - every replica in the target: the ground truth's models (each coupled to one replica) vs zoo models;
+    - the target without replica k: full-data model k (now uncoupled) vs zoo model k — the same targets, no
+      coupling on either side, so they should agree.
+    """
+    note = "mean over models 0-{} of each group; Δ paired to the row above".format(len(coupled) - 1)
+    target = gt.target("margin", "validation", replicas)
+    with_own = np.nanmean([metrics.lds_from_predictions(p, target) for p in coupled], axis=0)
+    zoo_all = np.nanmean([metrics.lds_from_predictions(p, target) for p in independent], axis=0)
+    ceiling = noise_ceiling(outputs)["lds_ceiling"]
+    add("explained model's seed", "shares its seed with one target replica (ground truth's full models)", "coupled",
+        with_own, ceiling, note, against=with_own)
+    add("explained model's seed", "shares no seed with the target (zoo models)", "independent", zoo_all, ceiling,
+        note, against=with_own)
+    k_max = min(len(coupled), len(replicas))
+    if len(replicas) < 2:
+        return
+    others = [[r for r in replicas if r != replicas[k]] for k in range(k_max)]
+    full_minus = np.nanmean([metrics.lds_from_predictions(coupled[k], gt.target("margin", "validation", others[k]))
+                             for k in range(k_max)], axis=0)
+    zoo_minus = np.nanmean([metrics.lds_from_predictions(independent[k], gt.target("margin", "validation", others[k]))
+                            for k in range(k_max)], axis=0)
+    ceiling_minus = float(np.mean([noise_ceiling(outputs[[replicas.index(r) for r in others[k]]])["lds_ceiling"]
+                                   for k in range(k_max)]))
+    add("target without the explained model's replica", "full model k vs the target without replica k", "full",
+        full_minus, ceiling_minus, note, against=full_minus)
+    add("target without the explained model's replica", "zoo model k vs the target without replica k", "zoo",
+        zoo_minus, ceiling_minus, note, against=full_minus)
+
+
 def _study_reference(store: ResultsStore, other: GroundTruth) -> dict:
     return {"setting": other.manifest["setting"],
             **records.gt_reference(store, other.root, other.complete_replicas(), 1)}
@@ -269,9 +325,14 @@ def best_protocol(rec: dict) -> dict:
     if "damping" in params:
         # the grid search's trials were scored on the same queries and model: candidates too
         params["damping"] = best("damping", params["damping"], [{**g, "factor": "damping"} for g in grid_rows(rec)])
+    # explained models that share no seed with the target, where the zoo has them (DESIGN.md: an explained model is
+    # independent of its target); the coupling rows measure what the ground truth's own models would add
+    explain = "zoo" if any(r["factor"] == "explained model's seed" for r in rec["rows"]) else "ground truth"
     return {"params": params, "ensemble": best("ensemble", 1), "measurement": best("measurement", "margin"),
-            "rule": "each factor's level with the highest validation LDS, combined (the target keeps every replica; "
-                    "seed-policy and recipe rows inform, the reported ground truth stays the benchmark's artifact)"}
+            "explain": explain,
+            "rule": "each factor's level with the highest validation LDS, combined; explained models from the zoo "
+                    "(independent of the target) where it exists; the target keeps every replica; seed-policy and "
+                    "recipe rows inform, the reported ground truth stays the benchmark's artifact"}
 
 
 def report(store: ResultsStore, setting: settings_mod.Setting, cls, rec: dict, *, device=None, log=print) -> dict:
@@ -281,7 +342,8 @@ def report(store: ResultsStore, setting: settings_mod.Setting, cls, rec: dict, *
         f"measurement {protocol['measurement']} on the reported queries")
     gt = GroundTruth.open(store.gt / setting.name / rec["ground_truth"]["version"], setting, store=store)
     lds = records.lds_section(store, gt, cls, protocol["params"], search=False, ensemble=protocol["ensemble"],
-                              measurement=protocol["measurement"], device=device, log=log)
+                              explain=protocol["explain"], measurement=protocol["measurement"], device=device,
+                              log=log)
     lds.pop("per_query")
     return {**protocol, "queries": lds["queries"], "lds": lds, "cost": lds.pop("cost"),
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
@@ -297,7 +359,8 @@ def carried_report(store: ResultsStore, setting: settings_mod.Setting, cls, prev
     if not old:
         return None
     chosen = best_protocol(rec)
-    if any(old[k] != chosen[k] for k in ("params", "ensemble", "measurement")):
+    if any(old.get(k, "ground truth" if k == "explain" else None) != chosen[k]
+           for k in ("params", "ensemble", "measurement", "explain")):
         return None
     stale = records.stale_reasons({"format": records.RUN_FORMAT, "lds": old["lds"]}, store, setting, cls)
     return None if stale else old
@@ -318,7 +381,7 @@ def grid_rows(rec: dict) -> list[dict]:
 def _options(params, ensemble, dampings, version) -> dict:
     """What a study was asked for (to know when a stored one answers the same question)."""
     return {"params": params, "ensemble": ensemble, "dampings": sorted(float(d) for d in dampings or []),
-            "version": version}
+            "version": version, "study_version": STUDY_VERSION}
 
 
 def _reusable(store: ResultsStore, setting: settings_mod.Setting, cls, stored: dict | None, kw: dict) -> dict | None:

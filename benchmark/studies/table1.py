@@ -34,9 +34,14 @@ def compare(new: dict, old: dict) -> dict:
             "tolerance": old.get("se"), "agree": diff is not None and abs(diff) <= (old.get("se") or 0.0)}
 
 
-def recompute(store: ResultsStore, setting: settings_mod.Setting, cls, *, device=None, search_queries=None,
-              log=print) -> dict:
-    """Recompute ``cls``'s Table 1 LDS on ``setting`` from the committed ground truth; never writes a record."""
+def recompute(store: ResultsStore, setting: settings_mod.Setting, cls, *, explain: str | None = None, device=None,
+              search_queries=None, log=print) -> dict:
+    """Recompute ``cls``'s Table 1 LDS on ``setting`` from the committed ground truth; never writes a record.
+    ``explain``: where the explained model comes from (default: as in the committed record)."""
+    old = records.read_record(store, setting.name, cls.name)
+    committed_lds = (old or {}).get("lds")
+    if explain is None:
+        explain = ((committed_lds or {}).get("explained") or {}).get("source", "ground truth")
     stages = {}
     t0 = time.perf_counter()
     log(f"[1/3] verifying the ground truth of {setting.name} (every file's sha256, the pinned root hash, the "
@@ -48,13 +53,11 @@ def recompute(store: ResultsStore, setting: settings_mod.Setting, cls, *, device
     log(f"[2/3] fitting {cls.name} on the explained model and choosing its hyper-parameters on "
         f"{len(gt.validation_queries)} validation queries; [3/3] scoring {len(gt.queries)} reported queries "
         f"(progress bars below, one per pass over the training set)")
-    section = records.lds_section(store, gt, cls, None, search=True, search_queries=search_queries, device=device,
-                                  log=log)
+    section = records.lds_section(store, gt, cls, None, search=True, search_queries=search_queries, explain=explain,
+                                  device=device, log=log)
     cost = section["cost"]
     stages.update(fit_s=cost.get("fit_measured_s"), search_s=cost.get("search_s"), score_s=cost.get("score_s"),
                   total_s=time.perf_counter() - t0, peak_mb=cost.get("peak_mb"))
-    old = records.read_record(store, setting.name, cls.name)
-    committed_lds = (old or {}).get("lds")
     return {"setting": setting.name, "solver": cls.name, "recomputed": section, "committed": committed_lds,
             "committed_created": (old or {}).get("created"),
             "comparison": compare(section, committed_lds) if committed_lds else None, "stages": stages}

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import textwrap
 from pathlib import Path
 
@@ -136,6 +137,20 @@ def leaderboard(df: pd.DataFrame, records: dict, out_dir: Path, log=print) -> li
     return written
 
 
+@contextlib.contextmanager
+def house_style():
+    """The leaderboard's look (seaborn's white grid) from matplotlib's defaults, whatever was drawn before in this
+    process, and undone afterwards: the same results always give the same image files."""
+    import matplotlib
+    import seaborn as sns
+
+    _plt()
+    with matplotlib.rc_context():
+        matplotlib.rcdefaults()
+        sns.set_theme(style="whitegrid", context="notebook")
+        yield
+
+
 def solver_palette(names) -> dict:
     """One colour per solver, the same in every figure drawn from the same leaderboard."""
     import seaborn as sns
@@ -183,8 +198,8 @@ def lds_vs_cost(part: pd.DataFrame, palette: dict, out: Path) -> Path:
     drawn as horizontal lines."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5.0, 3.7))
-    rows = part[part["lds"].notna()]
-    for _, r in rows.iterrows():
+    rows = part[part["lds"].notna()].sort_values("lds")
+    for i, (_, r) in enumerate(rows.iterrows()):
         colour = palette.get(r["solver"], "grey")
         stale = "STALE" in (r["status"] or "")
         label = r["solver"] + (" (stale)" if stale else "")
@@ -194,7 +209,9 @@ def lds_vs_cost(part: pd.DataFrame, palette: dict, out: Path) -> Path:
         cost = r["fit_s"] + r["score_s"]
         ax.errorbar([cost], [r["lds"]], yerr=[[r["lds"] - r["lds_ci_low"]], [r["lds_ci_high"] - r["lds"]]], fmt="o",
                     ms=7, capsize=3, color=colour, mfc="white" if stale else colour, label=label)
-        ax.annotate(label, (cost, r["lds"]), xytext=(6, 4), textcoords="offset points", fontsize=8)
+        # neighbours in LDS get their names on alternate sides, so close points stay readable
+        ax.annotate(label, (cost, r["lds"]), xytext=(7, 3) if i % 2 else (7, -11), textcoords="offset points",
+                    fontsize=8)
     ceiling, paper = part["lds_ceiling"].dropna(), part["paper_lds"].dropna()
     if len(ceiling):
         ax.axhline(ceiling.iloc[0], color="grey", ls="--", lw=1.3, label=f"noise ceiling {ceiling.iloc[0]:.2f}")
@@ -209,7 +226,6 @@ def lds_vs_cost(part: pd.DataFrame, palette: dict, out: Path) -> Path:
     ax.set_xlabel("cost: fit + score seconds (log scale)")
     ax.set_ylabel("LDS (95% CI)")
     ax.set_title(part["setting"].iloc[0], fontsize=10)
-    ax.grid(True, which="both", alpha=0.3)
     ax.margins(x=0.12)  # room for the names beside the points
     ax.legend(fontsize=7, loc="best")
     return _save(fig, out, 110)

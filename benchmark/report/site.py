@@ -479,9 +479,10 @@ def build(store: ResultsStore, settings: list[settings_mod.Setting], df: pd.Data
     tmp = temp_dir_beside(final)
     try:
         site = _Site(store, tmp, settings, df, found, methods)
-        (tmp / "index.html").write_text(site.index())
-        for name in site.names:
-            (tmp / f"{name}.html").write_text(site.setting_page(name))
+        with figures.house_style():
+            (tmp / "index.html").write_text(site.index())
+            for name in site.names:
+                (tmp / f"{name}.html").write_text(site.setting_page(name))
         why = "not asked for"
         if screenshot:
             try:

@@ -68,6 +68,27 @@ def test_bootstrap_interval_agrees_with_normal_theory():
     assert hi == pytest.approx(v.mean() + 1.96 * se, abs=0.25 * se)
 
 
+def test_intervals_are_one_fixed_resampling():
+    """A record's interval is a function of its per-query values alone: 2000 resamples with seed 0 in every
+    summary (summarize, lds_summary, lds), so recomputing a record reproduces it to the last digit."""
+    v = np.random.default_rng(3).normal(0.2, 1.0, size=40)
+    want = metrics.bootstrap_ci(v, 0.95, 2000, 0)
+    assert want != metrics.bootstrap_ci(v, 0.95, 2000, 1) and want != metrics.bootstrap_ci(v, 0.95, 2001, 0)
+    out = metrics.summarize(v)
+    assert (out["ci_low"], out["ci_high"]) == want and out["ci_level"] == 0.95
+    summary = metrics.lds_summary(v)
+    assert (summary["ci_low"], summary["ci_high"]) == want and "undefined" not in summary
+
+
+def test_lds_of_constant_scores_is_undefined_and_says_why():
+    masks = np.array([[1, 0], [0, 1], [1, 0]], dtype=bool)  # equal-sized subsets: constant scores predict a constant
+    target = np.array([[0.0, 1.0], [0.0, 2.0], [1.0, 3.0]])
+    res = metrics.lds(np.ones((2, 2)), masks, target)
+    assert res["n"] == 0 and res["n_undefined"] == 2 and "constant" in res["undefined"]
+    one = metrics.lds(np.array([[1.0, 2.0], [1.0, 1.0]]), masks, target)  # one defined query is not undefined
+    assert one["n"] == 1 and "undefined" not in one
+
+
 def test_undefined_queries_are_counted_not_averaged():
     masks = np.array([[1, 0], [0, 1], [1, 1]], dtype=bool)
     scores = np.array([[1.0, 2.0], [1.0, 2.0]])
@@ -158,6 +179,37 @@ def test_auc_se_matches_simulation_under_the_null():
     aucs = [metrics.roc_auc(rng.random(n1 + n0), flipped) for _ in range(3000)]
     assert metrics.auc_se(0.5, n1, n0) == pytest.approx(np.std(aucs), rel=0.1)
     assert metrics.recall_se(0.5, 100) == pytest.approx(0.05)
+
+
+def test_mislabel_section_field_by_field():
+    """Every number of the mislabel section against an independent computation: recall by walking the ranking,
+    its binomial se, AUC by counting pairs, the Hanley-McNeil se with the flipped points as the positives, the
+    recall curve at every percent and its trapezoid area."""
+    rng = np.random.default_rng(5)
+    n, k = 60, 12
+    scores = np.round(rng.normal(size=n), 1)  # ties: the seeded tie-break matters
+    flipped = rng.choice(n, k, replace=False)
+    scores[flipped] += 0.8
+    out = metrics.mislabel(scores, flipped)
+    assert out["n"] == n and out["n_flipped"] == k
+    found = np.concatenate([[0], np.cumsum(np.isin(metrics.rank_descending(scores, 0), flipped))])
+    for pct in (10, 20, 30, 40, 50):
+        r = found[pct * n // 100] / k
+        assert out[f"recall_{pct}"] == pytest.approx(r)
+        assert out[f"recall_{pct}_se"] == pytest.approx(np.sqrt(r * (1 - r) / k))
+    pos, neg = scores[flipped], np.delete(scores, flipped)
+    auc = ((pos[:, None] > neg[None]).sum() + 0.5 * (pos[:, None] == neg[None]).sum()) / (k * (n - k))
+    assert out["auc"] == pytest.approx(auc)
+    q1, q2 = auc / (2 - auc), 2 * auc ** 2 / (1 + auc)
+    se = np.sqrt((auc * (1 - auc) + (k - 1) * (q1 - auc ** 2) + (n - k - 1) * (q2 - auc ** 2)) / (k * (n - k)))
+    assert out["auc_se"] == pytest.approx(se)
+    curve = [found[round(i * n / 100)] / k for i in range(101)]
+    assert out["recall_curve"]["fractions"] == pytest.approx([i / 100 for i in range(101)])
+    assert out["recall_curve"]["recall"] == pytest.approx(curve)
+    assert out["recall_curve_area"] == pytest.approx(sum(curve[i] + curve[i + 1] for i in range(100)) * 0.005)
+    # the default tie-break seed is 0, so a record made without one reproduces; here the seed changes the curve
+    assert out == metrics.mislabel(scores, flipped, seed=0)
+    assert metrics.mislabel(scores, flipped, seed=1)["recall_curve"] != out["recall_curve"]
 
 
 def test_mislabel_rejects_bad_indices():

@@ -173,6 +173,10 @@ def test_cg_and_lissa_approach_exact_as_iterations_grow():
     for J, err in zip(depths, errs):  # (plus rounding: the dense reference itself is good to ~1e-13)
         assert err <= M ** (J + 1) / damping * float(V.norm(dim=1).max()) + 1e-10 * float(ref.norm(dim=1).max())
     assert errs[-1] / float(ref.norm(dim=1).min()) < 1e-3
+    # the run record's diagnostics: that bound's factor at the solver's depth (1000), and α = 1/(μ̂ + λ)
+    info = lissa.info()
+    assert info["bound_factor"] == pytest.approx(M ** 1001 / damping, rel=1e-12)
+    assert info["alpha"] == lissa.alpha == pytest.approx(1 / (info["top_eigenvalue_estimate"] + damping), rel=1e-12)
 
 
 def test_stochastic_lissa_is_unbiased_and_averages_down():

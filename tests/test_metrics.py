@@ -98,11 +98,20 @@ def test_undefined_queries_are_counted_not_averaged():
     assert res["mean"] == pytest.approx(1.0)
 
 
+def test_subset_predictions_in_query_chunks(lds_problem):
+    """Σ_{i∈S_j} τ(q, i) for every subset and query, whatever the query chunk (here 6 queries in chunks of 4)."""
+    scores, masks, _ = lds_problem
+    want = np.array([[scores[q, masks[j]].sum() for q in range(len(scores))] for j in range(len(masks))])
+    for chunk in (4, 512):
+        np.testing.assert_allclose(metrics.subset_predictions(scores, masks, chunk=chunk), want, rtol=1e-12)
+
+
 def test_lds_rejects_bad_input(lds_problem):
     scores, masks, target = lds_problem
     bad = scores.copy()
     bad[2, 5] = np.nan
-    with pytest.raises(ValueError, match="non-finite"):
+    bad[4, :2] = np.inf
+    with pytest.raises(ValueError, match="^2 queries have non-finite"):
         metrics.lds_per_query(bad, masks, target)
     with pytest.raises(ValueError, match="do not match"):
         metrics.lds_per_query(scores[:, :-1], masks, target)

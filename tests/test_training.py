@@ -151,3 +151,42 @@ def test_replicas_of_one_subset_see_different_data_orders_under_shared_seeds():
     states = train_batched([s.model(0), s.model(0)], d.train_x, d.train_y, s.recipe,
                            [unit_seed(protocol, Unit(r, 2)) for r in (0, 1)], [idx, idx])
     assert any(not torch.allclose(states[0][k], states[1][k]) for k in states[0])
+
+
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_steps_and_learning_rates_of_every_epoch(drop_last):
+    """100 examples in batches of 32: 4 steps an epoch (the last one of 4 examples), or 3 with drop_last; the
+    linear schedule takes step t of T at lr·(1 − t/T) and reaches 0 after the last step, the constant one stays."""
+    s = settings.get("synthetic-mlp")
+    d = s.data()
+    idx = torch.arange(100)
+    steps = 3 if drop_last else 4
+    for schedule in ("linear", "constant"):
+        recipe = dataclasses.replace(s.recipe, epochs=2, batch_size=32, lr=0.2, schedule=schedule, drop_last=drop_last)
+        seen, batches = [], []
+        model = s.model(0)
+        model.register_forward_pre_hook(lambda module, args: batches.append(len(args[0])))
+        train(model, d.train_x, d.train_y, recipe, 0, idx, on_epoch=lambda e, m, rates: seen.append((e, list(rates))))
+        total = 2 * steps
+        want = [0.2 * (1 - t / total) if schedule == "linear" else 0.2 for t in range(total)]
+        assert [e for e, _ in seen] == [0, 1, 2] and seen[0][1] == []
+        assert seen[1][1] + seen[2][1] == pytest.approx(want, rel=1e-12)
+        assert batches == ([32, 32, 32] if drop_last else [32, 32, 32, 4]) * 2
+
+
+def test_evaluate_is_margin_loss_and_correctness_in_any_chunk():
+    from benchmark.core.measurements import margin
+
+    s = settings.get("synthetic-mlp")
+    d = s.data()
+    model = train(s.model(0), d.train_x, d.train_y, s.recipe, 0)
+    with torch.no_grad():
+        logits = model(d.test_x)
+    want = {"margin": margin(logits, d.test_y), "correct": logits.argmax(-1) == d.test_y,
+            "loss": torch.nn.functional.cross_entropy(logits, d.test_y, reduction="none")}
+    for chunk in (7, 4096):
+        got = evaluate(model, d.test_x, d.test_y, chunk=chunk)
+        assert got["correct"].dtype == torch.bool and torch.equal(got["correct"], want["correct"])
+        for k in ("margin", "loss"):
+            assert got[k].dtype == torch.float32 and got[k].shape == (len(d.test_y),)
+            torch.testing.assert_close(got[k], want[k], rtol=1e-6, atol=1e-6)

@@ -132,7 +132,8 @@ bench-solvers: venv
 	$(PY) -m benchmarks.bench_solvers
 
 # Mutation testing (docs/testing.md): mutmut changes the code that computes numbers one mutant at a time and runs
-# the fast tests that execute it; survivors and the kill rate per module go to results/mutation/. Not part of
+# the fast tests that execute it (in a copy under mutants/, reading the committed results/); survivors and the kill
+# rate per module go to results/mutation/. Not part of
 # `make test` or CI. MUTATE names the mutants by module and function (mutmut's mutant-name patterns):
 # make mutate MUTATE="benchmark.core.stats.*"
 MUTATE ?= benchmark.core.stats.* benchmark.core.kronecker.* benchmark.core.products.* benchmark.evaluate.metrics.* \
@@ -148,7 +149,7 @@ $(MUTATION_STAMP): $(STAMP)
 
 mutate: venv $(MUTATION_STAMP)
 	rm -rf mutants
-	@start=$$(date +%s); $(PY) -m mutmut run --max-children 2 $(foreach m,$(MUTATE),"$(m)") || exit 1; \
+	@start=$$(date +%s); TDABENCH_RESULTS=$(CURDIR)/results $(PY) -m mutmut run --max-children 2 $(foreach m,$(MUTATE),"$(m)") || exit 1; \
 	  $(PY) scripts/mutation_report.py --seconds $$(( $$(date +%s) - start )) --covered $(foreach m,$(MUTATE),"$(m)")
 
 # On a GPU machine: ground truth + EK-FAC for the timm settings, within BUDGET_S seconds, resumable

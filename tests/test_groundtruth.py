@@ -372,3 +372,25 @@ def test_ctrl_c_is_one_line_that_says_how_to_resume(tmp_path, monkeypatch, capsy
     assert cli.main(["--results", str(tmp_path), "gt", SETTING, "--quiet"]) == 130
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "run the same command again to resume" in err and f"gt {SETTING}" in err
+
+
+@pytest.mark.parametrize("name", ["mnist-lr", "mnist-mlp-small"])
+def test_committed_ground_truths_hold_the_queries_and_subsets_the_protocol_draws(name):
+    """The drawing of queries and subsets is part of what a committed ground truth means: the code must still
+    draw exactly the queries, validation queries and subsets the committed artifacts hold (no data needed)."""
+    from benchmark.groundtruth.protocol import query_indices, subset_indices
+
+    setting = settings.get(name)
+    root = ResultsStore.default().gt / name / "v1"
+    protocol = Protocol(**read_json(root / MANIFEST)["protocol"])
+    q, v = query_indices(protocol, setting.data_spec.test_size)
+    assert np.array_equal(np.load(root / "queries.npy"), q) and np.array_equal(np.load(root / "validation_queries.npy"), v)
+    masks = np.unpackbits(np.load(root / "masks.npy"), axis=1, count=setting.data_spec.train_size).astype(bool)
+    assert masks.shape[0] == protocol.subsets
+    for j in (0, 1, protocol.subsets - 1):
+        assert np.array_equal(np.flatnonzero(masks[j]), subset_indices(protocol, setting.data_spec.train_size, j))
+    # and they depend on the base seed and the data size, as the protocol says
+    other = dataclasses.replace(protocol, base_seed=1)
+    assert not np.array_equal(query_indices(other, setting.data_spec.test_size)[0], q)
+    assert not np.array_equal(query_indices(protocol, setting.data_spec.test_size + 1)[0], q)
+    assert not np.array_equal(subset_indices(other, setting.data_spec.train_size, 0), np.flatnonzero(masks[0]))

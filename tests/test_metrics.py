@@ -78,6 +78,23 @@ def test_intervals_are_one_fixed_resampling():
     assert (out["ci_low"], out["ci_high"]) == want and out["ci_level"] == 0.95
     summary = metrics.lds_summary(v)
     assert (summary["ci_low"], summary["ci_high"]) == want and "undefined" not in summary
+    # a given seed reaches the resampling through every layer
+    seeded = metrics.bootstrap_ci(v, 0.95, 2000, 3)
+    assert (metrics.summarize(v, seed=3)["ci_low"], metrics.summarize(v, seed=3)["ci_high"]) == seeded
+    assert (metrics.lds_summary(v, seed=3)["ci_low"], metrics.lds_summary(v, seed=3)["ci_high"]) == seeded
+
+
+def test_lds_interval_and_ceiling_fields(lds_problem):
+    scores, masks, target = lds_problem
+    per_query = metrics.lds_per_query(scores, masks, target)
+    for seed in (0, 3):
+        res = metrics.lds(scores, masks, target, ceiling=0.8, **({"seed": seed} if seed else {}))
+        assert (res["ci_low"], res["ci_high"]) == metrics.bootstrap_ci(per_query, 0.95, 2000, seed)
+    assert res["ceiling"] == 0.8 and np.array_equal(res["per_query"], per_query)
+    assert res["of_ceiling"] == pytest.approx(res["mean"] / 0.8) and res["of_ceiling_se"] == pytest.approx(res["se"] / 0.8)
+    for ceiling in (None, 0.0):  # unknown, or no reproducible signal at all: no fraction of it
+        res = metrics.lds_summary(per_query, ceiling)
+        assert res["ceiling"] == ceiling and res["of_ceiling"] is None and res["of_ceiling_se"] is None
 
 
 def test_lds_of_constant_scores_is_undefined_and_says_why():
@@ -99,10 +116,10 @@ def test_undefined_queries_are_counted_not_averaged():
 
 
 def test_subset_predictions_in_query_chunks(lds_problem):
-    """Σ_{i∈S_j} τ(q, i) for every subset and query, whatever the query chunk (here 6 queries in chunks of 4)."""
+    """Σ_{i∈S_j} τ(q, i) for every subset and query, whatever the query chunk (6 queries in chunks of 2, 4)."""
     scores, masks, _ = lds_problem
     want = np.array([[scores[q, masks[j]].sum() for q in range(len(scores))] for j in range(len(masks))])
-    for chunk in (4, 512):
+    for chunk in (2, 4, 512):
         np.testing.assert_allclose(metrics.subset_predictions(scores, masks, chunk=chunk), want, rtol=1e-12)
 
 
@@ -201,11 +218,17 @@ def test_mislabel_section_field_by_field():
     scores[flipped] += 0.8
     out = metrics.mislabel(scores, flipped)
     assert out["n"] == n and out["n_flipped"] == k
+    recalls = {}
+    for seed in (0, 1):  # the tie-break seed reaches every recall
+        found = np.concatenate([[0], np.cumsum(np.isin(metrics.rank_descending(scores, seed), flipped))])
+        got = metrics.mislabel(scores, flipped, seed=seed)
+        recalls[seed] = [got[f"recall_{pct}"] for pct in (10, 20, 30, 40, 50)]
+        for pct in (10, 20, 30, 40, 50):
+            r = found[pct * n // 100] / k
+            assert got[f"recall_{pct}"] == pytest.approx(r)
+            assert got[f"recall_{pct}_se"] == pytest.approx(np.sqrt(r * (1 - r) / k))
+    assert recalls[0] != recalls[1]
     found = np.concatenate([[0], np.cumsum(np.isin(metrics.rank_descending(scores, 0), flipped))])
-    for pct in (10, 20, 30, 40, 50):
-        r = found[pct * n // 100] / k
-        assert out[f"recall_{pct}"] == pytest.approx(r)
-        assert out[f"recall_{pct}_se"] == pytest.approx(np.sqrt(r * (1 - r) / k))
     pos, neg = scores[flipped], np.delete(scores, flipped)
     auc = ((pos[:, None] > neg[None]).sum() + 0.5 * (pos[:, None] == neg[None]).sum()) / (k * (n - k))
     assert out["auc"] == pytest.approx(auc)

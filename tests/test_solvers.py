@@ -117,8 +117,14 @@ def test_exact_equals_linalg_solve(arch):
     task, _, _ = problem(arch)
     V, _, _ = query_grads(task)
     for damping in (1e-3, 1.0):
-        R = registry.get("exact")(damping=damping).fit(task).ihvp(V)
-        torch.testing.assert_close(R, dense_reference(task, damping, V), **TIGHT)
+        exact = registry.get("exact")(damping=damping).fit(task)
+        torch.testing.assert_close(exact.ihvp(V), dense_reference(task, damping, V), **TIGHT)
+        # Cholesky's pivots are Schur-complement diagonals of G + λI: inside its spectrum
+        eig = torch.linalg.eigvalsh(cv.dense_ggn(cv.FunctionalModel(task.model, torch.float64), task.train_x))
+        info = exact.info()
+        assert info["curvature"] == "ggn"
+        assert float(eig[0]) + damping <= info["cholesky_pivot_min"] * (1 + 1e-9)
+        assert info["cholesky_pivot_min"] <= info["cholesky_pivot_max"] <= (float(eig[-1]) + damping) * (1 + 1e-9)
 
 
 def test_exact_with_the_true_hessian():

@@ -118,6 +118,7 @@ def test_undefined_queries_are_counted_not_averaged():
 def test_subset_predictions_in_query_chunks(lds_problem):
     """Σ_{i∈S_j} τ(q, i) for every subset and query, whatever the query chunk (6 queries in chunks of 2, 4)."""
     scores, masks, _ = lds_problem
+    scores = np.concatenate([scores, scores[:1] + 1.0])  # 7 queries: the last chunk is a partial one
     want = np.array([[scores[q, masks[j]].sum() for q in range(len(scores))] for j in range(len(masks))])
     for chunk in (2, 4, 512):
         np.testing.assert_allclose(metrics.subset_predictions(scores, masks, chunk=chunk), want, rtol=1e-12)

@@ -375,7 +375,7 @@ def test_ctrl_c_is_one_line_that_says_how_to_resume(tmp_path, monkeypatch, capsy
 
 
 @pytest.mark.parametrize("name", ["mnist-lr", "mnist-mlp-small"])
-def test_committed_ground_truths_hold_the_queries_and_subsets_the_protocol_draws(name):
+def test_committed_ground_truths_hold_the_queries_subsets_and_seeds_the_protocol_draws(name):
     """The drawing of queries and subsets is part of what a committed ground truth means: the code must still
     draw exactly the queries, validation queries and subsets the committed artifacts hold (no data needed)."""
     from benchmark.groundtruth.protocol import query_indices, subset_indices
@@ -389,6 +389,10 @@ def test_committed_ground_truths_hold_the_queries_and_subsets_the_protocol_draws
     assert masks.shape[0] == protocol.subsets
     for j in (0, 1, protocol.subsets - 1):
         assert np.array_equal(np.flatnonzero(masks[j]), subset_indices(protocol, setting.data_spec.train_size, j))
+    # every unit records the seed it was trained from: the seed derivation (unit_seed, stable_hash) still gives it
+    for unit in (Unit(0, None), Unit(3, None), Unit(0, 0), Unit(1, 0), Unit(3, protocol.subsets - 1)):
+        with np.load(root / ("full" if unit.subset is None else "units") / f"{unit.name}.npz") as z:
+            assert int(z["seed"]) == unit_seed(protocol, unit), unit
     # and they depend on the base seed and the data size, as the protocol says
     other = dataclasses.replace(protocol, base_seed=1)
     assert not np.array_equal(query_indices(other, setting.data_spec.test_size)[0], q)

@@ -375,7 +375,7 @@ def test_ctrl_c_is_one_line_that_says_how_to_resume(tmp_path, monkeypatch, capsy
 
 
 @pytest.mark.parametrize("name", ["mnist-lr", "mnist-mlp-small"])
-def test_committed_ground_truths_hold_the_queries_subsets_and_seeds_the_protocol_draws(name):
+def test_committed_ground_truths_hold_the_queries_and_subsets_the_protocol_draws(name):
     """The drawing of queries and subsets is part of what a committed ground truth means: the code must still
     draw exactly the queries, validation queries and subsets the committed artifacts hold (no data needed)."""
     from benchmark.groundtruth.protocol import query_indices, subset_indices

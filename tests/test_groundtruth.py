@@ -336,6 +336,23 @@ def test_seed_policies():
     assert unit_seed(shared, Unit(0, 0)) != unit_seed(shared, Unit(1, 0))
     assert len({unit_seed(varied, Unit(r, j)) for r in range(2) for j in range(3)}) == 6
     assert unit_seed(varied, Unit(1, None)) == unit_seed(shared, Unit(1, None))
+    # the hash under every seed: canonical JSON (key order does not count, other values by their text), 16 hex
+    from pathlib import PurePosixPath
+
+    from benchmark.setup.config import stable_hash
+    assert stable_hash({"a": 1, "b": [2, 3]}) == stable_hash({"b": [2, 3], "a": 1})
+    assert stable_hash({"p": PurePosixPath("x/y")}) == stable_hash({"p": "x/y"})
+    assert len(stable_hash([1])) == 16 and stable_hash([1], 8) == stable_hash([1])[:8]
+    # the committed varied-seed study (results/gt-studies) recorded the seeds unit_seed derives today
+    root = ResultsStore.default().gt_studies / "mnist-cnn" / "v1"
+    protocol = Protocol(**read_json(root / MANIFEST)["protocol"])
+    assert protocol.seed_policy == "varied"
+    seeds = {}
+    for unit in (Unit(0, 0), Unit(0, 1), Unit(1, 0), Unit(0, None)):
+        with np.load(root / ("full" if unit.subset is None else "units") / f"{unit.name}.npz") as z:
+            seeds[unit] = int(z["seed"])
+        assert seeds[unit] == unit_seed(protocol, unit), unit
+    assert len(set(seeds.values())) == 4
 
 
 def test_protocol_validation():
@@ -393,6 +410,7 @@ def test_committed_ground_truths_hold_the_queries_and_subsets_the_protocol_draws
     for unit in (Unit(0, None), Unit(3, None), Unit(0, 0), Unit(1, 0), Unit(3, protocol.subsets - 1)):
         with np.load(root / ("full" if unit.subset is None else "units") / f"{unit.name}.npz") as z:
             assert int(z["seed"]) == unit_seed(protocol, unit), unit
+    assert read_json(root / MANIFEST)["recipe_hash"] == setting.recipe_hash()  # stable_hash of the recipe
     # and they depend on the base seed and the data size, as the protocol says
     other = dataclasses.replace(protocol, base_seed=1)
     assert not np.array_equal(query_indices(other, setting.data_spec.test_size)[0], q)
@@ -407,3 +425,4 @@ def test_queries_and_validation_queries_may_fill_the_test_set():
     assert len(q) == 6 and sorted(np.concatenate([q, v]).tolist()) == list(range(10))
     with pytest.raises(ValueError, match="exceed the 10 test points"):
         query_indices(Protocol(queries=6, validation_queries=5), 10)
+

@@ -66,6 +66,17 @@ def test_bootstrap_interval_agrees_with_normal_theory():
     se = v.std(ddof=1) / np.sqrt(len(v))
     assert lo == pytest.approx(v.mean() - 1.96 * se, abs=0.25 * se)
     assert hi == pytest.approx(v.mean() + 1.96 * se, abs=0.25 * se)
+    # the documented defaults: 2000 resamples, seed 0
+    assert metrics.bootstrap_ci(v) == metrics.bootstrap_ci(v, 0.95, 2000, 0)
+
+
+def test_bootstrap_interval_edge_cases():
+    # two values already resample (their mean takes three values); one does not
+    assert np.isfinite(metrics.bootstrap_ci([1.0, 2.0])).all() and np.isnan(metrics.bootstrap_ci([1.0])).all()
+    # constant values: every resampled mean is that constant, so the interval is degenerate at any level
+    assert metrics.bootstrap_ci(np.full(30, 3.14159), level=0.9999) == pytest.approx((3.14159, 3.14159), abs=1e-12)
+    # every value can be drawn, the first one too: one outlier among 20 moves the upper end
+    assert metrics.bootstrap_ci([1000.0] + [0.0] * 19)[1] > 0
 
 
 def test_intervals_are_one_fixed_resampling():

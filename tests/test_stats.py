@@ -61,6 +61,8 @@ def test_noise_ceiling_brute_force(replicas, target):
     nc = noise_ceiling(outputs, target)
     rel, n_splits = _ceiling_by_hand(outputs, replicas if target is None else target)
     assert nc["splits"] == n_splits == {2: 1, 3: 3, 4: 3}[replicas]
+    assert (nc["replicas"], nc["subsets"], nc["queries"]) == (replicas, 40, 7)
+    assert nc["target_replicas"] == (replicas if target is None else target) and nc["split_half_seeds"] == replicas // 2
     assert nc["reliability"] == pytest.approx(np.mean(rel))
     # the ceiling is the root of each query's own reliability, averaged: not the root of the mean reliability
     assert nc["lds_ceiling"] == pytest.approx(np.mean(np.sqrt(np.clip(rel, 0, None))))

@@ -55,9 +55,9 @@ class Scope:
 
 
 # The check runs in CI, where the whole test suite must stay well under 20 minutes on 2 cores. Solvers not listed
-# get the full scope. CG and LiSSA cost ≈0.7 s and ≈0.5 s a query on 2 cores (their leaderboard runs: 736 s and
-# 467 s for 1,000 queries on mnist-lr): 50 queries each. Their self-influence solves one system per training
-# point: 4,000 of them took 61 min (CG) and 30 min (LiSSA) on mnist-lr.
+# get the full scope. CG and LiSSA iterate over the training data for every block of queries (their leaderboard
+# runs: 736 s and 467 s for 1,000 queries on mnist-lr): 50 queries each, an LDS se of about 0.01-0.02. Their
+# self-influence solves one system per training point: 4,000 of them took 61 min (CG) and 30 min (LiSSA).
 SCOPES = {
     "cg": Scope(50, "self-influence of the 4,000 training points takes ~1 h on 2 cores (one CG solve each)"),
     "lissa": Scope(50, "self-influence of the 4,000 training points takes ~30 min on 2 cores (one LiSSA "

@@ -51,6 +51,11 @@ def collect(patterns: list[str]) -> dict[str, dict[str, int | None]]:
     return out
 
 
+def _percent(rate: float | None) -> str:
+    """A kill rate, or 'not run' for a module none of whose mutants was tested."""
+    return "not run" if rate is None else f"{rate:.1%}"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--covered", nargs="*", default=[], help="the mutant-name patterns the run was given")
@@ -71,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         tested = sum(status.values()) - status["no tests"] - status["not checked"]
         killed = status["killed"] + status["timeout"] + status["segfault"]
         rows.append((path, len(codes), killed, status["survived"], status["no tests"], status["not checked"],
-                     killed / tested if tested else float("nan")))
+                     killed / tested if tested else None))
         totals.update(mutants=len(codes), killed=killed, survived=status["survived"], tested=tested,
                       untested=status["no tests"], unchecked=status["not checked"])
         for name, code in sorted(codes.items()):
@@ -95,10 +100,10 @@ def main(argv: list[str] | None = None) -> int:
         "| module | mutants | killed | survived | no tests | not run | kill rate |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    lines += [f"| {p} | {n} | {k} | {s} | {u} | {c} | {r:.1%} |" for p, n, k, s, u, c, r in rows]
-    rate = totals["killed"] / totals["tested"] if totals["tested"] else float("nan")
+    lines += [f"| {p} | {n} | {k} | {s} | {u} | {c} | {_percent(r)} |" for p, n, k, s, u, c, r in rows]
+    rate = totals["killed"] / totals["tested"] if totals["tested"] else None
     lines += [f"| **all** | {totals['mutants']} | {totals['killed']} | {totals['survived']} | {totals['untested']} "
-              f"| {totals['unchecked']} | {rate:.1%} |", "",
+              f"| {totals['unchecked']} | {_percent(rate)} |", "",
               f"Survivors: {len(survivors)}, of which {len(survivors) - unexplained} are explained as equivalent "
               f"(survivors.md) and {unexplained} are not."]
     (OUT / "summary.md").write_text("\n".join(lines) + "\n")

@@ -11,7 +11,7 @@ TDABENCH   := $(PY) -m benchmark
 
 .PHONY: venv data test test-fast lds-mnist lds-fmnist table1 gt-mnist gt-fmnist gt-small gt-verify gt-reproduce zoo clean-venv help
 .PHONY: leaderboard report mislabel-mnist figures-mnist gap-mnist gap-fmnist regress ihvp-error gt-studies-mnist
-.PHONY: bench-train bench-solvers
+.PHONY: bench-train bench-solvers mutate
 
 # Solvers the evaluation targets run (Table 1's method by default): make lds-mnist SOLVERS="ekfac identity"
 SOLVERS    ?= ekfac
@@ -36,6 +36,7 @@ help:
 	@echo "make zoo          the explained-model zoo: full-data models by seed with per-epoch checkpoints"
 	@echo "make regress      CI check: attribution quality against results/baselines.json"
 	@echo "make gap-mnist    Table 1 gap study: LDS vs replicas, ensemble, measurement, damping (validation queries)"
+	@echo "make mutate       mutation testing of the modules that compute numbers (~30 min; not CI; docs/testing.md)"
 	@echo "make mislabel-mnist / figures-mnist / ihvp-error / gt-studies-mnist / bench-train / bench-solvers"
 	@echo "make gpu-runbook  GPU: ground truth + EK-FAC for the timm settings (docs/large-settings.md)"
 
@@ -144,6 +145,27 @@ bench-train: venv
 
 bench-solvers: venv
 	$(PY) -m benchmarks.bench_solvers
+
+# Mutation testing (docs/testing.md): mutmut changes the code that computes numbers one mutant at a time and runs
+# the fast tests that execute it (in a copy under mutants/, reading the committed results/); survivors and the kill
+# rate per module go to results/mutation/. Not part of
+# `make test` or CI. MUTATE names the mutants by module and function (mutmut's mutant-name patterns):
+# make mutate MUTATE="benchmark.core.stats.*"
+MUTATE ?= benchmark.core.stats.* benchmark.core.kronecker.* benchmark.core.products.* benchmark.evaluate.metrics.* \
+          benchmark.evaluate.solver.* benchmark.evaluate.engine.* benchmark.setup.training.* \
+          benchmark.setup.config.x_unit_seed__mutmut_* benchmark.setup.config.x_stable_hash__mutmut_* \
+          benchmark.groundtruth.protocol.* solvers.*
+MUTATION_STAMP := $(VENV)/.mutation-$(shell sha256sum pyproject.toml | cut -c1-12)
+
+$(MUTATION_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e '.[test,vision,distributed,mutation]'
+	@rm -f $(VENV)/.mutation-*
+	@touch $@
+
+mutate: venv $(MUTATION_STAMP)
+	rm -rf mutants
+	@start=$$(date +%s); TDABENCH_RESULTS=$(CURDIR)/results $(PY) -m mutmut run --max-children 2 $(foreach m,$(MUTATE),"$(m)") || exit 1; \
+	  $(PY) scripts/mutation_report.py --seconds $$(( $$(date +%s) - start )) --covered $(foreach m,$(MUTATE),"$(m)")
 
 # On a GPU machine: ground truth + EK-FAC for the timm settings, within BUDGET_S seconds, resumable
 # (docs/large-settings.md). e.g. make gpu-runbook BUDGET_S=3600 RUNBOOK_SETTINGS="fmnist-resnet mnist-vit"

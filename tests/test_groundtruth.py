@@ -336,6 +336,23 @@ def test_seed_policies():
     assert unit_seed(shared, Unit(0, 0)) != unit_seed(shared, Unit(1, 0))
     assert len({unit_seed(varied, Unit(r, j)) for r in range(2) for j in range(3)}) == 6
     assert unit_seed(varied, Unit(1, None)) == unit_seed(shared, Unit(1, None))
+    # the hash under every seed: canonical JSON (key order does not count, other values by their text), 16 hex
+    from pathlib import PurePosixPath
+
+    from benchmark.setup.config import stable_hash
+    assert stable_hash({"a": 1, "b": [2, 3]}) == stable_hash({"b": [2, 3], "a": 1})
+    assert stable_hash({"p": PurePosixPath("x/y")}) == stable_hash({"p": "x/y"})
+    assert len(stable_hash([1])) == 16 and stable_hash([1], 8) == stable_hash([1])[:8]
+    # the committed varied-seed study (results/gt-studies) recorded the seeds unit_seed derives today
+    root = ResultsStore.default().gt_studies / "mnist-cnn" / "v1"
+    protocol = Protocol(**read_json(root / MANIFEST)["protocol"])
+    assert protocol.seed_policy == "varied"
+    seeds = {}
+    for unit in (Unit(0, 0), Unit(0, 1), Unit(1, 0), Unit(0, None)):
+        with np.load(root / ("full" if unit.subset is None else "units") / f"{unit.name}.npz") as z:
+            seeds[unit] = int(z["seed"])
+        assert seeds[unit] == unit_seed(protocol, unit), unit
+    assert len(set(seeds.values())) == 4
 
 
 def test_protocol_validation():
@@ -372,3 +389,40 @@ def test_ctrl_c_is_one_line_that_says_how_to_resume(tmp_path, monkeypatch, capsy
     assert cli.main(["--results", str(tmp_path), "gt", SETTING, "--quiet"]) == 130
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "run the same command again to resume" in err and f"gt {SETTING}" in err
+
+
+@pytest.mark.parametrize("name", ["mnist-lr", "mnist-mlp-small"])
+def test_committed_ground_truths_hold_the_queries_and_subsets_the_protocol_draws(name):
+    """The drawing of queries and subsets is part of what a committed ground truth means: the code must still
+    draw exactly the queries, validation queries and subsets the committed artifacts hold (no data needed)."""
+    from benchmark.groundtruth.protocol import query_indices, subset_indices
+
+    setting = settings.get(name)
+    root = ResultsStore.default().gt / name / "v1"
+    protocol = Protocol(**read_json(root / MANIFEST)["protocol"])
+    q, v = query_indices(protocol, setting.data_spec.test_size)
+    assert np.array_equal(np.load(root / "queries.npy"), q) and np.array_equal(np.load(root / "validation_queries.npy"), v)
+    masks = np.unpackbits(np.load(root / "masks.npy"), axis=1, count=setting.data_spec.train_size).astype(bool)
+    assert masks.shape[0] == protocol.subsets
+    for j in (0, 1, protocol.subsets - 1):
+        assert np.array_equal(np.flatnonzero(masks[j]), subset_indices(protocol, setting.data_spec.train_size, j))
+    # every unit records the seed it was trained from: the seed derivation (unit_seed, stable_hash) still gives it
+    for unit in (Unit(0, None), Unit(3, None), Unit(0, 0), Unit(1, 0), Unit(3, protocol.subsets - 1)):
+        with np.load(root / ("full" if unit.subset is None else "units") / f"{unit.name}.npz") as z:
+            assert int(z["seed"]) == unit_seed(protocol, unit), unit
+    assert read_json(root / MANIFEST)["recipe_hash"] == setting.recipe_hash()  # stable_hash of the recipe
+    # and they depend on the base seed and the data size, as the protocol says
+    other = dataclasses.replace(protocol, base_seed=1)
+    assert not np.array_equal(query_indices(other, setting.data_spec.test_size)[0], q)
+    assert not np.array_equal(query_indices(protocol, setting.data_spec.test_size + 1)[0], q)
+    assert not np.array_equal(subset_indices(other, setting.data_spec.train_size, 0), np.flatnonzero(masks[0]))
+
+
+def test_queries_and_validation_queries_may_fill_the_test_set():
+    from benchmark.groundtruth.protocol import query_indices
+
+    q, v = query_indices(Protocol(queries=6, validation_queries=4), 10)
+    assert len(q) == 6 and sorted(np.concatenate([q, v]).tolist()) == list(range(10))
+    with pytest.raises(ValueError, match="exceed the 10 test points"):
+        query_indices(Protocol(queries=6, validation_queries=5), 10)
+

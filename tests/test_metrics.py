@@ -66,6 +66,55 @@ def test_bootstrap_interval_agrees_with_normal_theory():
     se = v.std(ddof=1) / np.sqrt(len(v))
     assert lo == pytest.approx(v.mean() - 1.96 * se, abs=0.25 * se)
     assert hi == pytest.approx(v.mean() + 1.96 * se, abs=0.25 * se)
+    # the documented defaults: 2000 resamples, seed 0
+    assert metrics.bootstrap_ci(v) == metrics.bootstrap_ci(v, 0.95, 2000, 0)
+
+
+def test_bootstrap_interval_edge_cases():
+    # two values already resample (their mean takes three values); one does not
+    assert np.isfinite(metrics.bootstrap_ci([1.0, 2.0])).all() and np.isnan(metrics.bootstrap_ci([1.0])).all()
+    # constant values: every resampled mean is that constant, so the interval is degenerate at any level
+    assert metrics.bootstrap_ci(np.full(30, 3.14159), level=0.9999) == pytest.approx((3.14159, 3.14159), abs=1e-12)
+    # every value can be drawn, the first one too: one outlier among 20 moves the upper end
+    assert metrics.bootstrap_ci([1000.0] + [0.0] * 19)[1] > 0
+
+
+def test_intervals_are_one_fixed_resampling():
+    """A record's interval is a function of its per-query values alone: 2000 resamples with seed 0 in every
+    summary (summarize, lds_summary, lds), so recomputing a record reproduces it to the last digit."""
+    v = np.random.default_rng(3).normal(0.2, 1.0, size=40)
+    want = metrics.bootstrap_ci(v, 0.95, 2000, 0)
+    assert want != metrics.bootstrap_ci(v, 0.95, 2000, 1) and want != metrics.bootstrap_ci(v, 0.95, 2001, 0)
+    out = metrics.summarize(v)
+    assert (out["ci_low"], out["ci_high"]) == want and out["ci_level"] == 0.95
+    summary = metrics.lds_summary(v)
+    assert (summary["ci_low"], summary["ci_high"]) == want and "undefined" not in summary
+    # a given seed reaches the resampling through every layer
+    seeded = metrics.bootstrap_ci(v, 0.95, 2000, 3)
+    assert (metrics.summarize(v, seed=3)["ci_low"], metrics.summarize(v, seed=3)["ci_high"]) == seeded
+    assert (metrics.lds_summary(v, seed=3)["ci_low"], metrics.lds_summary(v, seed=3)["ci_high"]) == seeded
+
+
+def test_lds_interval_and_ceiling_fields(lds_problem):
+    scores, masks, target = lds_problem
+    per_query = metrics.lds_per_query(scores, masks, target)
+    for seed in (0, 3):
+        res = metrics.lds(scores, masks, target, ceiling=0.8, **({"seed": seed} if seed else {}))
+        assert (res["ci_low"], res["ci_high"]) == metrics.bootstrap_ci(per_query, 0.95, 2000, seed)
+    assert res["ceiling"] == 0.8 and np.array_equal(res["per_query"], per_query)
+    assert res["of_ceiling"] == pytest.approx(res["mean"] / 0.8) and res["of_ceiling_se"] == pytest.approx(res["se"] / 0.8)
+    for ceiling in (None, 0.0):  # unknown, or no reproducible signal at all: no fraction of it
+        res = metrics.lds_summary(per_query, ceiling)
+        assert res["ceiling"] == ceiling and res["of_ceiling"] is None and res["of_ceiling_se"] is None
+
+
+def test_lds_of_constant_scores_is_undefined_and_says_why():
+    masks = np.array([[1, 0], [0, 1], [1, 0]], dtype=bool)  # equal-sized subsets: constant scores predict a constant
+    target = np.array([[0.0, 1.0], [0.0, 2.0], [1.0, 3.0]])
+    res = metrics.lds(np.ones((2, 2)), masks, target)
+    assert res["n"] == 0 and res["n_undefined"] == 2 and "constant" in res["undefined"]
+    one = metrics.lds(np.array([[1.0, 2.0], [1.0, 1.0]]), masks, target)  # one defined query is not undefined
+    assert one["n"] == 1 and "undefined" not in one
 
 
 def test_undefined_queries_are_counted_not_averaged():
@@ -77,11 +126,21 @@ def test_undefined_queries_are_counted_not_averaged():
     assert res["mean"] == pytest.approx(1.0)
 
 
+def test_subset_predictions_in_query_chunks(lds_problem):
+    """Σ_{i∈S_j} τ(q, i) for every subset and query, whatever the query chunk (6 queries in chunks of 2, 4)."""
+    scores, masks, _ = lds_problem
+    scores = np.concatenate([scores, scores[:1] + 1.0])  # 7 queries: the last chunk is a partial one
+    want = np.array([[scores[q, masks[j]].sum() for q in range(len(scores))] for j in range(len(masks))])
+    for chunk in (2, 4, 512):
+        np.testing.assert_allclose(metrics.subset_predictions(scores, masks, chunk=chunk), want, rtol=1e-12)
+
+
 def test_lds_rejects_bad_input(lds_problem):
     scores, masks, target = lds_problem
     bad = scores.copy()
     bad[2, 5] = np.nan
-    with pytest.raises(ValueError, match="non-finite"):
+    bad[4, :2] = np.inf
+    with pytest.raises(ValueError, match="^2 queries have non-finite"):
         metrics.lds_per_query(bad, masks, target)
     with pytest.raises(ValueError, match="do not match"):
         metrics.lds_per_query(scores[:, :-1], masks, target)
@@ -158,6 +217,43 @@ def test_auc_se_matches_simulation_under_the_null():
     aucs = [metrics.roc_auc(rng.random(n1 + n0), flipped) for _ in range(3000)]
     assert metrics.auc_se(0.5, n1, n0) == pytest.approx(np.std(aucs), rel=0.1)
     assert metrics.recall_se(0.5, 100) == pytest.approx(0.05)
+
+
+def test_mislabel_section_field_by_field():
+    """Every number of the mislabel section against an independent computation: recall by walking the ranking,
+    its binomial se, AUC by counting pairs, the Hanley-McNeil se with the flipped points as the positives, the
+    recall curve at every percent and its trapezoid area."""
+    rng = np.random.default_rng(5)
+    n, k = 60, 12
+    scores = np.round(rng.normal(size=n), 1)  # ties: the seeded tie-break matters
+    flipped = rng.choice(n, k, replace=False)
+    scores[flipped] += 0.8
+    out = metrics.mislabel(scores, flipped)
+    assert out["n"] == n and out["n_flipped"] == k
+    recalls = {}
+    for seed in (0, 1):  # the tie-break seed reaches every recall
+        found = np.concatenate([[0], np.cumsum(np.isin(metrics.rank_descending(scores, seed), flipped))])
+        got = metrics.mislabel(scores, flipped, seed=seed)
+        recalls[seed] = [got[f"recall_{pct}"] for pct in (10, 20, 30, 40, 50)]
+        for pct in (10, 20, 30, 40, 50):
+            r = found[pct * n // 100] / k
+            assert got[f"recall_{pct}"] == pytest.approx(r)
+            assert got[f"recall_{pct}_se"] == pytest.approx(np.sqrt(r * (1 - r) / k))
+    assert recalls[0] != recalls[1]
+    found = np.concatenate([[0], np.cumsum(np.isin(metrics.rank_descending(scores, 0), flipped))])
+    pos, neg = scores[flipped], np.delete(scores, flipped)
+    auc = ((pos[:, None] > neg[None]).sum() + 0.5 * (pos[:, None] == neg[None]).sum()) / (k * (n - k))
+    assert out["auc"] == pytest.approx(auc)
+    q1, q2 = auc / (2 - auc), 2 * auc ** 2 / (1 + auc)
+    se = np.sqrt((auc * (1 - auc) + (k - 1) * (q1 - auc ** 2) + (n - k - 1) * (q2 - auc ** 2)) / (k * (n - k)))
+    assert out["auc_se"] == pytest.approx(se)
+    curve = [found[round(i * n / 100)] / k for i in range(101)]
+    assert out["recall_curve"]["fractions"] == pytest.approx([i / 100 for i in range(101)])
+    assert out["recall_curve"]["recall"] == pytest.approx(curve)
+    assert out["recall_curve_area"] == pytest.approx(sum(curve[i] + curve[i + 1] for i in range(100)) * 0.005)
+    # the default tie-break seed is 0, so a record made without one reproduces; here the seed changes the curve
+    assert out == metrics.mislabel(scores, flipped, seed=0)
+    assert metrics.mislabel(scores, flipped, seed=1)["recall_curve"] != out["recall_curve"]
 
 
 def test_mislabel_rejects_bad_indices():

@@ -63,6 +63,35 @@ def test_broken_solver_fails_the_check(tmp_path, monkeypatch):
     assert any(r.failed and "no solver file defines it" in r.message() for r in results)
 
 
+def test_params_from_run_records_and_narrowed_scopes(tmp_path, monkeypatch):
+    """Baselines can take a solver's hyper-parameters from its run record (no second grid search), and a solver
+    too slow for the CI budget is checked on fewer LDS queries without mislabel metrics: the file says so, and
+    every check prints why."""
+    from benchmark.evaluate import records
+
+    store = synthetic_store(tmp_path)
+    folder = tmp_path / "good"
+    write_solver(folder, "toy-exact")
+    monkeypatch.setenv("TDABENCH_SOLVERS_PATH", str(folder))
+    cls = registry.get("toy-exact")
+    with pytest.raises(regress.RegressionError, match="no run record"):
+        regress.record(store, [S], {"toy-exact": cls}, params_from_records=True, **QUIET)
+    records.run(store, S, cls, {"damping": 10.0}, search=False, tasks=["lds"], device="cpu", log=lambda *a: None)
+    slow = regress.Scope(lds_queries=8, no_mislabel="too slow for CI (test)")
+    regress.record(store, [S], {"toy-exact": cls}, params_from_records=True, scopes={"toy-exact": slow}, **QUIET)
+    base = read_json(store.baselines)["settings"][SETTING]["solvers"]["toy-exact"]
+    assert base["params"] == {"damping": 10.0}  # the record's, not a fresh search's
+    assert "runs/synthetic-mlp/toy-exact.json" in base["selection"]
+    assert base["lds_queries"] == 8 and base["not_checked"] == {"mislabel": "too slow for CI (test)"}
+    assert set(base["metrics"]) == {"lds"} and base["metrics"]["lds"]["resolution"] == pytest.approx(1 / 8)
+    lines = []
+    results = regress.check(store, [S], {"toy-exact": cls}, device="cpu", log=lines.append)
+    assert [r.metric for r in results] == ["lds"] and regress.report(results, log=lambda *a: None)
+    assert results[0].new == pytest.approx(base["metrics"]["lds"]["value"], abs=1e-12)  # the same 8 queries
+    assert any("toy-exact: mislabel is not checked: too slow for CI (test)" in line for line in lines)
+    assert any("LDS on 8 queries" in line for line in lines)
+
+
 def test_check_refuses_a_changed_ground_truth(tmp_path, monkeypatch):
     import shutil
 

@@ -117,8 +117,14 @@ def test_exact_equals_linalg_solve(arch):
     task, _, _ = problem(arch)
     V, _, _ = query_grads(task)
     for damping in (1e-3, 1.0):
-        R = registry.get("exact")(damping=damping).fit(task).ihvp(V)
-        torch.testing.assert_close(R, dense_reference(task, damping, V), **TIGHT)
+        exact = registry.get("exact")(damping=damping).fit(task)
+        torch.testing.assert_close(exact.ihvp(V), dense_reference(task, damping, V), **TIGHT)
+        # Cholesky's pivots are Schur-complement diagonals of G + λI: inside its spectrum
+        eig = torch.linalg.eigvalsh(cv.dense_ggn(cv.FunctionalModel(task.model, torch.float64), task.train_x))
+        info = exact.info()
+        assert info["curvature"] == "ggn"
+        assert float(eig[0]) + damping <= info["cholesky_pivot_min"] * (1 + 1e-9)
+        assert info["cholesky_pivot_min"] <= info["cholesky_pivot_max"] <= (float(eig[-1]) + damping) * (1 + 1e-9)
 
 
 def test_exact_with_the_true_hessian():
@@ -173,6 +179,10 @@ def test_cg_and_lissa_approach_exact_as_iterations_grow():
     for J, err in zip(depths, errs):  # (plus rounding: the dense reference itself is good to ~1e-13)
         assert err <= M ** (J + 1) / damping * float(V.norm(dim=1).max()) + 1e-10 * float(ref.norm(dim=1).max())
     assert errs[-1] / float(ref.norm(dim=1).min()) < 1e-3
+    # the run record's diagnostics: that bound's factor at the solver's depth (1000), and α = 1/(μ̂ + λ)
+    info = lissa.info()
+    assert info["bound_factor"] == pytest.approx(M ** 1001 / damping, rel=1e-12)
+    assert info["alpha"] == lissa.alpha == pytest.approx(1 / (info["top_eigenvalue_estimate"] + damping), rel=1e-12)
 
 
 def test_stochastic_lissa_is_unbiased_and_averages_down():
@@ -229,6 +239,51 @@ def test_kfac_ekfac_on_multilayer_models(arch):
                   "ekfac": ekfac.eigenvalues[layer.path].flatten()}
         dist = {k: float(torch.linalg.norm(G[idx][:, idx] - Q @ torch.diag(lam) @ Q.T)) for k, lam in approx.items()}
         assert dist["ekfac"] <= dist["kfac"] * (1 + 1e-9), (layer.path, dist)
+
+
+def confident_mlp_with_wrong_labels(n=48):
+    """A model whose predictions are confident and whose training labels all disagree with them: where the
+    GGN (labels drawn from the model) and the empirical Fisher (the training labels) differ most."""
+    model = tiny_mlp()
+    with torch.no_grad():
+        model[3].weight.mul_(8.0)
+    x, _ = data(n, (1, 3, 4))
+    y = (model(x).argmax(-1) + 1) % 4
+    return model, x, y
+
+
+@pytest.mark.parametrize("name", ["kfac", "ekfac"])
+def test_sampled_pseudo_labels_never_look_at_the_training_labels(name):
+    """K-FAC/EK-FAC approximate the GGN, which does not depend on the labels: with sampled pseudo-labels (drawn
+    from the model's prediction) permuting the true labels changes nothing, bit for bit. Using the true labels
+    instead (the empirical Fisher) would change the curvature."""
+    model, x, y = confident_mlp_with_wrong_labels()
+    permuted = y[torch.randperm(len(y), generator=torch.Generator().manual_seed(0))]
+    assert (permuted != y).any()
+    V, _, _ = query_grads(Task(model, x, y, 4))
+    fits = [registry.get(name)(damping=0.1, pseudo_labels="sampled").fit(Task(model, x, labels, 4, seed=3))
+            for labels in (y, permuted)]
+    assert torch.equal(fits[0].ihvp(V), fits[1].ihvp(V))
+
+
+def test_sampled_pseudo_label_factors_average_to_the_all_label_factors():
+    """Over the fit's seed, K-FAC's sampled output-side factor Y averages to the one formed from every label
+    weighted by its probability (unbiased); the input-side factor A does not depend on the labels at all."""
+    model, x, y = confident_mlp_with_wrong_labels()
+    kfac = registry.get("kfac")
+
+    def factors(seed, labels):
+        bases = kfac(pseudo_labels=labels).fit(Task(model, x, y, 4, seed=seed)).bases
+        return {path: {side: b[f"q_{side}"] @ torch.diag(b[f"lam_{side}"]) @ b[f"q_{side}"].T for side in "ay"}
+                for path, b in bases.items()}
+
+    want = factors(0, "all")
+    seeds = 200
+    draws = [factors(s, "sampled") for s in range(seeds)]
+    for path, f in want.items():
+        mean_y = sum(d[path]["y"] for d in draws) / seeds
+        torch.testing.assert_close(mean_y, f["y"], rtol=0, atol=0.05 * float(f["y"].abs().max()))
+        torch.testing.assert_close(draws[0][path]["a"], f["a"], **TIGHT)
 
 
 def test_identity_is_the_gradient_dot_product():

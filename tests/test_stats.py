@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.stats import spearmanr
 
-from benchmark.core.stats import mean_se, noise_ceiling, spearman_rows
+from benchmark.core.stats import bootstrap_se, mean_se, noise_ceiling, spearman_brown, spearman_rows
 
 
 @pytest.mark.filterwarnings("ignore::scipy.stats.ConstantInputWarning")  # constant rows are part of the test
@@ -61,6 +61,8 @@ def test_noise_ceiling_brute_force(replicas, target):
     nc = noise_ceiling(outputs, target)
     rel, n_splits = _ceiling_by_hand(outputs, replicas if target is None else target)
     assert nc["splits"] == n_splits == {2: 1, 3: 3, 4: 3}[replicas]
+    assert (nc["replicas"], nc["subsets"], nc["queries"]) == (replicas, 40, 7)
+    assert nc["target_replicas"] == (replicas if target is None else target) and nc["split_half_seeds"] == replicas // 2
     assert nc["reliability"] == pytest.approx(np.mean(rel))
     # the ceiling is the root of each query's own reliability, averaged: not the root of the mean reliability
     assert nc["lds_ceiling"] == pytest.approx(np.mean(np.sqrt(np.clip(rel, 0, None))))
@@ -100,3 +102,26 @@ def test_noise_ceiling_needs_two_replicas():
 def test_mean_se():
     m, se = mean_se(np.array([1.0, 2.0, 3.0, np.nan]))
     assert m == 2.0 and se == pytest.approx(1 / np.sqrt(3))
+    m2, se2 = mean_se(np.array([1.0, 4.0]))  # two values: se = |a - b| / 2
+    assert m2 == 2.5 and se2 == pytest.approx(1.5)
+    assert np.isnan(mean_se(np.array([5.0]))[1]) and np.isnan(mean_se(np.array([np.nan]))[0])
+
+
+def test_bootstrap_se_is_the_standard_error_of_the_mean():
+    """Resampling the values estimates the se of their mean: σ/√n (ddof 0, as the bootstrap's plug-in), here
+    within the ±5% a 1000-resample estimate carries; fixed by its seed; NaNs are left out."""
+    v = np.random.default_rng(4).normal(size=300)
+    se = bootstrap_se(v)
+    assert se == pytest.approx(v.std() / np.sqrt(len(v)), rel=0.05)
+    assert bootstrap_se(np.append(v, np.nan)) == se == bootstrap_se(v, n_boot=1000, seed=0)
+    assert bootstrap_se(v, seed=1) != se
+    assert np.isnan(bootstrap_se(np.array([1.0])))
+    # more resamples, a sharper estimate: 4000 land within 2.5%
+    assert bootstrap_se(v, n_boot=4000, seed=7) == pytest.approx(v.std() / np.sqrt(len(v)), rel=0.025)
+
+
+def test_spearman_brown_steps_reliability_up_and_down():
+    # doubling the replicas of a reliability-½ average gives 2·½/(1 + ½) = ⅔; halving ⅔ gives ½ back
+    assert spearman_brown(0.5, 2) == pytest.approx(2 / 3)
+    assert spearman_brown(2 / 3, 0.5) == pytest.approx(0.5)
+    assert spearman_brown(0.3, 1) == pytest.approx(0.3)

@@ -90,3 +90,124 @@ def test_margin_and_loss_measurements():
     assert torch.allclose(margin(logits, y), expect_margin)
     # Cross-entropy is softplus(-margin): a monotone function of the margin.
     assert torch.allclose(loss(logits, y), torch.nn.functional.softplus(-margin(logits, y)), atol=1e-6)
+
+
+# ---------------------------------------------------------------- the optimiser's arithmetic
+
+def _full_batch(s, wd, lr=0.5):
+    """One epoch whose only batch is the whole training set: exactly one SGD step, at the full learning rate."""
+    d = s.data()
+    return d, dataclasses.replace(s.recipe, epochs=1, batch_size=len(d.train_y), lr=lr, weight_decay=wd)
+
+
+def _one_step_by_hand(model, x, y, lr, wd):
+    """θ − lr·(∇L(θ) + wd·θ): SGD's first step, where the momentum buffer is the gradient itself."""
+    loss = torch.nn.functional.cross_entropy(model(x), y)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    return {name: (p - lr * (g + wd * p)).detach() for (name, p), g in zip(model.named_parameters(), grads)}
+
+
+@pytest.mark.parametrize("wd", [0.0, 0.1])
+def test_one_full_batch_step_of_each_trainer_is_sgd_with_weight_decay(wd):
+    s = settings.get("synthetic-mlp")
+    d, recipe = _full_batch(s, wd)
+    want = _one_step_by_hand(s.model(5), d.train_x, d.train_y, recipe.lr, wd)
+    loop = dict(train(s.model(5), d.train_x, d.train_y, recipe, 5).named_parameters())
+    batched = train_batched([s.model(5), s.model(6)], d.train_x, d.train_y, recipe, [5, 6],
+                            [torch.arange(len(d.train_y))] * 2)[0]
+    for name, expect in want.items():
+        # the decay term moves θ by lr·wd·|θ| ≈ 0.05·|θ|: far beyond the float32 round-off allowed here
+        torch.testing.assert_close(loop[name].detach(), expect, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(batched[name], expect, rtol=1e-5, atol=1e-6)
+
+
+def test_larger_weight_decay_gives_smaller_weights():
+    s = settings.get("synthetic-mlp")
+    d = s.data()
+    norms = {}
+    for wd in (0.0, 0.05):
+        recipe = dataclasses.replace(s.recipe, weight_decay=wd)
+        loop = train(s.model(0), d.train_x, d.train_y, recipe, 0).parameters()
+        batched = train_batched([s.model(0)], d.train_x, d.train_y, recipe, [0], [torch.arange(len(d.train_y))])[0]
+        norms[wd] = (torch.cat([p.detach().flatten() for p in loop]).norm(),
+                     torch.cat([v.flatten() for k, v in batched.items()]).norm())
+    assert norms[0.05][0] < 0.95 * norms[0.0][0] and norms[0.05][1] < 0.95 * norms[0.0][1], norms
+
+
+# ---------------------------------------------------------------- data order
+
+def _inputs_seen(s, seed, indices):
+    """The training inputs ``train`` feeds the model, batch by batch, from one fixed initialisation."""
+    d = s.data()
+    seen = []
+    model = s.model(0)  # the same initialisation for every seed: only the data order can differ
+    model.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().clone()))
+    train(model, d.train_x, d.train_y, s.recipe, seed, indices)
+    return seen
+
+
+def test_replicas_of_one_subset_see_different_data_orders_under_shared_seeds():
+    """Under the shared policy, replica r's subset models share one seed; replicas 0 and 1 of the same subset
+    must still train on different data orders (the seed replicas are what the noise ceiling measures)."""
+    from benchmark.groundtruth.protocol import subset_indices
+    from benchmark.setup.config import Protocol, Unit, unit_seed
+
+    s = settings.get("synthetic-mlp")
+    protocol = Protocol(subsets=3, seeds=2, seed_policy="shared")
+    idx = torch.from_numpy(subset_indices(protocol, len(s.data().train_y), 2))
+    orders = [_inputs_seen(s, unit_seed(protocol, Unit(r, 2)), idx) for r in (0, 1)]
+    assert len(orders[0]) == len(orders[1]) == s.recipe.epochs * -(-len(idx) // s.recipe.batch_size)
+    # the subset's examples every epoch (their sum), in another order
+    per_epoch = len(orders[0]) // s.recipe.epochs
+    subset_sum = s.data().train_x[idx].double().sum(0)
+    for o in orders:
+        for e in range(s.recipe.epochs):
+            torch.testing.assert_close(torch.cat(o[e * per_epoch:(e + 1) * per_epoch]).double().sum(0), subset_sum)
+    assert not all(torch.equal(a, b) for a, b in zip(*orders))
+    # and the order is a function of the seed: the same unit sees the same order again
+    again = _inputs_seen(s, unit_seed(protocol, Unit(1, 2)), idx)
+    assert all(torch.equal(a, b) for a, b in zip(orders[1], again))
+    # the vmap trainer consumes the same orders: from one initialisation, the two replicas end apart
+    d = s.data()
+    states = train_batched([s.model(0), s.model(0)], d.train_x, d.train_y, s.recipe,
+                           [unit_seed(protocol, Unit(r, 2)) for r in (0, 1)], [idx, idx])
+    assert any(not torch.allclose(states[0][k], states[1][k]) for k in states[0])
+
+
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_steps_and_learning_rates_of_every_epoch(drop_last):
+    """100 examples in batches of 32: 4 steps an epoch (the last one of 4 examples), or 3 with drop_last; the
+    linear schedule takes step t of T at lr·(1 − t/T) and reaches 0 after the last step, the constant one stays."""
+    s = settings.get("synthetic-mlp")
+    d = s.data()
+    idx = torch.arange(100)
+    steps = 3 if drop_last else 4
+    for schedule in ("linear", "constant"):
+        recipe = dataclasses.replace(s.recipe, epochs=2, batch_size=32, lr=0.2, schedule=schedule, drop_last=drop_last)
+        seen, batches = [], []
+        model = s.model(0)
+        model.register_forward_pre_hook(lambda module, args: batches.append(len(args[0])))
+        train(model, d.train_x, d.train_y, recipe, 0, idx, on_epoch=lambda e, m, rates: seen.append((e, list(rates))))
+        total = 2 * steps
+        want = [0.2 * (1 - t / total) if schedule == "linear" else 0.2 for t in range(total)]
+        assert [e for e, _ in seen] == [0, 1, 2] and seen[0][1] == []
+        assert seen[1][1] + seen[2][1] == pytest.approx(want, rel=1e-12)
+        assert batches == ([32, 32, 32] if drop_last else [32, 32, 32, 4]) * 2
+
+
+def test_evaluate_is_margin_loss_and_correctness_in_any_chunk():
+    from benchmark.core.measurements import margin
+
+    s = settings.get("synthetic-mlp")
+    d = s.data()
+    model = train(s.model(0), d.train_x, d.train_y, s.recipe, 0)
+    with torch.no_grad():
+        logits = model(d.test_x)
+    want = {"margin": margin(logits, d.test_y), "correct": logits.argmax(-1) == d.test_y,
+            "loss": torch.nn.functional.cross_entropy(logits, d.test_y, reduction="none")}
+    for chunk in (7, 4096):
+        got = evaluate(model, d.test_x, d.test_y, chunk=chunk)
+        assert got["correct"].dtype == torch.bool and torch.equal(got["correct"], want["correct"])
+        for k in ("margin", "loss"):
+            assert got[k].dtype == torch.float32 and got[k].shape == (len(d.test_y),)
+            torch.testing.assert_close(got[k], want[k], rtol=1e-6, atol=1e-6)

@@ -95,7 +95,8 @@ def _cmd_regress(args) -> int:
     if args.update:
         default = "left out of the CI check to keep it within its time budget"
         exclude = dict((e.split("=", 1) + [default])[:2] for e in args.exclude or [])
-        regress.record(store, settings, resolve.solvers(args.solver), exclude=exclude, device=args.device)
+        regress.record(store, settings, resolve.solvers(args.solver), exclude=exclude,
+                       params_from_records=args.params_from_records, device=args.device)
         return 0
     ok = regress.report(regress.check(store, settings, resolve.solvers(args.solver), device=args.device))
     return 0 if ok else 1
@@ -151,6 +152,9 @@ def add_commands(sub) -> None:
     s.add_argument("--update", action="store_true", help="re-measure and rewrite the baselines (review the diff!)")
     s.add_argument("--exclude", action="append", metavar="SOLVER",
                    help="with --update: leave a solver out, optionally saying why (SOLVER=REASON)")
+    s.add_argument("--params-from-records", action="store_true",
+                   help="with --update: take each solver's hyper-parameters from its committed run record (chosen "
+                        "there on the validation queries) instead of a grid search")
     s.add_argument("--setting", action="append")
     s.add_argument("--solver", action="append")
     s.add_argument("--device", default="cpu")

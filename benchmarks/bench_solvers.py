@@ -112,7 +112,7 @@ def measure(setting_name: str, solver: str, queries: int, chunk_queries: int, ch
             scale *= N / CG_TRAIN_SUBSET
             out["iterations"] += f", on {CG_TRAIN_SUBSET} train points scaled ×{N / CG_TRAIN_SUBSET:g} to N"
     t0 = time.perf_counter()
-    rq = timer.ihvp(gq)
+    timer.ihvp(gq)
     ihvp_s = (time.perf_counter() - t0) / len(gq) * scale
     t0 = time.perf_counter()
     gt = curvature.per_sample_grads(fm, tx[:chunk_train], ty[:chunk_train], "loss")

@@ -1,7 +1,6 @@
 """Data sources, checksums and label corruption, on tiny IDX files made here (plus the real files when cached)."""
 
 import gzip
-import os
 
 import numpy as np
 import pytest

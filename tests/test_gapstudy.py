@@ -14,7 +14,6 @@ from benchmark.evaluate import Task, records, registry
 from benchmark.groundtruth.executors import LocalExecutor
 from benchmark.report import figures, tables
 from benchmark.setup import artifacts, settings
-from benchmark.setup.store import ResultsStore
 from benchmark.studies import gap as gapstudy
 from benchmark.studies import table1
 

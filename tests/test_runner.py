@@ -370,7 +370,6 @@ def test_subset_predictions_equal_summed_scores_with_one_train_pass_per_model(mo
     """LDS needs Σ_{i∈S} τ(q, i) only: the engine sums the train gradients per subset once per model and run, and
     every configuration and query set reuses them — the predictions equal the full scores summed over each subset."""
     from benchmark import core
-    from benchmark.evaluate import solver as solver_mod
 
     torch.manual_seed(0)
     x, y = torch.randn(30, 5), torch.randint(0, 3, (30,))

@@ -275,7 +275,6 @@ def test_ekfac_on_small_timm_models_matches_the_ggn_trace(arch, options, held_co
     compute independently from explicit per-example Jacobians of the logits."""
     from torch.func import functional_call, jacrev, vmap
 
-    from benchmark import core as cv
     from benchmark.evaluate import Task, registry
 
     torch.manual_seed(0)

@@ -23,14 +23,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..evaluate.engine import BASELINES
 from ..groundtruth import artifact as gt_artifact
 from ..groundtruth import index
 from ..setup import settings as settings_mod
 from ..setup.artifacts import MANIFEST, read_json, temp_dir_beside
 from ..setup.data import DataError
 from ..setup.store import ResultsStore
-from ..studies import gap, ihvp_error, qualitative, table1
+from ..studies import ihvp_error, qualitative, table1
 from . import browser, figures, tables
 from .leaderboard import NOTES, RECALL_KEYS, fmt_num, fmt_params, fmt_pm, fmt_text
 

@@ -56,7 +56,7 @@ def table1_recomputed(setting, result: dict) -> str:
     lines = [f"Table 1, {setting.name} ({setting.description}), {result['solver']}: RECOMPUTED from the committed "
              f"ground truth", _header(), _line("recomputed now", new, setting.paper_lds)]
     if old:
-        lines.append(_line(f"committed record", old, setting.paper_lds))
+        lines.append(_line("committed record", old, setting.paper_lds))
     lines.append(_line("paper (Zhu & Cangelosi)", {}, setting.paper_lds) if setting.paper_lds is not None else "")
     lines.append(_protocol_note(new))
     if cmp:

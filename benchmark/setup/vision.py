@@ -248,7 +248,7 @@ def _prepare_split(parts: list, ds: HubImageDataset, tf: ImageTransform, folder:
             chunks.append((p, start, min(start + 256, len(p)), offset + start))
         offset += len(p)
 
-    def work(chunk):  # PIL decodes and resizes without the GIL, so threads scale
+    def work(chunk, images=images):  # PIL decodes and resizes without the GIL, so threads scale
         p, start, stop, at = chunk
         for i, image in enumerate(p[start:stop][ds.image_column]):
             images[at + i] = tf.apply(image)

@@ -4,7 +4,8 @@ A run record is current only while the code behind it still computes the same th
 would stale every record whenever a file moves, and misses the code a file calls. Instead a record carries:
 
 - a **solver probe**: the scores and self-influence scores of the solver, with the record's parameters, on a
-  fixed tiny problem (a small trained CNN on seeded data, no files): 4 × 48 scores and 48 self-scores;
+  fixed tiny problem (a small trained CNN on seeded data, with its training trajectory, no files): 4 × 48 scores
+  and 48 self-scores;
 - a **metric probe**: LDS, its uncertainty, mislabel recall, AUC and the noise ceiling on fixed inputs;
 - the **target** it was scored against (a hash of the target arrays the ground truth yields now).
 
@@ -14,6 +15,7 @@ refactoring code that computes the same numbers keeps every record.
 
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 
@@ -30,8 +32,12 @@ METRIC_RTOL = 1e-9
 PROBE_SHAPE = {"classes": 3, "side": 8, "train": 48, "queries": 4}
 
 
+PROBE_EPOCHS = 3  # the probe's training run, as "epochs" of 10 full-batch steps each (for solvers that need one)
+
+
 def _probe_problem():
-    """A small CNN trained by a few full-batch gradient steps on seeded data (deterministic on one thread)."""
+    """A small CNN trained by a few full-batch gradient steps on seeded data (deterministic on one thread), and the
+    weights it passed through (its trajectory: every 10 steps)."""
     c, side, n, q = (PROBE_SHAPE[k] for k in ("classes", "side", "train", "queries"))
     gen = torch.Generator().manual_seed(20261130)
     x = torch.randn(n + q, 1, side, side, generator=gen)
@@ -41,11 +47,14 @@ def _probe_problem():
         torch.manual_seed(7)
         model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * (side - 2) ** 2, c))
     opt = torch.optim.SGD(model.parameters(), lr=0.2)
-    for _ in range(30):
+    states = [copy.deepcopy(model.state_dict())]
+    for step in range(30):
         opt.zero_grad()
         nn.functional.cross_entropy(model(x[:n]), y[:n]).backward()
         opt.step()
-    return model.eval(), x[:n], y[:n], x[n:], y[n:], c
+        if (step + 1) % (30 // PROBE_EPOCHS) == 0:
+            states.append(copy.deepcopy(model.state_dict()))
+    return model.eval(), x[:n], y[:n], x[n:], y[n:], c, states
 
 
 def _round(values, digits: int = 8) -> list[float]:
@@ -55,13 +64,20 @@ def _round(values, digits: int = 8) -> list[float]:
 
 def solver_probe(cls, params: dict) -> dict:
     """Scores and self-scores of ``cls(**params)`` on the probe problem (or the error it raises there)."""
-    from .solver import Task
+    from .solver import Task, Trajectory
 
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        model, tx, ty, qx, qy, classes = _probe_problem()
-        solver = cls(**params).fit(Task(model, tx, ty, classes, "margin", seed=0))
+        model, tx, ty, qx, qy, classes, states = _probe_problem()
+
+        def checkpoint(epoch):
+            m = copy.deepcopy(model)
+            m.load_state_dict(states[epoch])
+            return m.eval()
+
+        trajectory = Trajectory(PROBE_EPOCHS, checkpoint, np.full((PROBE_EPOCHS, 30 // PROBE_EPOCHS), 0.2))
+        solver = cls(**params).fit(Task(model, tx, ty, classes, "margin", seed=0, trajectory=trajectory))
         scores = solver.scores(qx, qy, tx, ty)
         selfs = solver.self_scores(tx, ty)
         return {"scores": _round(scores), "self_scores": _round(selfs)}

@@ -15,8 +15,10 @@ from benchmark.evaluate import DAMPING_GRID, Solver
 class EKFAC(Solver):
     name = "ekfac"
     description = "EK-FAC: K-FAC eigenbasis with eigenvalues refitted to projected per-example pseudo-gradients"
-    parameters = {"damping": DAMPING_GRID}
-    defaults = {"damping": 1e-3, "pseudo_labels": "sampled", "unsupported_layers": "exclude"}
+    parameters = {"damping": DAMPING_GRID, "damping_mode": list(core.DAMPING_MODES),
+                  "pseudo_labels": ["sampled", "all"]}
+    defaults = {"damping": 1e-3, "damping_mode": "absolute", "pseudo_labels": "sampled",
+                "unsupported_layers": "exclude"}
 
     def fit(self, task):
         super().fit(task)
@@ -28,7 +30,8 @@ class EKFAC(Solver):
             fm, self.layers, task.train_x, labels, seed), pseudo_labels=labels, seed=seed)
         self.eigenvalues = self.cached("ekfac-eigenvalues", lambda: core.ekfac_eigenvalues(
             fm, self.layers, task.train_x, self.bases, labels, seed), pseudo_labels=labels, seed=seed)
-        self.scale = core.damped_eigenvalues(self.eigenvalues, self.params["damping"], self.name)
+        self.scale = core.damped_eigenvalues(self.eigenvalues, self.params["damping"], self.name,
+                                            self.params["damping_mode"])
         self.layout = fm.layout
         return self
 
@@ -38,4 +41,5 @@ class EKFAC(Solver):
 
     def info(self):
         return {**super().info(), "layers": [layer.path for layer in self.layers],
-                "pseudo_labels": self.params["pseudo_labels"]}
+                "pseudo_labels": self.params["pseudo_labels"],
+                "damping_mode": self.params["damping_mode"]}

@@ -21,8 +21,10 @@ from benchmark.evaluate import DAMPING_GRID, Solver
 class KFAC(Solver):
     name = "kfac"
     description = "K-FAC: per-layer A ⊗ Y Kronecker factors, damped inverse in their eigenbasis"
-    parameters = {"damping": DAMPING_GRID}
-    defaults = {"damping": 1e-3, "pseudo_labels": "sampled", "unsupported_layers": "exclude"}
+    parameters = {"damping": DAMPING_GRID, "damping_mode": list(core.DAMPING_MODES),
+                  "pseudo_labels": ["sampled", "all"]}
+    defaults = {"damping": 1e-3, "damping_mode": "absolute", "pseudo_labels": "sampled",
+                "unsupported_layers": "exclude"}
 
     def fit(self, task):
         super().fit(task)
@@ -33,7 +35,8 @@ class KFAC(Solver):
         self.bases = self.cached("kronecker-eigenbases", lambda: core.kronecker_eigenbases(
             fm, self.layers, task.train_x, labels, task.seed), pseudo_labels=labels, seed=task.seed)
         eigenvalues = {path: b["lam_y"][:, None] * b["lam_a"][None, :] for path, b in self.bases.items()}
-        self.scale = core.damped_eigenvalues(eigenvalues, self.params["damping"], self.name)
+        self.scale = core.damped_eigenvalues(eigenvalues, self.params["damping"], self.name,
+                                            self.params["damping_mode"])
         self.layout = fm.layout
         return self
 
@@ -43,5 +46,6 @@ class KFAC(Solver):
 
     def info(self):
         return {**super().info(), "layers": [layer.path for layer in self.layers],
-                "pseudo_labels": self.params["pseudo_labels"]}
+                "pseudo_labels": self.params["pseudo_labels"],
+                "damping_mode": self.params["damping_mode"]}
 

@@ -16,6 +16,8 @@ Tolerances (why each is what it is):
   (measured ≈ 0.04–0.05 on this fixture; a single run ≈ 0.2).
 """
 
+import copy
+import dataclasses
 import math
 
 import numpy as np
@@ -26,7 +28,7 @@ from torch import nn
 
 from benchmark import core as cv
 from benchmark.core.measurements import MEASUREMENTS
-from benchmark.evaluate import DAMPING_GRID, SolverError, Task, registry, scores_many
+from benchmark.evaluate import DAMPING_GRID, SolverError, Task, Trajectory, registry, scores_many
 from benchmark.setup.models import logistic_regression
 from benchmark.setup.plugins import REPO_ROOT
 
@@ -51,11 +53,27 @@ def data(n, shape, classes=4, seed=1):
     return torch.randn(n, *shape, generator=g, dtype=torch.float64), torch.randint(0, classes, (n,), generator=g)
 
 
+def toy_trajectory(model, epochs=2, steps=3):
+    """A training run that ends at ``model`` (earlier checkpoints: seeded perturbations of its weights), so that
+    solvers which attribute through training (TracIn) go through the contract tests too; the others ignore it."""
+    g = torch.Generator().manual_seed(5)
+    states = []
+    for _ in range(epochs):
+        m = copy.deepcopy(model)
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(0.1 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+        states.append(m)
+    states.append(model)
+    rates = np.linspace(0.1, 0.02, epochs * steps).reshape(epochs, steps)
+    return Trajectory(epochs, lambda e: copy.deepcopy(states[e]), rates)
+
+
 def problem(arch="mlp", n=48):
     build, shape = {"mlp": (tiny_mlp, (1, 3, 4)), "cnn": (tiny_cnn, (1, 6, 6))}[arch]
     model = build()
     x, y = data(n, shape)
-    return Task(model, x, y, num_classes=4, seed=3), x, y
+    return Task(model, x, y, num_classes=4, seed=3, trajectory=toy_trajectory(model)), x, y
 
 
 def dense_reference(task, damping, vectors):
@@ -79,7 +97,7 @@ def test_all_solvers_are_discovered_with_consistent_declarations():
     assert not registry.broken(), registry.broken()
     defined = {p.stem for p in (REPO_ROOT / "solvers").glob("*.py") if not p.name.startswith("_")}
     assert {cls.__module__.rsplit(".", 1)[1] for cls in found.values()} == defined  # each file defines a solver
-    assert {"cg", "ekfac", "exact", "identity", "kfac", "lissa"} <= set(found)
+    assert {"arnoldi", "cg", "datainf", "ekfac", "exact", "identity", "kfac", "lissa", "tracin", "trak"} <= set(found)
     for name, cls in found.items():
         assert cls.name == name and cls.description
         assert set(cls.parameters) <= set(cls.defaults), name
@@ -318,12 +336,23 @@ def test_scores_follow_the_definition_and_chunking_changes_nothing(name):
     whole = s.scores(qx, qy, x, y, query_chunk=100, train_chunk=100)
     chunked = s.scores(qx, qy, x, y, query_chunk=2, train_chunk=7)
     torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=1e-7)
-    # τ(q, i) = −∇f(z_q)ᵀ (G + λI)⁻¹ ∇L(z_i), with gradients from a plain autograd loop
-    gq, gt = loop_grads(task.model, qx, qy, "margin"), loop_grads(task.model, x, y, "loss")
-    torch.testing.assert_close(whole.double(), -(s.ihvp(gq) @ gt.T), rtol=1e-5, atol=1e-6)
     selfs = s.self_scores(x, y, train_chunk=5)
-    torch.testing.assert_close(selfs.double(), (s.ihvp(gt) * gt).sum(1), rtol=1e-5, atol=1e-6)
     assert whole.shape == (5, 24) and selfs.shape == (24,)
+    if s.has_ihvp():
+        # τ(q, i) = −∇f(z_q)ᵀ (G + λI)⁻¹ ∇L(z_i), with gradients from a plain autograd loop
+        gq, gt = loop_grads(task.model, qx, qy, "margin"), loop_grads(task.model, x, y, "loss")
+        torch.testing.assert_close(whole.double(), -(s.ihvp(gq) @ gt.T), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(selfs.double(), (s.ihvp(gt) * gt).sum(1), rtol=1e-5, atol=1e-6)
+        return
+    # No inverse (TracIn): the features define the scores (each solver's test checks them against its paper), and
+    # self-influence is the influence of zᵢ on its own loss: ⟨query features under the loss, train features⟩.
+    with pytest.raises(SolverError, match="has no inverse-curvature product"):
+        s.ihvp(torch.zeros(1, 10))
+    b = s.train_features(x, y).double()
+    torch.testing.assert_close(whole.double(), -(s.query_features(qx, qy).double() @ b.T), rtol=1e-5, atol=1e-6)
+    on_loss = registry.get(name)(**kw).fit(dataclasses.replace(task, measurement="loss"))
+    torch.testing.assert_close(selfs.double(), (on_loss.query_features(x, y).double() * b).sum(1), rtol=1e-5,
+                               atol=1e-6)
 
 
 def test_score_memory_budget_sets_the_blocks(monkeypatch):

@@ -291,8 +291,32 @@ def kronecker_eigenbases(fm: FunctionalModel, layers: list[KronLayer], x: torch.
     return out
 
 
-def damped_eigenvalues(eigenvalues: dict[str, torch.Tensor], damping: float, solver: str) -> dict[str, torch.Tensor]:
-    """Per-layer eigenvalues + λ, refusing a (numerically) singular result with a clear error."""
+DAMPING_MODES = ("absolute", "relative")
+
+
+def damped_eigenvalues(eigenvalues: dict[str, torch.Tensor], damping: float, solver: str,
+                       mode: str = "absolute") -> dict[str, torch.Tensor]:
+    """Per-layer eigenvalues + λ, refusing a (numerically) singular result with a clear error.
+
+    ``mode="absolute"``: the same λ for every layer (in units of G of the mean loss). ``"relative"``: layer l gets
+    λ · mean(eigenvalues of l) — Kronfluence's heuristic (there with λ = 0.1), which scales the damping to each
+    layer's curvature, whose size differs by orders of magnitude between layers."""
+    if mode not in DAMPING_MODES:
+        raise SolverError(f"{solver}: damping_mode must be one of {DAMPING_MODES}, got {mode!r}")
+    if mode == "relative":
+        out = {}
+        for path, e in eigenvalues.items():
+            shift = damping * e.mean()
+            tol = singular_tolerance(e.flatten())
+            if float(e.min() + shift) <= tol:
+                raise SolverError(
+                    f"{solver}: layer {path!r} plus relative damping is singular (smallest eigenvalue "
+                    f"{float(e.min()):.3g}, mean {float(e.mean()):.3g}, damping={damping}, tolerance {tol:.3g}); "
+                    + ("use damping > 0." if float(e.mean()) > 0 else
+                       "the layer has no curvature at all, which relative damping cannot fix: use "
+                       "damping_mode='absolute'."))
+            out[path] = e + shift
+        return out
     flat = torch.cat([e.flatten() for e in eigenvalues.values()])
     tol = singular_tolerance(flat)
     if float(flat.min()) + damping <= tol:

@@ -163,6 +163,14 @@ def mislabel_available(store: ResultsStore, setting: settings_mod.Setting) -> bo
         return False
 
 
+def mislabel_not_applicable(method) -> str | None:
+    """Why ``method`` cannot rank the corrupted training set by self-influence, or None."""
+    if getattr(method, "needs_trajectory", False):
+        return (f"{method.name} attributes through the training run, and the mislabel artifact holds only the "
+                f"corrupted-label model, not its checkpoints")
+    return None
+
+
 _OPENED: dict[tuple, GroundTruth] = {}
 
 
@@ -315,12 +323,14 @@ def run(store: ResultsStore, setting: settings_mod.Setting, method, params: dict
         store.check_writable(store.runs / setting.name)
     if tasks is None:
         tasks = [] if method is LOSS else ["lds"]  # training loss ranks train points; no LDS
-        if mislabel_available(store, setting):
+        if mislabel_available(store, setting) and not mislabel_not_applicable(method):
             tasks.append("mislabel")
     tasks = list(tasks)
     bad = [t for t in tasks if t not in TASKS]
     if bad:
         raise RunError(f"unknown task(s) {bad}; choose from {TASKS}")
+    if "mislabel" in tasks and mislabel_not_applicable(method):
+        raise RunError(f"no mislabel detection for {name}: {mislabel_not_applicable(method)}; run --task lds")
     if not tasks:
         raise RunError(f"nothing to run for {name} on {setting.name}: it needs the mislabel artifact; build it with "
                        f"`tdabench mislabel {setting.name} --build`")
@@ -345,7 +355,7 @@ def run(store: ResultsStore, setting: settings_mod.Setting, method, params: dict
     # defaults, before the ground truth existed) is redone once LDS has chosen.
     if ("lds" in record and "mislabel" not in tasks and not isinstance(method, Baseline) and old and "mislabel" in old
             and old["mislabel"].get("params") != {**method.defaults, **record["lds"]["params"]}
-            and mislabel_available(store, setting)):
+            and mislabel_available(store, setting) and not mislabel_not_applicable(method)):
         log(f"{setting.name} / {name}: redoing mislabel detection with the parameters LDS chose")
         tasks.append("mislabel")
     if "mislabel" in tasks:

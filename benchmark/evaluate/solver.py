@@ -125,6 +125,9 @@ class Solver:
     # Largest batch of vectors per ihvp call, for solvers whose ihvp iterates over the training set (CG,
     # LiSSA): their cost is the same in small blocks, and a progress bar then moves between blocks.
     ihvp_block: ClassVar[int | None] = None
+    # Solvers that attribute through the training run (TracIn) need ``task.trajectory``: explained models from
+    # the zoo. The others ignore it.
+    needs_trajectory: ClassVar[bool] = False
 
     @classmethod
     def accepted(cls) -> set[str]:
@@ -175,8 +178,15 @@ class Solver:
         return self
 
     def ihvp(self, vectors: torch.Tensor) -> torch.Tensor:
-        """(B, P) flat vectors -> (B, P) approximations of (G + λI)⁻¹ v."""
-        raise NotImplementedError
+        """(B, P) flat vectors -> (B, P) approximations of (G + λI)⁻¹ v. A solver whose scores are not an inverse-
+        curvature product (TracIn) does not define it and overrides the features instead."""
+        raise SolverError(f"solver {self.name!r} has no inverse-curvature product: its scores are defined by its "
+                          f"query and train features")
+
+    @classmethod
+    def has_ihvp(cls) -> bool:
+        """Whether the solver approximates (G + λI)⁻¹ v (and so has an IHVP error against the exact one)."""
+        return cls.ihvp is not Solver.ihvp
 
     # Every score is bilinear: τ(q, i) = −⟨query_features(q), train_features(i)⟩. By default the train features
     # are the per-example loss gradients over the attributed parameters and the query features their
@@ -249,13 +259,18 @@ class Solver:
             self._built_seconds += seconds
         return value
 
+    def budget_mb(self) -> float:
+        """MiB the solver's score blocks may use: its ``memory_budget_mb``, else $TDABENCH_SCORE_MEMORY_MB (1024)."""
+        return self.memory_budget_mb or score_memory_budget_mb()
+
     def chunk_sizes(self, query_chunk: int | None = None, train_chunk: int | None = None) -> tuple[int, int]:
         """Rows of (P,)-vectors per block, from the memory budget. The query block (gradients + their IHVPs)
         gets 3/4 of it, because with full scores every query block costs one more pass of train gradients
         (1 GiB holds 2,000 preconditioned queries of the 46,730-parameter MNIST CNN: one pass); the train block
         gets 1/4. Iterative solvers cap a block at ``ihvp_block`` rows so their progress bars move."""
-        row = 4 * self.feature_dim()  # bytes of one float32 feature vector
-        budget = int((self.memory_budget_mb or score_memory_budget_mb()) * 2**20)
+        # bytes of one float32 row: a feature, or the per-example gradient it is made from when that is longer
+        row = 4 * max(self.feature_dim(), self._count(self._require_fit().model, self.attributed))
+        budget = int(self.budget_mb() * 2**20)
         q = query_chunk or max(1, min(8192, self.ihvp_block or 8192, budget * 3 // 4 // (2 * row)))
         t = train_chunk or max(1, min(4096, budget // 4 // row))
         return int(q), int(t)
@@ -284,18 +299,6 @@ class Solver:
             r = self.ihvp(g)
             core.check_finite(r, f"inverse-curvature product of a train gradient ({self.name})", ts.start)
             out[ts] = (g.double() * r.double()).sum(-1).float().cpu()
-        return out
-
-    def all_query_features(self, query_x: torch.Tensor, query_y: torch.Tensor, *, query_chunk: int | None = None,
-                           desc: str | None = None) -> torch.Tensor:
-        """(Q, D) float64 query features, a block at a time (a progress bar with ``desc``)."""
-        qc, _ = self.chunk_sizes(query_chunk, None)
-        out = None
-        for qs in core.chunks(len(query_y), qc, desc=desc):
-            a = _checked(self.query_features(query_x[qs], query_y[qs], qs.start), self, qs.start).double().cpu()
-            if out is None:
-                out = torch.empty(len(query_y), a.shape[1], dtype=torch.float64)
-            out[qs] = a
         return out
 
     def info(self) -> dict:
@@ -414,7 +417,11 @@ def subset_predictions(solvers: list[Solver], query_x: torch.Tensor, query_y: to
                                           train_chunk=train_chunk).double().cpu().T)
             continue
         sums = train_subset_sums(s, train_x, train_y, weights, train_chunk=train_chunk)
-        a = s.all_query_features(query_x, query_y, query_chunk=query_chunk,
-                                 desc=f"query features of {len(query_y):,} queries ({s.name})")
-        out.append(-(sums @ a.T))
+        qc, _ = s.chunk_sizes(query_chunk, None)
+        pred = torch.empty(len(weights), len(query_y), dtype=torch.float64)
+        # a block of query features at a time: (Q, D) at once would be gigabytes for long features (TracIn)
+        for qs in core.chunks(len(query_y), qc, desc=f"query features of {len(query_y):,} queries ({s.name})"):
+            a = _checked(s.query_features(query_x[qs], query_y[qs], qs.start), s, qs.start).double().cpu()
+            pred[:, qs] = -(sums @ a.T)
+        out.append(pred)
     return out

@@ -29,6 +29,7 @@ from torch import nn
 
 from .. import core
 from ..core import CurvatureCache, SolverError  # SolverError is raised by the math below too; re-exported here
+from ..setup import deps
 
 __all__ = ["Task", "Trajectory", "Solver", "SolverError", "DAMPING_GRID", "scores_many", "subset_predictions"]
 
@@ -125,6 +126,24 @@ class Solver:
     # Largest batch of vectors per ihvp call, for solvers whose ihvp iterates over the training set (CG,
     # LiSSA): their cost is the same in small blocks, and a progress bar then moves between blocks.
     ihvp_block: ClassVar[int | None] = None
+    # Optional packages (import names) the solver needs, e.g. a peer library it adapts: where one is missing the
+    # solver is listed as unavailable with its install line (:meth:`unavailable`), never an import error.
+    requires: ClassVar[tuple[str, ...]] = ()
+    # What a solver offers besides pairwise scores: ``ihvp`` of arbitrary vectors (IHVP-error study, the generic
+    # scores) and self-influence (mislabel detection). A peer library without such an entry point says False and
+    # the evaluations leave that part out instead of failing.
+    has_ihvp: ClassVar[bool] = True
+    has_self_influence: ClassVar[bool] = True
+
+    @classmethod
+    def unavailable(cls) -> str | None:
+        """Why the solver cannot run here (an optional package it needs is not installed, and the line that
+        installs it), or None."""
+        missing = [m for m in cls.requires if not deps.available(m)]
+        if not missing:
+            return None
+        hints = sorted({deps.install_hint(m) for m in missing})
+        return f"needs {', '.join(missing)}: {'; '.join(hints)}"
 
     @classmethod
     def accepted(cls) -> set[str]:
@@ -153,6 +172,9 @@ class Solver:
     # -- to implement -------------------------------------------------------------------------
     def fit(self, task: Task) -> "Solver":
         """Validate the task and keep it. Subclasses call this first, then fit their curvature."""
+        why = self.unavailable()
+        if why:
+            raise SolverError(f"solver {self.name!r} {why}")
         self.attributed, self.attribution = None, {}
         if self.params.get("last_blocks") is not None:
             self.attributed, self.attribution = core.last_blocks_parameters(task.model, self.params["last_blocks"])

@@ -47,6 +47,9 @@ def not_applicable(setting: settings_mod.Setting, method) -> str | None:
     """Why ``method`` gets no row of numbers on ``setting`` (a declared limit), or None."""
     if isinstance(method, Baseline):
         return None
+    missing = method.unavailable()
+    if missing:
+        return missing
     n = num_params(setting)
     if n is None:
         return None
@@ -85,10 +88,11 @@ def update(store: ResultsStore, settings: list[settings_mod.Setting], methods: l
     for setting in settings:
         gt_path = gt_artifact.current(store, setting)
         gt_complete = gt_path is not None and read_json(gt_path / MANIFEST).get("complete")
-        has_mislabel = records.mislabel_available(store, setting)
+        mislabel_here = records.mislabel_available(store, setting)
         for method in methods:
             if not_applicable(setting, method):
                 continue
+            has_mislabel = mislabel_here and records.detects_mislabels(method)
             rec = records.read_record(store, setting.name, method.name)
             # A stale record is rerun even on an unfinished ground truth: someone asked for it once.
             can_lds = method is not LOSS and gt_path is not None and bool(gt_complete or include_incomplete or rec)

@@ -118,7 +118,9 @@ def _fingerprint_reasons(recorded: dict | None, method, params: dict | None) -> 
         return why
     if recorded.get("engine") != engine.ENGINE_VERSION:
         why.append(f"evaluation engine version {recorded.get('engine')} != {engine.ENGINE_VERSION}")
-    if not isinstance(method, Baseline):
+    if not isinstance(method, Baseline) and method.unavailable():
+        why.append(f"cannot be re-checked here: the solver {method.unavailable()}")
+    elif not isinstance(method, Baseline):
         diff = fingerprint.compare(recorded.get("solver"), solver_fingerprint(method, params), fingerprint.SOLVER_RTOL)
         if diff:
             why.append(f"the solver computes something else now (probe: {diff})")
@@ -154,6 +156,12 @@ def _clean(obj):
     if isinstance(obj, Path):
         return str(obj)
     return obj
+
+
+def detects_mislabels(method) -> bool:
+    """Whether ``method`` ranks training points for mislabel detection (baselines and solvers with self-influence;
+    a peer library without self-influence gets no mislabel section)."""
+    return isinstance(method, Baseline) or method.has_self_influence
 
 
 def mislabel_available(store: ResultsStore, setting: settings_mod.Setting) -> bool:
@@ -315,12 +323,14 @@ def run(store: ResultsStore, setting: settings_mod.Setting, method, params: dict
         store.check_writable(store.runs / setting.name)
     if tasks is None:
         tasks = [] if method is LOSS else ["lds"]  # training loss ranks train points; no LDS
-        if mislabel_available(store, setting):
+        if detects_mislabels(method) and mislabel_available(store, setting):
             tasks.append("mislabel")
     tasks = list(tasks)
     bad = [t for t in tasks if t not in TASKS]
     if bad:
         raise RunError(f"unknown task(s) {bad}; choose from {TASKS}")
+    if "mislabel" in tasks and not detects_mislabels(method):
+        raise RunError(f"{name} computes no self-influence, so it has no mislabel-detection section; run its LDS only")
     if not tasks:
         raise RunError(f"nothing to run for {name} on {setting.name}: it needs the mislabel artifact; build it with "
                        f"`tdabench mislabel {setting.name} --build`")
@@ -345,7 +355,7 @@ def run(store: ResultsStore, setting: settings_mod.Setting, method, params: dict
     # defaults, before the ground truth existed) is redone once LDS has chosen.
     if ("lds" in record and "mislabel" not in tasks and not isinstance(method, Baseline) and old and "mislabel" in old
             and old["mislabel"].get("params") != {**method.defaults, **record["lds"]["params"]}
-            and mislabel_available(store, setting)):
+            and detects_mislabels(method) and mislabel_available(store, setting)):
         log(f"{setting.name} / {name}: redoing mislabel detection with the parameters LDS chose")
         tasks.append("mislabel")
     if "mislabel" in tasks:

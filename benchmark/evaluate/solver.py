@@ -432,8 +432,11 @@ def subset_predictions(solvers: list[Solver], query_x: torch.Tensor, query_y: to
     for s in solvers:
         s._require_fit()
         if type(s).scores is not Solver.scores:
-            out.append(weights @ s.scores(query_x, query_y, train_x, train_y, query_chunk=query_chunk,
-                                          train_chunk=train_chunk).double().cpu().T)
+            full = s.scores(query_x, query_y, train_x, train_y, query_chunk=query_chunk, train_chunk=train_chunk)
+            summed = torch.empty(len(weights), len(full), dtype=torch.float64)
+            for qs in core.chunks(len(full), 256):  # a float64 copy of the (Q, N) scores is never held at once
+                summed[:, qs] = weights @ full[qs].double().cpu().T
+            out.append(summed)
             continue
         sums = train_subset_sums(s, train_x, train_y, weights, train_chunk=train_chunk)
         a = s.all_query_features(query_x, query_y, query_chunk=query_chunk,

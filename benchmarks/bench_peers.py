@@ -35,11 +35,14 @@ from benchmark.core.stats import mean_se
 from benchmark.evaluate import metrics, registry
 from benchmark.evaluate.cost import Cost
 from benchmark.evaluate.solver import Solver, Task, subset_predictions, train_subset_sums
+from benchmark.groundtruth import artifact as gt_artifact
+from benchmark.groundtruth.artifact import GroundTruth
 from benchmark.setup import settings
 from benchmark.setup.artifacts import code_version, environment, write_json
+from benchmark.setup.store import ResultsStore
 from benchmark.setup.training import default_device
 
-from .common import PERF, device_slug, explained_model, gradient_flops, machine, matmul_rate
+from .common import PERF, device_slug, gradient_flops, machine, matmul_rate
 
 SETTING = "mnist-cnn"
 SOLVERS = ("ekfac", "kronfluence-ekfac")
@@ -48,9 +51,8 @@ SOLVERS = ("ekfac", "kronfluence-ekfac")
 def measure(name: str, queries: int, damping: float, device: str) -> dict:
     """In a child process: fit, the LDS path and the pairwise scores of one solver, each a Cost stage."""
     setting = settings.get(SETTING)
-    model, source, gt = explained_model(setting)
-    if gt is None:
-        raise SystemExit(f"{SETTING} has no committed ground truth here ({source}); the LDS needs it")
+    gt = ground_truth(setting)
+    model, source = gt.full_model(0).eval(), f"ground truth {gt.root.name}, full_k00"
     data = setting.data()
     dev = torch.device(device)
     tx, ty = data.train_x.to(dev), data.train_y.to(dev)
@@ -92,6 +94,12 @@ def measure(name: str, queries: int, damping: float, device: str) -> dict:
             "lds_path_per_query": [float(v) for v in lds_path], "machine": load, "info": info}
 
 
+def ground_truth(setting) -> GroundTruth:
+    """The committed ground truth (verified): its full_k00 is the explained model, its queries and target the LDS's."""
+    store = ResultsStore.default()
+    return GroundTruth.open(gt_artifact.latest(store.gt, setting), setting, store=store)
+
+
 def _floors(row: dict, model, example, rate: float) -> dict:
     """Seconds no implementation can beat here: the matrix products each stage must do, over ``rate``."""
     q, n, m, d = row["queries"], row["train"], row["subsets"], row["parameters"]
@@ -118,7 +126,7 @@ def main(argv=None) -> int:
         print(f"{', '.join(missing)}: {registry.get(missing[0]).unavailable()}", file=sys.stderr)
         return 2
     setting = settings.get(SETTING)
-    model, _, _ = explained_model(setting)
+    model = ground_truth(setting).full_model(0).eval()
     rate = matmul_rate(args.device)
     started = machine()
     rows = {}

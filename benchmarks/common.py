@@ -1,5 +1,5 @@
 """What the cost benchmarks share: where results go, the machine's measured matrix-multiply rate (the denominator
-of every flop floor), the work of a model's forward pass, the explained model, and time + peak memory of a call.
+of every flop floor), the work of a model's forward pass, and time + peak memory of a call.
 
 A *floor* is the arithmetic a stage cannot avoid divided by the rate this machine multiplies float32 matrices at:
 no implementation of that stage can be faster here, so ``seconds / floor`` says how much is left to gain.
@@ -17,10 +17,8 @@ import torch
 from torch import nn
 
 from benchmark.evaluate.cost import Cost, machine_load
-from benchmark.groundtruth import artifact as gt_artifact
-from benchmark.setup.artifacts import ArtifactError, cpu_model
+from benchmark.setup.artifacts import cpu_model
 from benchmark.setup.plugins import REPO_ROOT
-from benchmark.setup.store import ResultsStore
 
 PERF = REPO_ROOT / "results" / "perf"
 
@@ -81,27 +79,6 @@ def gradient_flops(model: nn.Module, example: torch.Tensor) -> float:
     """Flops of one example's forward and backward pass (backward ≈ twice the forward: the gradients with
     respect to activations and to weights are one product each)."""
     return 3.0 * forward_flops(model, example)
-
-
-def explained_model(setting, store: ResultsStore | None = None):
-    """(model, where it comes from, the ground truth or None): the ground truth's full-data model 0 (full_k00),
-    the model every leaderboard row explains; without a ground truth here, one trained for one epoch."""
-    store = store or ResultsStore.default()
-    try:
-        root = gt_artifact.latest(store.gt, setting)
-    except ArtifactError as exc:
-        reason = str(exc).split(";")[0]
-    else:
-        gt = gt_artifact.GroundTruth.open(root, setting, store=store)
-        return gt.full_model(0).eval(), f"ground truth {store.relative(root)}, full_k00", gt
-    import dataclasses
-
-    from benchmark.setup.training import train
-
-    data = setting.data()
-    recipe = dataclasses.replace(setting.recipe, epochs=1)
-    model = train(setting.model(0), data.train_x, data.train_y, recipe, 0).eval()
-    return model, f"trained here for one epoch (no ground truth: {reason})", None
 
 
 def measured(fn, device: torch.device | str = "cpu"):

@@ -29,6 +29,7 @@ Needs ``pip install 'tdabench[peers]'``; without it the rows are listed as unava
 from __future__ import annotations
 
 import copy
+import os
 import shutil
 import tempfile
 
@@ -96,7 +97,8 @@ class _Kronfluence(Solver):
             ktask = _kronfluence_task(paths, task.measurement)
             model = prepare_model(copy.deepcopy(task.model).eval(), ktask)  # wraps layers in place: a copy
             analyzer = Analyzer(analysis_name="tdabench", model=model, task=ktask, cpu=task.device.type == "cpu",
-                                output_dir=folder.name, disable_model_save=True)
+                                output_dir=folder.name, disable_model_save=True,
+                                disable_tqdm=os.environ.get("TDABENCH_PROGRESS", "1") == "0")  # as our bars
             with torch.random.fork_rng(devices=[task.device] if task.device.type == "cuda" else []):
                 torch.manual_seed(task.seed)  # the sampled labels
                 analyzer.fit_all_factors("factors", _dataset(task.train_x, task.train_y),

@@ -6,7 +6,6 @@ install line."""
 
 import textwrap
 
-import pandas as pd
 import pytest
 import torch
 

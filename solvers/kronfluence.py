@@ -128,7 +128,7 @@ class _Kronfluence(Solver):
     def scores(self, query_x, query_y, train_x, train_y, *, query_chunk=None, train_chunk=None):
         analyzer = self._analyzer()
         _check_inputs(train_x, "train loss gradient")
-        _check_inputs(query_x, f"query gradient ({self.measurement})")
+        _check_inputs(query_x, f"query gradient ({self.task.measurement})")
         qc, tc = self.chunk_sizes(query_chunk, train_chunk)
         analyzer.compute_pairwise_scores(
             "pairwise", "factors", _dataset(query_x, query_y), _dataset(train_x, train_y),

@@ -11,7 +11,7 @@ TDABENCH   := $(PY) -m benchmark
 
 .PHONY: venv data test test-fast lds-mnist lds-fmnist table1 gt-mnist gt-fmnist gt-small gt-verify gt-reproduce zoo clean-venv help
 .PHONY: leaderboard report mislabel-mnist figures-mnist gap-mnist gap-fmnist regress ihvp-error gt-studies-mnist
-.PHONY: bench-train bench-solvers mutate
+.PHONY: bench bench-compare bench-train bench-solvers bench-peers mutate
 
 # Solvers the evaluation targets run (Table 1's method by default): make lds-mnist SOLVERS="ekfac identity"
 SOLVERS    ?= ekfac
@@ -36,8 +36,12 @@ help:
 	@echo "make zoo          the explained-model zoo: full-data models by seed with per-epoch checkpoints"
 	@echo "make regress      CI check: attribution quality against results/baselines.json"
 	@echo "make gap-mnist    Table 1 gap study: LDS vs replicas, ensemble, measurement, damping (validation queries)"
+	@echo "make bench        cost benchmarks (pytest-benchmark): every stage's time, peak memory and flop floor,"
+	@echo "                  saved under results/perf/<device>/ (make bench-train / bench-solvers: a part, not saved)"
+	@echo "make bench-compare  the same, compared with the committed run: fails on a slowdown beyond BENCH_FAIL"
+	@echo "make bench-peers  our EK-FAC vs Kronfluence's on mnist-cnn (installs the peers extra): results/perf/peers-*.json"
 	@echo "make mutate       mutation testing of the modules that compute numbers (~30 min; not CI; docs/testing.md)"
-	@echo "make mislabel-mnist / figures-mnist / ihvp-error / gt-studies-mnist / bench-train / bench-solvers"
+	@echo "make mislabel-mnist / figures-mnist / ihvp-error / gt-studies-mnist"
 	@echo "make gpu-runbook  GPU: ground truth + EK-FAC for the timm settings (docs/large-settings.md)"
 
 $(STAMP):
@@ -140,11 +144,36 @@ gt-studies-mnist: venv
 ihvp-error: venv
 	$(TDABENCH) ihvp-error
 
+# Cost benchmarks: benchmarks/ (pytest-benchmark), never part of `make test`. `make bench` saves a run under
+# results/perf/<device>/ (commit it to make it the reference); `make bench-compare` runs the suite and fails when a
+# benchmark's fastest round is more than BENCH_FAIL slower than in the last committed run of this machine
+# (min:50% = 1.5x; a quiet machine is assumed: every saved run records the load average). BENCH_SLOWDOWN=2 plants
+# a 2x slowdown (every call sleeps as long as it ran) to show the comparison fails; BENCH_SELECT narrows the
+# suite, e.g. BENCH_SELECT="-k fit".
+BENCH_DEVICE   = $(shell $(PY) -m benchmarks device 2>/dev/null)
+BENCH_FAIL    ?= min:50%
+BENCH_SELECT  ?=
+BENCH_SLOWDOWN ?= 1
+BENCH_ARGS     = -p no:cacheprovider --benchmark-enable --benchmark-only --benchmark-sort=name \
+                 --benchmark-storage=file://results/perf/$(BENCH_DEVICE) $(BENCH_SELECT)
+bench: venv
+	$(PY) -m pytest benchmarks $(BENCH_ARGS) --benchmark-save=$(shell git rev-parse --short HEAD)
+
+bench-compare: venv
+	TDABENCH_BENCH_SLOWDOWN=$(BENCH_SLOWDOWN) $(PY) -m pytest benchmarks $(BENCH_ARGS) \
+	  --benchmark-compare=$$($(PY) -m benchmarks baseline) --benchmark-compare-fail=$(BENCH_FAIL)
+
 bench-train: venv
-	$(PY) -m benchmarks.bench_train
+	$(PY) -m pytest benchmarks/test_train.py $(BENCH_ARGS)
 
 bench-solvers: venv
-	$(PY) -m benchmarks.bench_solvers
+	$(PY) -m pytest benchmarks/test_solvers.py $(BENCH_ARGS)
+
+# Our EK-FAC against Kronfluence's on mnist-cnn's explained model, each in its own process (about 15 min on 2
+# idle cores): results/perf/peers-<device>.json. Installs the peers extra into the venv first.
+bench-peers: venv
+	@$(PY) -c "import kronfluence, trak" 2>/dev/null || $(PY) -m pip install -q -e '.[peers]'
+	$(PY) -m benchmarks.bench_peers
 
 # Mutation testing (docs/testing.md): mutmut changes the code that computes numbers one mutant at a time and runs
 # the fast tests that execute it (in a copy under mutants/, reading the committed results/); survivors and the kill

@@ -33,7 +33,10 @@ def _cmd_solvers(args) -> int:
 
     for name, cls in registry.available().items():
         limit = f"max {cls.max_params:,} parameters" if cls.max_params is not None else "no parameter limit"
-        print(f"{name:10s} {cls.description} ({limit})")
+        lacks = [what for what, has in (("IHVP", cls.has_ihvp()), ("self-influence", cls.has_self_influence)) if not has]
+        print(f"{name:10s} {cls.description} ({limit}{'; no ' + ', no '.join(lacks) if lacks else ''})")
+        if cls.unavailable():
+            print(f"{'':10s}   UNAVAILABLE here: {cls.unavailable()}")
         for key, default in cls.defaults.items():
             grid = f"  grid {cls.parameters[key]}" if key in cls.parameters else ""
             print(f"{'':10s}   {key} = {default!r}{grid}")

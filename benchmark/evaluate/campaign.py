@@ -47,6 +47,9 @@ def not_applicable(setting: settings_mod.Setting, method) -> str | None:
     """Why ``method`` gets no row of numbers on ``setting`` (a declared limit), or None."""
     if isinstance(method, Baseline):
         return None
+    missing = method.unavailable()
+    if missing:
+        return missing
     n = num_params(setting)
     if n is None:
         return None

@@ -128,7 +128,10 @@ def param_grid(cls: type[Solver], fixed: dict | None = None, grid: dict | None =
 
 def check_applicable(cls: type[Solver], model: torch.nn.Module, params: dict | None = None) -> None:
     """Refuse up front what a solver declares it cannot do (e.g. a dense solver on a large model), counting
-    the parameters it would attribute through (``last_blocks`` narrows them)."""
+    the parameters it would attribute through (``last_blocks`` narrows them), and a solver whose optional package
+    is not installed."""
+    if cls.unavailable():
+        raise RunError(f"solver {cls.name!r} {cls.unavailable()}")
     k = (params or {}).get("last_blocks")
     if k is None:
         n = sum(p.numel() for p in model.parameters())

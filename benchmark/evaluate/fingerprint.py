@@ -3,9 +3,9 @@
 A run record is current only while the code behind it still computes the same thing. Hashing source files
 would stale every record whenever a file moves, and misses the code a file calls. Instead a record carries:
 
-- a **solver probe**: the scores and self-influence scores of the solver, with the record's parameters, on a
-  fixed tiny problem (a small CNN trained by a few epochs of SGD on seeded data, with its trajectory, no files):
-  4 × 48 scores and 48 self-scores;
+- a **solver probe**: the scores and self-influence scores (where the solver has them) of the solver, with the
+  record's parameters, on a fixed tiny problem (a small CNN trained by a few epochs of SGD on seeded data, with
+  its trajectory, no files): 4 × 48 scores and 48 self-scores;
 - a **metric probe**: LDS, its uncertainty, mislabel recall, AUC and the noise ceiling on fixed inputs;
 - the **target** it was scored against (a hash of the target arrays the ground truth yields now).
 
@@ -83,9 +83,10 @@ def solver_probe(cls, params: dict) -> dict:
     try:
         model, tx, ty, qx, qy, classes, trajectory = _probe_problem()
         solver = cls(**params).fit(Task(model, tx, ty, classes, "margin", seed=0, trajectory=trajectory))
-        scores = solver.scores(qx, qy, tx, ty)
-        selfs = solver.self_scores(tx, ty)
-        return {"scores": _round(scores), "self_scores": _round(selfs)}
+        probe = {"scores": _round(solver.scores(qx, qy, tx, ty))}
+        if cls.has_self_influence:
+            probe["self_scores"] = _round(solver.self_scores(tx, ty))
+        return probe
     except Exception as exc:  # noqa: BLE001 - a solver that cannot run on the probe is fingerprinted by its error
         return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"}
     finally:

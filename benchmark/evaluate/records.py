@@ -118,7 +118,9 @@ def _fingerprint_reasons(recorded: dict | None, method, params: dict | None) -> 
         return why
     if recorded.get("engine") != engine.ENGINE_VERSION:
         why.append(f"evaluation engine version {recorded.get('engine')} != {engine.ENGINE_VERSION}")
-    if not isinstance(method, Baseline):
+    if not isinstance(method, Baseline) and method.unavailable():
+        why.append(f"cannot be re-checked here: the solver {method.unavailable()}")
+    elif not isinstance(method, Baseline):
         diff = fingerprint.compare(recorded.get("solver"), solver_fingerprint(method, params), fingerprint.SOLVER_RTOL)
         if diff:
             why.append(f"the solver computes something else now (probe: {diff})")
@@ -164,7 +166,12 @@ def mislabel_available(store: ResultsStore, setting: settings_mod.Setting) -> bo
 
 
 def mislabel_not_applicable(method) -> str | None:
-    """Why ``method`` cannot rank the corrupted training set by self-influence, or None."""
+    """Why ``method`` cannot rank the corrupted training set by self-influence, or None (baselines rank it by
+    their own rule)."""
+    if isinstance(method, Baseline):
+        return None
+    if not method.has_self_influence:
+        return f"{method.name} computes no self-influence"
     if getattr(method, "needs_trajectory", False):
         return (f"{method.name} attributes through the training run, and the mislabel artifact holds only the "
                 f"corrupted-label model, not its checkpoints")

@@ -29,6 +29,7 @@ from torch import nn
 
 from .. import core
 from ..core import CurvatureCache, SolverError  # SolverError is raised by the math below too; re-exported here
+from ..setup import deps
 
 __all__ = ["Task", "Trajectory", "Solver", "SolverError", "DAMPING_GRID", "scores_many", "subset_predictions"]
 
@@ -128,6 +129,23 @@ class Solver:
     # Solvers that attribute through the training run (TracIn) need ``task.trajectory``: explained models from
     # the zoo. The others ignore it.
     needs_trajectory: ClassVar[bool] = False
+    # Optional packages (import names) the solver needs, e.g. a peer library it adapts: where one is missing the
+    # solver is listed as unavailable with its install line (:meth:`unavailable`), never an import error.
+    requires: ClassVar[tuple[str, ...]] = ()
+    # Whether the solver computes self-influence (mislabel detection). A peer library without such an entry point
+    # says False and the evaluations leave that part out instead of failing. (Whether it has an ``ihvp``:
+    # :meth:`has_ihvp`.)
+    has_self_influence: ClassVar[bool] = True
+
+    @classmethod
+    def unavailable(cls) -> str | None:
+        """Why the solver cannot run here (an optional package it needs is not installed, and the line that
+        installs it), or None."""
+        missing = [m for m in cls.requires if not deps.available(m)]
+        if not missing:
+            return None
+        hints = sorted({deps.install_hint(m) for m in missing})
+        return f"needs {', '.join(missing)}: {'; '.join(hints)}"
 
     @classmethod
     def accepted(cls) -> set[str]:
@@ -156,6 +174,9 @@ class Solver:
     # -- to implement -------------------------------------------------------------------------
     def fit(self, task: Task) -> "Solver":
         """Validate the task and keep it. Subclasses call this first, then fit their curvature."""
+        why = self.unavailable()
+        if why:
+            raise SolverError(f"solver {self.name!r} {why}")
         self.attributed, self.attribution = None, {}
         if self.params.get("last_blocks") is not None:
             self.attributed, self.attribution = core.last_blocks_parameters(task.model, self.params["last_blocks"])
@@ -413,8 +434,11 @@ def subset_predictions(solvers: list[Solver], query_x: torch.Tensor, query_y: to
     for s in solvers:
         s._require_fit()
         if type(s).scores is not Solver.scores:
-            out.append(weights @ s.scores(query_x, query_y, train_x, train_y, query_chunk=query_chunk,
-                                          train_chunk=train_chunk).double().cpu().T)
+            full = s.scores(query_x, query_y, train_x, train_y, query_chunk=query_chunk, train_chunk=train_chunk)
+            summed = torch.empty(len(weights), len(full), dtype=torch.float64)
+            for qs in core.chunks(len(full), 256):  # a float64 copy of the (Q, N) scores is never held at once
+                summed[:, qs] = weights @ full[qs].double().cpu().T
+            out.append(summed)
             continue
         sums = train_subset_sums(s, train_x, train_y, weights, train_chunk=train_chunk)
         qc, _ = s.chunk_sizes(query_chunk, None)

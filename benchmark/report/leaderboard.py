@@ -140,7 +140,7 @@ def _row(store, setting, method, rec, row, has_mis, failures) -> dict:
     if not lds and method is not LOSS:
         status.append("LDS not yet run")
     if not mis and has_mis:
-        na = records.mislabel_not_applicable(method)
+        na = records.mislabel_not_applicable(method) if method is not None else None
         status.append(f"mislabel n/a: {na}" if na else "mislabel not yet run")
     cost = rec.get("cost", {})
     row.update(status="; ".join(status) or "ok", fit_s=cost.get("fit_s"), score_s=cost.get("score_s"),

@@ -174,6 +174,9 @@ def record(store: ResultsStore, settings: list[settings_mod.Setting], solvers: d
         for name, cls in solvers.items():
             if name in exclude:
                 continue
+            if cls.unavailable():
+                entry["not_applicable"][name] = cls.unavailable()
+                continue
             n = setting.model_spec()["parameters"]
             if cls.max_params is not None and n > cls.max_params:
                 entry["not_applicable"][name] = f"{n} parameters > {cls.max_params}"
@@ -226,6 +229,9 @@ def check(store: ResultsStore, settings: list[settings_mod.Setting], solvers: di
             if name not in solvers:
                 results.append(Comparison(setting.name, name, "solver", math.nan, 0, 0, None,
                                           f"solver {name!r} is in {path.name} but no solver file defines it"))
+                continue
+            if solvers[name].unavailable():  # a peer library not installed here: say so, do not fail
+                log(f"note: {setting.name} / {name} is not checked here: it {solvers[name].unavailable()}")
                 continue
             scope = _scope_of(sb, base.get("tolerance", {}))
             for what, why in scope["not_checked"].items():

@@ -22,5 +22,5 @@ from .measurements import MEASUREMENTS, loss, margin
 from .params import (FunctionalModel, ParamLayout, as_dtype, check_finite, chunks, last_blocks_parameters,
                      model_blocks)
 from .products import (curvature_vector_product, dense_curvature, dense_ggn, dense_hessian, ggn_vector_product,
-                       hessian_vector_product, logit_hessian, logit_hessian_factor, per_sample_grads,
-                       singular_tolerance, top_eigenvalue)
+                       hessian_vector_product, logit_hessian, logit_hessian_factor, loss_gradient_sum,
+                       per_sample_grads, singular_tolerance, top_eigenvalue)

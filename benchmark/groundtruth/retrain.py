@@ -290,7 +290,7 @@ class Retrained:
                                 f"now has {setting.recipe_hash()}; rerun the study to retrain into a new version")
         index.check(store, root, index.root_hash(man))
         if verify:
-            verify_files(root, man["files"], f"delete the damaged files listed above and rerun the study: it "
+            verify_files(root, man["files"], "delete the damaged files listed above and rerun the study: it "
                                              f"retrains exactly the missing units")
         return cls(root, man, setting)
 

@@ -241,7 +241,8 @@ def run(store: ResultsStore, setting: settings_mod.Setting, methods: list, *, ra
     sets = forget_sets(n, mis.flipped, true, scores, ranking, sizes)
     # what the plan already holds is what was trained (the ranking is not recomputed to find it again)
     sets.update({t: ({"rule": "self-influence", "size": m}, None) for m, t in self_tags.items() if t not in sets})
-    sets = {t: (d, art.experiment(plan[t]) if t in plan else e) for t, (d, e) in sets.items()}
+    order = sorted(sets, key=lambda t: (RULES.index(sets[t][0]["rule"]), sets[t][0]["size"]))
+    sets = {t: (sets[t][0], art.experiment(plan[t]) if t in plan else sets[t][1]) for t in order}
     wanted = {t: e for t, (_, e) in sets.items() if t not in plan}
     t0 = time.perf_counter()
     art = retrain.build(art, wanted, store=store, executor=executor, device=str(device), units_per_job=units_per_job,

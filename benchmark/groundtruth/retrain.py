@@ -53,8 +53,8 @@ from ..core.params import ParamLayout
 from ..setup import settings as settings_mod
 from ..setup.artifacts import (FORMAT_VERSION, MANIFEST, ArtifactError, ArtifactLock, code_version, environment,
                                file_hashes, hardware, read_json, remove_stale_temporaries, save_npy, save_npz,
-                               sha256_bytes, verify_files, version_folders, write_json)
-from ..setup.config import unit_seed, Unit, stable_hash
+                               sha256_bytes, version_folders, write_json)
+from ..setup.config import Unit, stable_hash, unit_seed
 from ..setup.store import ResultsStore
 from . import index
 from .artifact import GroundTruth
@@ -279,20 +279,11 @@ class Retrained:
 
     @classmethod
     def open(cls, store: ResultsStore, root: Path, setting: settings_mod.Setting, verify: bool = True) -> "Retrained":
-        root = Path(root)
-        man = read_json(root / MANIFEST)
-        if man.get("kind") != "retrain" or man.get("format_version") != FORMAT_VERSION:
-            raise ArtifactError(f"{root} is not a retraining artifact of format {FORMAT_VERSION}")
-        if man.get("setting") != setting.name:
-            raise ArtifactError(f"{root} holds models of {man.get('setting')!r}, not of {setting.name!r}")
-        if man["recipe_hash"] != setting.recipe_hash():
-            raise ArtifactError(f"{root} is stale: its models were trained with recipe {man['recipe_hash']}, the code "
-                                f"now has {setting.recipe_hash()}; rerun the study to retrain into a new version")
-        index.check(store, root, index.root_hash(man))
-        if verify:
-            verify_files(root, man["files"], "delete the damaged files listed above and rerun the study: it "
-                                             f"retrains exactly the missing units")
-        return cls(root, man, setting)
+        man = index.open_manifest(store, root, "retrain", "retraining", setting,
+                                  "rerun the study: it retrains into a new version",
+                                  "delete the damaged files listed above and rerun the study: it retrains exactly "
+                                  "the missing units" if verify else None)
+        return cls(Path(root), man, setting)
 
     @property
     def seeds(self) -> list[int]:
@@ -435,7 +426,8 @@ def build(art: Retrained, experiments: dict[str, Experiment] | None = None, *, s
                 man["experiments"][exp.id] = {"kind": exp.kind, "size": exp.size}
                 added += 1
             plan[tag] = exp.id
-        write_json(root / "plan.json", plan)
+        if plan != read_json(root / "plan.json"):
+            write_json(root / "plan.json", plan)
         hash_cache = dict(man.get("files", {}))
         _refresh(root, man, hash_cache)
         ref = plan[REFERENCE]
@@ -444,7 +436,8 @@ def build(art: Retrained, experiments: dict[str, Experiment] | None = None, *, s
         if max_units is not None:
             pending = pending[:max_units]
         executor = executor or LocalExecutor.auto(torch.device(device), "loop")
-        man["environment"] = environment(device, executor=executor.describe())
+        if pending:  # where the models are trained (each unit records its hardware too)
+            man["environment"] = environment(device, executor=executor.describe())
         log(f"{store.relative(root)}: {len(man['experiments'])} experiments ({added} new) x {len(art.seeds)} seeds; "
             f"{man['units_done']}/{man['units_total']} units done; training {len(pending)} on {device} "
             f"({executor.describe()})")
@@ -461,7 +454,8 @@ def build(art: Retrained, experiments: dict[str, Experiment] | None = None, *, s
         finally:
             bar.close()
             _refresh(root, man, hash_cache)
-            index.pin(store, root, index.root_hash(man), "retraining")
+            if index.pinned(store, root) != index.root_hash(man):  # experiments only grow: pinned as they land
+                index.pin(store, root, index.root_hash(man), "retraining")
     log(f"{store.relative(root)}: {man['units_done']}/{man['units_total']} units"
         + (" (complete)" if man["complete"] else "; rerun to continue"))
     return Retrained.open(store, root, setting)

@@ -33,7 +33,7 @@ from ..evaluate.engine import RANDOM
 from ..evaluate.solver import Task
 from ..groundtruth import retrain
 from ..setup import settings as settings_mod
-from ..setup.artifacts import read_json, write_json
+from ..setup.artifacts import write_json
 from ..setup.store import ResultsStore
 from . import qualitative
 
@@ -196,21 +196,17 @@ def summarize(rows: pd.DataFrame, ks: list[int], meta: dict) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
+def save(store: ResultsStore, paths: dict[str, Path], result: dict) -> dict[str, Path]:
+    """Write a study's ``{"rows", "summary", "meta"}`` to its ``paths`` (two CSVs and a JSON)."""
+    store.check_writable(paths["rows"].parent)
+    result["rows"].to_csv(paths["rows"], index=False, float_format="%.6g")
+    result["summary"].to_csv(paths["summary"], index=False, float_format="%.6g")
+    write_json(paths["meta"], records._clean(result["meta"]))
+    return paths
+
+
 def write(store: ResultsStore, result: dict) -> dict[str, Path]:
-    p = paths(store, result["meta"]["setting"])
-    store.check_writable(store.counterfactual)
-    result["rows"].to_csv(p["rows"], index=False, float_format="%.6g")
-    result["summary"].to_csv(p["summary"], index=False, float_format="%.6g")
-    write_json(p["meta"], records._clean(result["meta"]))
-    return p
-
-
-def read(store: ResultsStore, setting_name: str) -> dict | None:
-    """The stored result of a setting ({"rows", "summary", "meta"}), or None."""
-    p = paths(store, setting_name)
-    if not all(f.is_file() for f in p.values()):
-        return None
-    return {"rows": pd.read_csv(p["rows"]), "summary": pd.read_csv(p["summary"]), "meta": read_json(p["meta"])}
+    return save(store, paths(store, result["meta"]["setting"]), result)
 
 
 def leaderboard_columns(store: ResultsStore, setting_name: str) -> dict[str, dict]:

@@ -54,9 +54,8 @@ from ..evaluate.solver import Task
 from ..groundtruth import mislabel as mislabel_mod
 from ..groundtruth import retrain
 from ..setup import settings as settings_mod
-from ..setup.artifacts import read_json, write_json
 from ..setup.store import ResultsStore
-from . import qualitative
+from . import counterfactual, qualitative
 
 SIZES = (0.001, 0.005, 0.01, 0.05)  # forget-set sizes, as fractions of the training set
 RULES = ("random", "self-influence", "flipped", "repair")
@@ -370,16 +369,4 @@ def summarize(rows: pd.DataFrame) -> pd.DataFrame:
 
 
 def write(store: ResultsStore, result: dict) -> dict[str, Path]:
-    p = paths(store, result["meta"]["setting"])
-    store.check_writable(store.unlearning)
-    result["rows"].to_csv(p["rows"], index=False, float_format="%.6g")
-    result["summary"].to_csv(p["summary"], index=False, float_format="%.6g")
-    write_json(p["meta"], records._clean(result["meta"]))
-    return p
-
-
-def read(store: ResultsStore, setting_name: str) -> dict | None:
-    p = paths(store, setting_name)
-    if not all(f.is_file() for f in p.values()):
-        return None
-    return {"rows": pd.read_csv(p["rows"]), "summary": pd.read_csv(p["summary"]), "meta": read_json(p["meta"])}
+    return counterfactual.save(store, paths(store, result["meta"]["setting"]), result)

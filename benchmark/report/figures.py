@@ -312,14 +312,22 @@ def remove_top_k(summary: pd.DataFrame, out: Path) -> Path:
         axes[0].errorbar(part["k"], part["drop_mean"], yerr=1.96 * part["drop_se"], capsize=3, **style)
         axes[1].plot(part["k"], part["flip_rate"], **style)
     setting = summary["setting"].iloc[0]
+    ks = sorted(summary["k"].unique())
+    for ax in axes:
+        ax.set_xscale("log")
+        ax.set_xticks(ks, [str(k) for k in ks])
     axes[0].axhline(0, color="black", lw=0.6)
-    axes[0].set(xscale="log", xlabel="k training points removed", ylabel="margin drop (full − retrained), mean ± 95%",
+    axes[0].set(xlabel="k training points removed", ylabel="margin drop (full − retrained), mean ± 95%",
                 title=f"{setting}: removing each solver's top-k positive influences")
-    axes[1].set(xscale="log", xlabel="k training points removed", ylabel="share of queries whose prediction flips",
+    axes[1].set(xlabel="k training points removed", ylabel="share of queries whose prediction flips",
                 ylim=(-0.02, 1.02), title=f"{setting}: flip rate (seed-matched retraining)")
     axes[1].legend(fontsize=8)
     fig.tight_layout()
     return _save(fig, out)
+
+
+RULE_TITLES = {"random": "remove random points", "self-influence": "remove the top self-influence points",
+               "flipped": "remove flipped-label points", "repair": "repair flipped labels"}
 
 
 def unlearning(summary: pd.DataFrame, meta: dict, out: Path) -> Path:
@@ -328,6 +336,8 @@ def unlearning(summary: pd.DataFrame, meta: dict, out: Path) -> Path:
     vs the forget set's size; one line per solver (derived step, damping = weight decay) beside fine-tuning,
     retraining with another seed (the noise floor) and retraining itself."""
     plt = _plt()
+    from matplotlib.ticker import NullLocator
+
     wd = meta["weight_decay"]
     s = summary.copy()
     s["damping"] = pd.to_numeric(s["damping"], errors="coerce")
@@ -356,11 +366,13 @@ def unlearning(summary: pd.DataFrame, meta: dict, out: Path) -> Path:
                 ret = part.drop_duplicates("fraction").sort_values("fraction")
                 ax.plot(ret["fraction"], ret[f"retrain_{col}"], marker="s", color="crimson", ls=":",
                         label="retrain (same seed)")
-            ax.set(xscale="log", yscale="log" if log else "linear", xlabel="forget-set size (fraction of training set)",
+            ax.set(xscale="log", yscale="log" if log else "linear", xlabel="forget-set size (% of the training set)",
                    ylabel=label)
+            sizes = sorted(part["fraction"].unique())
+            ax.set_xticks(sizes, [f"{100 * f:.2g}" for f in sizes])
+            ax.xaxis.set_minor_locator(NullLocator())
             if r == 0:
-                ax.set_title(f"{meta['setting']}: {'repair' if rule == 'repair' else 'remove'} {rule} points",
-                             fontsize=9)
+                ax.set_title(f"{meta['setting']}: " + RULE_TITLES[rule], fontsize=9)
     handles, labels = axes[0][0].get_legend_handles_labels()
     for ax in axes[1]:
         for h, lab in zip(*ax.get_legend_handles_labels()):

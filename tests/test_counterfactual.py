@@ -3,10 +3,12 @@ retraining artifact (resume, executors, verification, tampering), remove-top-k a
 unlearning study end to end, and the leaderboard's remove-top-k columns.
 
 Tolerances: on an L2-regularised logistic regression solved to convergence (float64 L-BFGS, gradient < 1e-8)
-the Newton step is exact up to second-order terms in the change of objective. Removing 2% of the points (8 of
-400), the derived step lands within 3% of the distance retraining moves (measured 1.3%); the issue's form
-(1/n, no mean-gradient term) misses by ≥ 10% (measured 24%), and the sign-flipped step lands at ≈ 2 (measured
-1.99). Repairing 2 of 400 labels: the derived step within 5% (measured ≈ 2%), the issue's sign at ≈ 2.
+the Newton step is exact up to second-order terms in the change of objective (relative size ≈ the removed points'
+leverage, P/n ≈ 4% here). Removing 2% of the points (8 of 400), the derived step lands within 5% of the distance
+retraining moves (measured 2.6%); the issue's form (1/n, no mean-gradient term) misses by more than 10% (measured
+18%) but reaches the retraining it is the step for (weights set to zero) within 8% (measured 4.1%); the
+sign-flipped step lands at ≈ 2 (measured 1.98). Repairing 2 of 400 labels: the derived step within 6% (measured
+3.1%), the issue's sign at ≈ 2 (measured 1.97). Everything is seeded and float64, so the numbers repeat exactly.
 """
 
 import numpy as np
@@ -58,7 +60,7 @@ def _theta(model) -> np.ndarray:
 
 def test_newton_removal_matches_retraining_to_convergence(convex):
     """Retraining on the mean of the n − m points left (what the benchmark's training does) is reached by the
-    derived step to within 3% of the distance retraining moves; the metric catches a sign-flipped step (≈ 2)
+    derived step to within 5% of the distance retraining moves; the metric catches a sign-flipped step (≈ 2)
     and the issue's form, which is instead the step for keeping the sum's 1/n (retraining with the points'
     weights set to zero)."""
     x, y, full, solver = convex
@@ -77,10 +79,10 @@ def test_newton_removal_matches_retraining_to_convergence(convex):
     print(f"derived {ratio(theta + derived, theta, mean_retrain):.4f}, sign flipped "
           f"{ratio(theta - derived, theta, mean_retrain):.3f}, issue's form {ratio(theta + issue, theta, mean_retrain):.3f} "
           f"(vs the 1/n retraining {ratio(theta + issue, theta, sum_retrain):.4f})")
-    assert ratio(theta + derived, theta, mean_retrain) < 0.03
+    assert ratio(theta + derived, theta, mean_retrain) < 0.05
     assert ratio(theta - derived, theta, mean_retrain) > 1.9
     assert ratio(theta + issue, theta, mean_retrain) > 0.1
-    assert ratio(theta + issue, theta, sum_retrain) < 0.05
+    assert ratio(theta + issue, theta, sum_retrain) < 0.08
     # the updated model is the step applied to the model's parameters
     assert np.allclose(_theta(unlearning.updated(full, solver.functional().layout.names, torch.from_numpy(derived))),
                        theta + derived, atol=1e-12)
@@ -102,7 +104,7 @@ def test_newton_repair_moves_toward_retraining_and_the_issue_sign_away(convex):
     issue = unlearning.repair_step(solver, x[idx], noisy[idx], y[idx], N, "issue").numpy()
     print(f"repair: derived {unlearning.distance_ratio(theta + derived, theta, target):.4f}, issue's sign "
           f"{unlearning.distance_ratio(theta + issue, theta, target):.3f}")
-    assert unlearning.distance_ratio(theta + derived, theta, target) < 0.05
+    assert unlearning.distance_ratio(theta + derived, theta, target) < 0.06
     assert unlearning.distance_ratio(theta + issue, theta, target) > 1.9
 
 

@@ -11,7 +11,7 @@ TDABENCH   := $(PY) -m benchmark
 
 .PHONY: venv data test test-fast lds-mnist lds-fmnist table1 gt-mnist gt-fmnist gt-small gt-verify gt-reproduce zoo clean-venv help
 .PHONY: leaderboard report mislabel-mnist figures-mnist gap-mnist gap-fmnist regress ihvp-error gt-studies-mnist
-.PHONY: bench bench-compare bench-train bench-solvers bench-peers mutate
+.PHONY: bench bench-compare bench-train bench-solvers bench-peers mutate counterfactual-mnist unlearning-mnist
 
 # Solvers the evaluation targets run (Table 1's method by default): make lds-mnist SOLVERS="ekfac identity"
 SOLVERS    ?= ekfac
@@ -41,6 +41,8 @@ help:
 	@echo "make bench-compare  the same, compared with the committed run: fails on a slowdown beyond BENCH_FAIL"
 	@echo "make bench-peers  our EK-FAC vs Kronfluence's on mnist-cnn (installs the peers extra): results/perf/peers-*.json"
 	@echo "make mutate       mutation testing of the modules that compute numbers (~30 min; not CI; docs/testing.md)"
+	@echo "make counterfactual-mnist  remove-top-k vs retraining, mnist-lr and mnist-cnn (CPU hours; resumable)"
+	@echo "make unlearning-mnist      Newton unlearning / label repair vs retraining, mnist-lr and mnist-cnn (resumable)"
 	@echo "make mislabel-mnist / figures-mnist / ihvp-error / gt-studies-mnist"
 	@echo "make gpu-runbook  GPU: ground truth + EK-FAC for the timm settings (docs/large-settings.md)"
 
@@ -140,6 +142,24 @@ STUDY_EPOCHS ?= 3 16
 gt-studies-mnist: venv
 	$(TDABENCH) gt mnist-cnn --study --seed-policy varied $(STUDY_ARGS)
 	@for e in $(STUDY_EPOCHS); do $(TDABENCH) gt "mnist-cnn@epochs=$$e" $(STUDY_ARGS) || exit 1; done
+
+# Counterfactual retraining (docs/counterfactual.md): models retrained without (or with repaired) training points,
+# several seeds each, into results/counterfactual/ and results/unlearning/; a rerun resumes where it stopped.
+# mnist-lr models train in seconds; mnist-cnn's 122 + 30 models are ~80 CPU-minutes (2 workers), minutes on a GPU.
+CF_LR_SOLVERS  ?= exact cg lissa kfac ekfac identity
+CF_CNN_SOLVERS ?= kfac ekfac identity
+counterfactual-mnist: venv
+	$(TDABENCH) counterfactual mnist-lr $(foreach s,$(CF_LR_SOLVERS),--solver $(s)) --queries 20 --seeds 3 \
+	  --units-per-job 20
+	$(TDABENCH) counterfactual mnist-cnn $(foreach s,$(CF_CNN_SOLVERS),--solver $(s)) --queries 5 --k 10 --k 100 \
+	  --k 1000 --seeds 2
+
+UL_LR_SOLVERS  ?= exact kfac ekfac identity
+unlearning-mnist: venv
+	$(TDABENCH) unlearning mnist-lr $(foreach s,$(UL_LR_SOLVERS),--solver $(s)) --rank-by exact --seeds 5 \
+	  --units-per-job 5
+	$(TDABENCH) unlearning mnist-cnn $(foreach s,$(CF_CNN_SOLVERS),--solver $(s)) --rank-by ekfac --size 0.001 \
+	  --size 0.01 --size 0.05 --seeds 2
 
 ihvp-error: venv
 	$(TDABENCH) ihvp-error

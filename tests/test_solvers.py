@@ -23,13 +23,12 @@ import math
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
+from eval_helpers import l2_logreg_problem, train_l2_logreg
 from torch import nn
 
 from benchmark import core as cv
 from benchmark.core.measurements import MEASUREMENTS
 from benchmark.evaluate import DAMPING_GRID, Solver, SolverError, Task, Trajectory, registry, scores_many
-from benchmark.setup.models import logistic_regression
 from benchmark.setup.plugins import REPO_ROOT
 
 # Every solver file is put through the contract tests: the list comes from the registry, not from this file.
@@ -394,45 +393,14 @@ def test_score_memory_budget_sets_the_blocks(monkeypatch):
         s.chunk_sizes()
 
 
-def train_l2_logreg(x, y, mu, weights=None, init=None):
-    """argmin (1/N) Σ wᵢ CE(zᵢ) + (μ/2)‖θ‖², float64 full-batch L-BFGS until every gradient entry is below
-    1e-8 (the line search stalls near 1e-9, where the loss no longer changes in float64); the parameter error
-    left, ~1e-8/μ, is 1e-4 of the leave-one-out changes measured."""
-    model = logistic_regression(x.shape[1], int(y.max()) + 1).double()
-    if init is not None:
-        model.load_state_dict(init)
-    w = torch.ones(len(y), dtype=torch.float64) if weights is None else weights
-    opt = torch.optim.LBFGS(model.parameters(), lr=1, max_iter=500, tolerance_grad=1e-13,
-                            tolerance_change=0, history_size=50, line_search_fn="strong_wolfe")
-
-    def objective():
-        opt.zero_grad()
-        loss = (w * F.cross_entropy(model(x), y, reduction="none")).sum() / len(y)
-        loss = loss + mu / 2 * sum((p ** 2).sum() for p in model.parameters())
-        loss.backward()
-        return loss
-
-    for _ in range(5):
-        opt.step(objective)
-        objective()
-        if max(float(p.grad.abs().max()) for p in model.parameters()) < 1e-8:
-            return model.eval()
-    raise AssertionError("L-BFGS did not converge")
-
-
 def test_scores_predict_leave_one_out_retraining():
     """Sign and scale. For θ̂ = argmin (1/N) Σ L(zᵢ) + (μ/2)‖θ‖², up-weighting z_i by ε moves the query's
     margin f at rate τᵢ = −∇fᵀ H⁻¹ ∇L(zᵢ), H = G + μI (logistic regression: the GGN is the Hessian).
     Removing z_i is ε = −1/N (the sum keeps its 1/N), so actual retraining should give Δf ≈ −τᵢ/N.
     First order only: the exact change is larger by about 1/(1 − hᵢ), hᵢ ≈ P/N the point's leverage, so the
     check uses N ≫ P (400 points, 15 parameters), where the slope must be within [0.8, 1.25]."""
-    g = torch.Generator().manual_seed(0)
-    n, d, classes, mu = 400, 4, 3, 1e-2
-    centers = torch.randn(classes, d, generator=g, dtype=torch.float64)
-    y = torch.arange(n) % classes
-    x = centers[y] + 1.2 * torch.randn(n, d, generator=g, dtype=torch.float64)
-    qx = centers[[0, 1]] + 0.8 * torch.randn(2, d, generator=g, dtype=torch.float64)
-    qy = torch.tensor([0, 1])
+    n, classes, mu = 400, 3, 1e-2
+    x, y, qx, qy = l2_logreg_problem(n, classes)
     full = train_l2_logreg(x, y, mu)
     task = Task(full, x, y, num_classes=classes)
     tau = registry.get("exact")(damping=mu).fit(task).scores(qx, qy, x, y).double()

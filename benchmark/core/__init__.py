@@ -28,5 +28,5 @@ from .params import (FunctionalModel, ParamLayout, as_dtype, check_finite, chunk
                      model_blocks)
 from .projection import RandomProjection, projected_gram
 from .products import (curvature_vector_product, dense_curvature, dense_ggn, dense_hessian, ggn_vector_product,
-                       hessian_vector_product, logit_hessian, logit_hessian_factor, per_sample_grads,
-                       singular_tolerance, top_eigenvalue)
+                       hessian_vector_product, logit_hessian, logit_hessian_factor, loss_gradient_sum,
+                       per_sample_grads, singular_tolerance, top_eigenvalue)

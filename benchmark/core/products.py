@@ -41,6 +41,16 @@ def per_sample_grads(fm: FunctionalModel, x: torch.Tensor, y: torch.Tensor, meas
     return out
 
 
+def loss_gradient_sum(fm: FunctionalModel, x: torch.Tensor, y: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """(P,) gradient of Σᵢ CE(zᵢ) over the rows of ``(x, y)``: one backward per chunk, no per-example gradients."""
+    x, y = fm.cast(x), y.to(fm.device)
+    out = torch.zeros(fm.numel, dtype=fm.dtype, device=fm.device)
+    for sl in chunks(len(y), chunk):
+        xb, yb = x[sl], y[sl]
+        out += fm.layout.flatten(grad(lambda p: F.cross_entropy(fm(p, xb), yb, reduction="sum"))(fm.params))
+    return out
+
+
 def logit_hessian(logits: torch.Tensor) -> torch.Tensor:
     """(…, C, C) Hessian of the softmax cross-entropy in the logits: diag(p) − ppᵀ."""
     p = torch.softmax(logits, dim=-1)

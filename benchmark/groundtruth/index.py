@@ -13,7 +13,7 @@ import datetime as _dt
 import json
 from pathlib import Path
 
-from ..setup.artifacts import ArtifactError, atomic_write_bytes
+from ..setup.artifacts import FORMAT_VERSION, MANIFEST, ArtifactError, atomic_write_bytes, read_json, verify_files
 from ..setup.config import stable_hash
 from ..setup.store import ResultsStore
 
@@ -68,3 +68,24 @@ def pin(store: ResultsStore, root: Path, root_hash: str, kind: str) -> None:
         "pinned": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
     data["artifacts"] = dict(sorted(data["artifacts"].items()))
     atomic_write_bytes(store.index, (json.dumps(data, indent=2) + "\n").encode())
+
+
+def open_manifest(store: ResultsStore, root: Path, kind: str, what: str, setting, stale_hint: str,
+                  damaged_hint: str | None) -> dict:
+    """The manifest of the ``kind`` artifact at ``root``, checked before anything is read from it: its format, that
+    it holds ``setting``'s models, its pinned root hash, that they were trained with the setting's current recipe
+    (``stale_hint`` says how to get a current one) and, unless ``damaged_hint`` is None, every file's sha256
+    (``damaged_hint`` says how to repair one)."""
+    root = Path(root)
+    man = read_json(root / MANIFEST)
+    if man.get("kind") != kind or man.get("format_version") != FORMAT_VERSION:
+        raise ArtifactError(f"{root} is not a {what} artifact of format {FORMAT_VERSION}")
+    if man.get("setting") != setting.name:
+        raise ArtifactError(f"{root} holds models of {man.get('setting')!r}, not of {setting.name!r}")
+    check(store, root, root_hash(man))
+    if man["recipe_hash"] != setting.recipe_hash():
+        raise ArtifactError(f"{root} is stale: its models were trained with recipe {man['recipe_hash']}, the code "
+                            f"now has {setting.recipe_hash()}; {stale_hint}")
+    if damaged_hint is not None:
+        verify_files(root, man["files"], damaged_hint)
+    return man

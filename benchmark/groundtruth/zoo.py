@@ -35,7 +35,7 @@ import torch
 from ..setup import settings as settings_mod
 from ..setup.artifacts import (FORMAT_VERSION, MANIFEST, ArtifactError, ArtifactLock, code_version, environment,
                                file_hashes, hardware, load_safetensors, read_json, remove_stale_temporaries, save_npz,
-                               save_safetensors, verify_files, version_folders, write_json)
+                               save_safetensors, version_folders, write_json)
 from ..setup.config import Protocol, stable_hash, unit_seed
 from ..setup.store import ResultsStore
 from . import index
@@ -162,19 +162,10 @@ class Zoo:
 
     @classmethod
     def open(cls, store: ResultsStore, root: Path, setting: settings_mod.Setting, verify: bool = True) -> "Zoo":
-        root = Path(root)
-        man = read_json(root / MANIFEST)
-        if man.get("kind") != "zoo" or man.get("format_version") != FORMAT_VERSION:
-            raise ArtifactError(f"{root} is not a model-zoo artifact of format {FORMAT_VERSION}")
-        if man.get("setting") != setting.name:
-            raise ArtifactError(f"{root} holds models of {man.get('setting')!r}, not of {setting.name!r}")
-        index.check(store, root, index.root_hash(man))
-        if man["recipe_hash"] != setting.recipe_hash():
-            raise ArtifactError(f"{root} is stale: its models were trained with recipe {man['recipe_hash']}, the code "
-                                f"now has {setting.recipe_hash()}; build a new zoo with `tdabench zoo {setting.name}`")
-        if verify:
-            verify_files(root, man["files"], f"rebuild the damaged models with `tdabench zoo {setting.name}`")
-        return cls(root, man, setting)
+        man = index.open_manifest(store, root, "zoo", "model-zoo", setting,
+                                  f"build a new zoo with `tdabench zoo {setting.name}`",
+                                  f"rebuild the damaged models with `tdabench zoo {setting.name}`" if verify else None)
+        return cls(Path(root), man, setting)
 
     @property
     def epochs(self) -> int:

@@ -3,6 +3,8 @@
 - :func:`leaderboard`: LDS with 95% intervals, the noise ceiling and the paper's value; recall vs fraction inspected;
 - :func:`gap_study`: the Table 1 gap study as a dot plot of LDS per factor level;
 - :func:`ihvp_error`: the IHVP-error study's four panels per setting;
+- :func:`remove_top_k` and :func:`unlearning`: the counterfactual-retraining studies (margin drop and flip rate vs k;
+  distance ratio and recovered accuracy vs forget-set size);
 - :func:`influence_grid` (the paper's Fig. 1 and appendix Figs. 4-7) and :func:`self_influence_top` (Fig. 2),
   from the qualitative study's data (:mod:`benchmark.studies.qualitative`).
 """
@@ -156,7 +158,7 @@ def solver_palette(names) -> dict:
     import seaborn as sns
 
     names = sorted(set(names) - set(BASELINES))
-    cb = sns.color_palette("colorblind", 10)
+    cb = sns.colorsolver_palette("colorblind", 10)
     order = [0, 1, 2, 4, 9, 5, 3, 8, 6, 7]  # colorblind-safe; similar hues (orange/vermillion, pinks) kept apart
     palette = {n: cb[order[i % len(order)]] for i, n in enumerate(names)}
     palette.update({"baseline-random": (0.6, 0.6, 0.6), "baseline-loss": (0.1, 0.1, 0.1)})
@@ -231,10 +233,12 @@ def lds_vs_cost(part: pd.DataFrame, palette: dict, out: Path) -> Path:
     return _save(fig, out, 110)
 
 
-def _save(fig, out: Path, dpi: int) -> Path:
+def _save(fig, out: Path, dpi: int = 120, *, tight: bool = True) -> Path:
+    """Write ``fig`` (laid out tightly unless the caller already laid it out) and close it."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
+    if tight:
+        fig.tight_layout()
     fig.savefig(out, dpi=dpi)
     _plt().close(fig)
     return out
@@ -281,7 +285,7 @@ def ihvp_error(df, lissa, path: Path) -> Path:
 
     names = list(dict.fromkeys(df["setting"]))
     labels = [x for x in dict.fromkeys(df["solver"]) if x != "exact"]  # exact is the reference
-    palette = dict(zip(labels, sns.color_palette("tab10", len(labels))))
+    palette = dict(zip(labels, sns.colorsolver_palette("tab10", len(labels))))
     fig, axes = plt.subplots(len(names), 4, figsize=(22, 5.2 * len(names)), squeeze=False)
     for i, name in enumerate(names):
         d = df[df["setting"] == name]
@@ -303,7 +307,7 @@ def ihvp_error(df, lissa, path: Path) -> Path:
         ax.legend(fontsize=8)
         ax = axes[i, 2]
         ls = lissa[lissa["setting"] == name]
-        colors = sns.color_palette("viridis", ls["damping"].nunique())
+        colors = sns.colorsolver_palette("viridis", ls["damping"].nunique())
         for c, (lam, s) in zip(colors, ls.groupby("damping")):
             ax.plot(s["depth"], s["rel_error"], marker="o", color=c, label=f"λ={lam:g} measured")
             ax.plot(s["depth"], s["bound_rel"].clip(1e-9, 1e4), ls="--", color=c, label=f"λ={lam:g} §6.1 bound")
@@ -382,3 +386,89 @@ def self_influence_top(data, item: dict, out: Path) -> Path:
     fig.savefig(out, dpi=120)
     plt.close(fig)
     return out
+
+
+def remove_top_k(summary: pd.DataFrame, out: Path) -> Path:
+    """Remove-top-k (:mod:`benchmark.studies.counterfactual`): mean margin drop (± 1.96 se) and flip rate vs k,
+    one line per solver and the random baseline."""
+    plt = _plt()
+    palette = solver_palette(summary["method"])
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for method, part in summary.groupby("method", sort=False):
+        part = part.sort_values("k")
+        style = dict(color=palette[method], marker="o", label=method, ls="--" if method in BASELINES else "-")
+        axes[0].errorbar(part["k"], part["drop_mean"], yerr=1.96 * part["drop_se"], capsize=3, **style)
+        axes[1].plot(part["k"], part["flip_rate"], **style)
+    setting = summary["setting"].iloc[0]
+    ks = sorted(summary["k"].unique())
+    for ax in axes:
+        ax.set_xscale("log")
+        ax.set_xticks(ks, [str(k) for k in ks])
+    axes[0].axhline(0, color="black", lw=0.6)
+    axes[0].set(xlabel="k training points removed", ylabel="margin drop (full − retrained), mean ± 95%",
+                title=f"{setting}: removing each solver's top-k positive influences")
+    axes[1].set(xlabel="k training points removed", ylabel="share of queries whose prediction flips",
+                ylim=(-0.02, 1.02), title=f"{setting}: flip rate (seed-matched retraining)")
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, out, tight=False)
+
+
+RULE_TITLES = {"random": "remove random points", "self-influence": "remove the top self-influence points",
+               "flipped": "remove flipped-label points", "repair": "repair flipped labels"}
+
+
+def unlearning(summary: pd.DataFrame, meta: dict, out: Path) -> Path:
+    """Newton unlearning (:mod:`benchmark.studies.unlearning`) per forget-set rule: the parameter distance ratio to
+    the seed-matched retrained model, the accuracy on the forget set under its true labels, and test accuracy,
+    vs the forget set's size; one line per solver (derived step, damping = weight decay) beside fine-tuning,
+    retraining with another seed (the noise floor) and retraining itself."""
+    plt = _plt()
+    from matplotlib.ticker import NullLocator
+
+    wd = meta["weight_decay"]
+    s = summary.copy()
+    s["damping"] = pd.to_numeric(s["damping"], errors="coerce")
+    keep = s["method"].isin(["fine-tune", "retrain (other seed)", "no update"]) | (
+        (s["form"] == "derived") & (s["damping"].isna() | np.isclose(s["damping"].fillna(-1), wd)))
+    s = s[keep]
+    rules = [r for r in ("random", "self-influence", "flipped", "repair") if r in set(s["rule"])]
+    methods = list(dict.fromkeys(s["method"]))
+    palette = solver_palette([m for m in methods if m not in ("fine-tune", "retrain (other seed)", "no update")])
+    palette.update({"fine-tune": (0.55, 0.35, 0.15), "retrain (other seed)": (0.6, 0.6, 0.6),
+                    "no update": (0.1, 0.1, 0.1)})
+    panels = [("distance_ratio", "‖θ_new − θ_retrain‖ / ‖θ − θ_retrain‖", True),
+              ("forget_accuracy", "accuracy on the forget set (true labels)", False),
+              ("test_accuracy", "test accuracy", False)]
+    fig, axes = plt.subplots(len(panels), len(rules), figsize=(4.2 * len(rules), 3.3 * len(panels)), squeeze=False)
+    for c, rule in enumerate(rules):
+        part = s[s["rule"] == rule]
+        for r, (col, label, log) in enumerate(panels):
+            ax = axes[r][c]
+            for method in methods:
+                m = part[part["method"] == method].sort_values("fraction")
+                if len(m):
+                    ax.plot(m["fraction"], m[col], marker="o", color=palette[method], label=method,
+                            ls="--" if method in ("retrain (other seed)", "no update") else "-")
+            if col != "distance_ratio":
+                ret = part.drop_duplicates("fraction").sort_values("fraction")
+                ax.plot(ret["fraction"], ret[f"retrain_{col}"], marker="s", color="crimson", ls=":",
+                        label="retrain (same seed)")
+            ax.set(xscale="log", yscale="log" if log else "linear", xlabel="forget-set size (% of the training set)",
+                   ylabel=label)
+            sizes = sorted(part["fraction"].unique())
+            ax.set_xticks(sizes, [f"{100 * f:.2g}" for f in sizes])
+            ax.xaxis.set_minor_locator(NullLocator())
+            if r == 0:
+                ax.set_title(f"{meta['setting']}: " + RULE_TITLES[rule], fontsize=9)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    for ax in axes[1]:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            if lab not in labels:
+                handles.append(h)
+                labels.append(lab)
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=8, frameon=False)
+    fig.suptitle(f"{meta['setting']}: one Newton step (damping = weight decay {wd:g}) vs retraining; "
+                 f"{meta['explained']}; mean over seeds {meta['seeds']}", fontsize=9)
+    fig.tight_layout(rect=(0, 0.05, 1, 0.97))
+    return _save(fig, out, tight=False)

@@ -1,4 +1,5 @@
-"""Floor 6: the leaderboard — one row per setting × method, from the run records, never from anything else.
+"""Floor 6: the leaderboard — one row per setting × method, from the run records (and the remove-top-k columns
+from that study's stored results, :mod:`benchmark.studies.counterfactual`), never from anything else.
 
 :func:`collect` reads every record and says, per row, where its numbers come from: a row without a record is
 "not yet run" (or "n/a" when the solver declares it cannot handle the model); numbers evaluated on an
@@ -18,11 +19,16 @@ from ..evaluate.engine import BASELINES, LOSS, RANDOM
 from ..setup import settings as settings_mod
 from ..setup.artifacts import read_json
 from ..setup.store import ResultsStore
+from ..studies import counterfactual
 
 RECALL_KEYS = tuple(f"recall_{p}" for p in (10, 20, 30, 40, 50))
+# Remove-top-k (benchmark.studies.counterfactual): mean margin drop removing the top 100 / 1000, flip rate at 1000,
+# median smallest k of the grid that flips a query.
+RTK_KEYS = (*(f"rtk_drop_{k}" for k in counterfactual.LEADERBOARD_K), f"rtk_flip_{counterfactual.LEADERBOARD_K[-1]}",
+            "rtk_min_k")
 COLUMNS = ("setting", "solver", "status", "lds", "lds_se", "lds_ci_low", "lds_ci_high", "lds_ceiling",
-           "lds_of_ceiling", "paper_lds", *RECALL_KEYS, "auc", "auc_se", "fit_s", "score_s", "self_score_s",
-           "peak_mb", "device", "params", "ground_truth", "measurement", "queries", "record")
+           "lds_of_ceiling", "paper_lds", *RECALL_KEYS, "auc", "auc_se", *RTK_KEYS, "fit_s", "score_s",
+           "self_score_s", "peak_mb", "device", "params", "ground_truth", "measurement", "queries", "record")
 
 
 # What each column means: the Markdown table's preamble and the report's glossary.
@@ -36,6 +42,11 @@ NOTES = (
     ("recall@k%", "share of the flipped labels (10% of the training set, seeded) found in the top k% by "
                   "self-influence (the baselines: training loss, and the exact expectation of a random order). "
                   "**AUC** is the ROC AUC of that ranking (0.5 random, 1 perfect)."),
+    ("remove-top-k", "(`tdabench counterfactual`): retrain without the solver's k most positively influential "
+                     "training points for a query (seed-matched, several seeds; `results/counterfactual/`): the mean "
+                     "margin drop at k = 100 / 1000, the share of predictions that flip at k = 1000, and the median "
+                     "smallest k of the grid that flips one (∞: most never flip). The random baseline removes k "
+                     "random points."),
     ("cost", "wall-clock seconds for fitting the curvature, scoring the queries (all train points), and "
              "self-influence; peak memory is the process resident set on CPU (including data and the torch runtime) "
              "or the allocator's peak on a GPU. Timings on a machine busy with other work are slower; each record "
@@ -72,6 +83,7 @@ def collect(store: ResultsStore, settings: list[settings_mod.Setting], methods: 
     for setting in settings:
         gt_path, gt_text = campaign.gt_status(store, setting)
         has_mis = records.mislabel_available(store, setting)
+        rtk = counterfactual.leaderboard_columns(store, setting.name)
         for name in ordered:
             method = by_name.get(name)
             rec = records.read_record(store, setting.name, name)
@@ -80,6 +92,7 @@ def collect(store: ResultsStore, settings: list[settings_mod.Setting], methods: 
                 continue  # a baseline row only where there is something to be a baseline for
             row = {c: None for c in COLUMNS}
             row.update(setting=setting.name, solver=name, paper_lds=setting.paper_lds, ground_truth=gt_text)
+            row.update({k: v for k, v in rtk.get(name, {}).items() if k in RTK_KEYS})
             if rec is None:
                 if method is None:
                     continue
@@ -99,7 +112,7 @@ def collect(store: ResultsStore, settings: list[settings_mod.Setting], methods: 
                 rows.append(row)
                 continue
             found[(setting.name, name)] = rec
-            rows.append(_row(store, setting, method, rec, row, has_mis, failures))
+            rows.append(_row(store, setting, method, rec, row, has_mis, failures, rtk.get(name)))
     for orphan in _orphans(store, {s.name for s in settings_mod.available().values()}):
         for p in sorted((store.runs / orphan).glob("*.json")):
             row = {c: None for c in COLUMNS}
@@ -109,7 +122,7 @@ def collect(store: ResultsStore, settings: list[settings_mod.Setting], methods: 
     return pd.DataFrame(rows, columns=list(COLUMNS)), found
 
 
-def _row(store, setting, method, rec, row, has_mis, failures) -> dict:
+def _row(store, setting, method, rec, row, has_mis, failures, rtk=None) -> dict:
     stale = records.stale_reasons(rec, store, setting, method) if method is not None else {}
     lds, mis = rec.get("lds"), rec.get("mislabel")
     status = []
@@ -137,6 +150,9 @@ def _row(store, setting, method, rec, row, has_mis, failures) -> dict:
         by_reason.setdefault("; ".join(why), []).append(section)
     for why, sections in by_reason.items():
         status.append(f"STALE ({', '.join(sections)}): {why}")
+    if rtk and lds and rtk["rtk_params"] != lds.get("params"):
+        status.append(f"remove-top-k used other parameters ({fmt_params(rtk['rtk_params'])}): rerun `tdabench "
+                      f"counterfactual {setting.name}`")
     if not lds and method is not LOSS:
         status.append("LDS not yet run")
     if not mis and has_mis:
@@ -166,6 +182,16 @@ def fmt_text(v) -> str:
     return "" if v is None or (isinstance(v, float) and not math.isfinite(v)) else str(v)
 
 
+def _rtk_cell(r) -> str:
+    if all(r[k] is None or pd.isna(r[k]) for k in RTK_KEYS):
+        return ""
+    big = counterfactual.LEADERBOARD_K[-1]
+    min_k = r["rtk_min_k"]
+    min_k = "" if min_k is None or pd.isna(min_k) else ("∞" if math.isinf(min_k) else f"{min_k:g}")
+    return (" / ".join(fmt_num(r[f"rtk_drop_{k}"], 2) for k in counterfactual.LEADERBOARD_K)
+            + f", {fmt_num(r[f'rtk_flip_{big}'], 2)}, {min_k}")
+
+
 def to_markdown(df: pd.DataFrame) -> str:
     lines = [
         "# tdabench leaderboard",
@@ -184,8 +210,9 @@ def to_markdown(df: pd.DataFrame) -> str:
                                                                         if len(paper) else ""))
         lines.append("")
         lines.append("| solver | status | LDS ± se [95% CI] | ceiling | of ceiling | recall@10/20/30/40/50% | AUC | "
-                     "fit s | score s | self s | peak MB | device | params |")
-        lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+                     "remove-top-k drop@100 / @1000, flip@1000, min k | fit s | score s | self s | peak MB | device | "
+                     "params |")
+        lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for _, r in part.iterrows():
             lds = fmt_pm(r["lds"], r["lds_se"])
             if lds and r["lds_ci_low"] is not None and not pd.isna(r["lds_ci_low"]):
@@ -195,7 +222,7 @@ def to_markdown(df: pd.DataFrame) -> str:
             lines.append("| " + " | ".join([
                 r["solver"], fmt_text(r["status"]), lds, fmt_num(r["lds_ceiling"]), fmt_num(r["lds_of_ceiling"], 2),
                 recalls,
-                fmt_num(r["auc"]), fmt_num(r["fit_s"], 1), fmt_num(r["score_s"], 1), fmt_num(r["self_score_s"], 1),
+                fmt_num(r["auc"]), _rtk_cell(r), fmt_num(r["fit_s"], 1), fmt_num(r["score_s"], 1), fmt_num(r["self_score_s"], 1),
                 fmt_num(r["peak_mb"], 0), fmt_text(r["device"]), fmt_text(r["params"])]) + " |")
         lines.append("")
     return "\n".join(lines)

@@ -199,4 +199,34 @@ def reproduce_table(rep: dict) -> str:
     if rep.get("note"):
         lines.append(f"note: {rep['note']}")
     lines.append(f"verdict: {o['verdict'].upper()} ({counts}; {o['seconds']:.3g} s of training in all)")
+
+
+def remove_top_k_table(summary, meta: dict) -> str:
+    """Remove-top-k per method and k: mean margin drop ± se, flip rate, and the median smallest flipping k."""
+    lines = [f"remove-top-k, {meta['setting']}: {len(meta['queries'])} queries x seeds {meta['seeds']} (seed 0: the "
+             f"explained model's); drop = margin(full-data model) − margin(retrained), seed-matched",
+             f"{'method':18s} {'k':>5s} {'pairs':>5s} {'margin drop ± se':>18s} {'flip rate':>9s} {'median min k':>12s}"]
+    for _, r in summary.iterrows():
+        lines.append(f"{r['method']:18s} {int(r['k']):>5d} {int(r['pairs']):>5d} "
+                     f"{r['drop_mean']:>9.3f} ± {r['drop_se']:<6.3f} {r['flip_rate']:>9.2f} {r['min_k_median']:>12g}")
+    art = meta["artifact"]
+    lines.append(f"retrained models: {art['path']} ({'complete' if art['complete'] else 'INCOMPLETE: rerun to continue'})")
+    return "\n".join(lines)
+
+
+def unlearning_table(summary, meta: dict) -> str:
+    """Newton removal / repair against retraining: mean over seeds per rule, size and update."""
+    lines = [f"unlearning, {meta['setting']}: {meta['explained']}; seeds {meta['seeds']}; metrics against the model "
+             f"retrained with the same seed (distance ratio 1 = no better than not updating)",
+             f"{'rule':15s} {'m':>5s} {'update':22s} {'form':8s} {'λ':>7s} {'dist ratio':>10s} {'test acc':>8s} "
+             f"{'agree':>6s} {'Δmargin ρ':>9s} {'forget acc':>10s} {'update s':>8s}"]
+    for _, r in summary.iterrows():
+        lam = "" if r["damping"] in ("", None) or (isinstance(r["damping"], float) and math.isnan(r["damping"])) \
+            else f"{float(r['damping']):g}"
+        rho = "" if math.isnan(r["change_spearman"]) else f"{r['change_spearman']:.3f}"
+        lines.append(f"{r['rule']:15s} {int(r['size']):>5d} {r['method']:22s} {str(r['form'] or ''):8s} {lam:>7s} "
+                     f"{r['distance_ratio']:>10.3f} {r['test_accuracy']:>8.4f} {r['agreement']:>6.3f} {rho:>9s} "
+                     f"{r['forget_accuracy']:>10.3f} {r['update_s']:>8.2f}")
+    art = meta["artifact"]
+    lines.append(f"retrained models: {art['path']} ({'complete' if art['complete'] else 'INCOMPLETE: rerun to continue'})")
     return "\n".join(lines)

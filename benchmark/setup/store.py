@@ -62,6 +62,16 @@ class ResultsStore:
         return self.root / "models"
 
     @property
+    def counterfactual(self) -> Path:
+        """Remove-top-k: models retrained without each solver's most influential points, and the study's tables."""
+        return self.root / "counterfactual"
+
+    @property
+    def unlearning(self) -> Path:
+        """Newton unlearning and label repair: models retrained without (or with repaired) points, and the tables."""
+        return self.root / "unlearning"
+
+    @property
     def runs(self) -> Path:
         return self.root / "runs"
 

@@ -26,7 +26,8 @@ from torch import nn
 
 from benchmark import core as cv
 from benchmark.core.measurements import MEASUREMENTS
-from benchmark.evaluate import DAMPING_GRID, SolverError, Task, registry, scores_many
+from benchmark.evaluate import DAMPING_GRID, Solver, SolverError, Task, record_trajectory, registry, scores_many
+from benchmark.setup.config import TrainRecipe
 from benchmark.setup.models import logistic_regression
 from benchmark.setup.plugins import REPO_ROOT
 
@@ -56,6 +57,20 @@ def problem(arch="mlp", n=48):
     model = build()
     x, y = data(n, shape)
     return Task(model, x, y, num_classes=4, seed=3), x, y
+
+
+# Solvers that attribute through training (``needs_trajectory``) are put through the same contract on the problem's
+# model trained by mini-batch SGD from its initialisation, with its trajectory (3 uneven batches an epoch).
+TRAJECTORY_RECIPE = TrainRecipe(epochs=3, batch_size=10, lr=0.1, momentum=0.9, weight_decay=1e-3)
+
+
+def for_solver(cls, task):
+    """``task``, or for a solver that needs a trajectory, its model trained on its data with its trajectory."""
+    if not cls.needs_trajectory:
+        return task
+    model, trajectory = record_trajectory(task.model, task.train_x, task.train_y, TRAJECTORY_RECIPE, seed=11)
+    return Task(model, task.train_x, task.train_y, task.num_classes, task.measurement, seed=task.seed,
+                trajectory=trajectory)
 
 
 def dense_reference(task, damping, vectors):
@@ -255,20 +270,32 @@ def loop_grads(model, x, y, measurement):
 
 @pytest.mark.parametrize("name", SOLVERS)
 def test_scores_follow_the_definition_and_chunking_changes_nothing(name):
-    task, x, y = problem("cnn", n=24)
-    kw = {"damping": 0.1} if "damping" in registry.get(name).defaults else {}
+    cls = registry.get(name)
+    task = for_solver(cls, problem("cnn", n=24)[0])
+    x, y = task.train_x, task.train_y
+    kw = {"damping": 0.1} if "damping" in cls.defaults else {}
     kw.update({"cg": {"tol": 1e-10}, "lissa": {"depth": 20, "batch_size": 8}}.get(name, {}))
-    s = registry.get(name)(**kw).fit(task)
+    s = cls(**kw).fit(task)
     qx, qy = data(5, (1, 6, 6), seed=7)
     whole = s.scores(qx, qy, x, y, query_chunk=100, train_chunk=100)
     chunked = s.scores(qx, qy, x, y, query_chunk=2, train_chunk=7)
     torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=1e-7)
-    # τ(q, i) = −∇f(z_q)ᵀ (G + λI)⁻¹ ∇L(z_i), with gradients from a plain autograd loop
-    gq, gt = loop_grads(task.model, qx, qy, "margin"), loop_grads(task.model, x, y, "loss")
-    torch.testing.assert_close(whole.double(), -(s.ihvp(gq) @ gt.T), rtol=1e-5, atol=1e-6)
     selfs = s.self_scores(x, y, train_chunk=5)
-    torch.testing.assert_close(selfs.double(), (s.ihvp(gt) * gt).sum(1), rtol=1e-5, atol=1e-6)
     assert whole.shape == (5, 24) and selfs.shape == (24,)
+    if type(s).query_features is Solver.query_features and type(s).scores is Solver.scores:
+        # τ(q, i) = −∇f(z_q)ᵀ (G + λI)⁻¹ ∇L(z_i), with gradients from a plain autograd loop
+        gq, gt = loop_grads(task.model, qx, qy, "margin"), loop_grads(task.model, x, y, "loss")
+        torch.testing.assert_close(whole.double(), -(s.ihvp(gq) @ gt.T), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(selfs.double(), (s.ihvp(gt) * gt).sum(1), rtol=1e-5, atol=1e-6)
+        return
+    # Solvers with another structure: their scores are their own bilinear form (where they use one), and
+    # self-influence is −τ_loss(i, i), the predicted fall of zᵢ's own loss, as ∇Lᵀ(G + λI)⁻¹∇L is for the others.
+    if type(s).scores is Solver.scores:
+        want = -(s.query_features(qx, qy).double() @ s.train_features(x, y).double().T)
+        torch.testing.assert_close(whole.double(), want, rtol=1e-5, atol=1e-6)
+    loss_task = Task(task.model, x, y, task.num_classes, "loss", seed=task.seed, trajectory=task.trajectory)
+    tau_loss = cls(**kw).fit(loss_task).scores(x, y, x, y).double()
+    torch.testing.assert_close(selfs.double(), -tau_loss.diagonal(), rtol=1e-5, atol=1e-6)
 
 
 def test_score_memory_budget_sets_the_blocks(monkeypatch):
@@ -350,7 +377,7 @@ def test_non_finite_gradients_are_a_clear_error(name):
     task, x, y = problem(n=24)
     kw = {"damping": 0.1} if "damping" in registry.get(name).defaults else {}
     kw.update({"lissa": {"depth": 5}, "cg": {"max_iter": 5}}.get(name, {}))
-    s = registry.get(name)(**kw).fit(task)
+    s = registry.get(name)(**kw).fit(for_solver(registry.get(name), task))
     bad_x = x.clone()
     bad_x[17, 0, 1, 1] = float("inf")
     with pytest.raises(SolverError, match="non-finite train loss gradient for example 17"):
@@ -366,8 +393,10 @@ def test_non_finite_training_data_is_a_clear_error_at_fit(name):
     x[3, 0, 0, 0] = float("nan")
     cls = registry.get(name)
     kw = {"damping": 0.1} if "damping" in cls.defaults else {}
+    trained = for_solver(cls, task)
     with pytest.raises(SolverError, match="non-finite"):
-        s = cls(**kw, **({"max_iter": 3} if name == "cg" else {})).fit(Task(task.model, x, y, num_classes=4))
+        s = cls(**kw, **({"max_iter": 3} if name == "cg" else {})).fit(
+            Task(trained.model, x, y, num_classes=4, trajectory=trained.trajectory))
         s.ihvp(torch.ones(1, 82, dtype=torch.float64))
 
 

@@ -9,6 +9,7 @@ A solver file needs only this and :mod:`benchmark.evaluate`::
 - :mod:`.measurements`: the query functions f (margin, loss);
 - :mod:`.products`: per-example gradients, Gauss-Newton / Hessian products, dense matrices for small models;
 - :mod:`.kronecker`: K-FAC / EK-FAC factors, eigenbases and their damped inverse;
+- :mod:`.unroll`: differentiating through training (SOURCE's segment functions, the exact SGD adjoint);
 - :mod:`.cache`: the content-keyed cache of damping-independent curvature, owned by a run;
 - :mod:`.stats`: rank statistics and the ground truth's noise ceiling.
 """
@@ -24,3 +25,4 @@ from .params import (FunctionalModel, ParamLayout, as_dtype, check_finite, chunk
 from .products import (curvature_vector_product, dense_curvature, dense_ggn, dense_hessian, ggn_vector_product,
                        hessian_vector_product, logit_hessian, logit_hessian_factor, per_sample_grads,
                        singular_tolerance, top_eigenvalue)
+from .unroll import segment_bounds, segment_scales, segment_times, unrolled_scores

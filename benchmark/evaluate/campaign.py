@@ -85,10 +85,11 @@ def update(store: ResultsStore, settings: list[settings_mod.Setting], methods: l
     for setting in settings:
         gt_path = gt_artifact.current(store, setting)
         gt_complete = gt_path is not None and read_json(gt_path / MANIFEST).get("complete")
-        has_mislabel = records.mislabel_available(store, setting)
+        can_mislabel = records.mislabel_available(store, setting)
         for method in methods:
             if not_applicable(setting, method):
                 continue
+            has_mislabel = can_mislabel and records.has_mislabel_task(method)
             rec = records.read_record(store, setting.name, method.name)
             # A stale record is rerun even on an unfinished ground truth: someone asked for it once.
             can_lds = method is not LOSS and gt_path is not None and bool(gt_complete or include_incomplete or rec)
@@ -109,8 +110,10 @@ def update(store: ResultsStore, settings: list[settings_mod.Setting], methods: l
             if dry_run:
                 done.append((setting.name, method.name, tasks))
                 continue
+            # solvers that attribute through training explain the zoo's models, which keep their trajectories
+            explain = "zoo" if not isinstance(method, Baseline) and method.needs_trajectory else "ground truth"
             try:
-                records.run(store, setting, method, tasks=tasks, device=device, log=log)
+                records.run(store, setting, method, tasks=tasks, explain=explain, device=device, log=log)
                 done.append((setting.name, method.name, tasks))
             except Exception as exc:  # noqa: BLE001 - report and carry on with the other rows
                 msg = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"

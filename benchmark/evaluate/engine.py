@@ -87,8 +87,9 @@ class Explained:
         if missing:
             raise RunError(f"{zoo.root} holds models {zoo.models}; models {missing} were asked for: train them with "
                            f"`tdabench zoo {zoo.setting.name} --models {first + n}`")
-        trajectories = [Trajectory(zoo.epochs, (lambda e, k=k: zoo.checkpoint(k, e)), zoo.learning_rates(k))
-                        for k in chosen]
+        seeds = {m["k"]: m["seed"] for m in zoo.manifest["models"]}
+        trajectories = [Trajectory(zoo.epochs, (lambda e, k=k: zoo.checkpoint(k, e)), zoo.learning_rates(k),
+                                   zoo.setting.recipe, seeds[k]) for k in chosen]
         return cls("zoo", [zoo.model(k) for k in chosen], {"source": "zoo", "root_hash": zoo.root_hash(),
                                                          **zoo.reference(chosen)}, trajectories)
 
@@ -259,6 +260,9 @@ def evaluate_lds(gt: GroundTruth, cls: type[Solver], params: dict | None = None,
     explained = explained or Explained.from_ground_truth(gt, ensemble)
     models, trajectories = explained.models, explained.trajectories
     check_applicable(cls, models[0], params)
+    if cls.needs_trajectory and trajectories is None:
+        raise RunError(f"solver {cls.name!r} attributes through the training run: it explains models with a known "
+                       f"trajectory, the zoo's (`--explain zoo`); the {explained.source}'s models keep none")
     data = setting.data()
     tx, ty = data.train_x.to(device), data.train_y.to(device)
     q_cols = np.arange(len(gt.queries))
@@ -414,6 +418,9 @@ def evaluate_mislabel(art: MislabelArtifact, method, params: dict | None = None,
         section["definition"] = "training loss under the corrupted labels, largest first"
     else:
         check_applicable(method, models[0], params)
+        if method.needs_trajectory:
+            raise RunError(f"solver {method.name!r} attributes through the training run; the corrupted-label models "
+                           f"keep no trajectory, so it has no mislabel detection")
         chosen = {**method.defaults, **(params or {})}
         fitted = fit(method, chosen, models, tx, ty, data.num_classes, "loss", device, cost, "fit",
                      core.CurvatureCache())

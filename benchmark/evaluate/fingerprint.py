@@ -4,7 +4,8 @@ A run record is current only while the code behind it still computes the same th
 would stale every record whenever a file moves, and misses the code a file calls. Instead a record carries:
 
 - a **solver probe**: the scores and self-influence scores of the solver, with the record's parameters, on a
-  fixed tiny problem (a small trained CNN on seeded data, no files): 4 × 48 scores and 48 self-scores;
+  fixed tiny problem (a small trained CNN on seeded data, no files): 4 × 48 scores and 48 self-scores (solvers
+  that attribute through training see the same CNN trained by mini-batch SGD, with its trajectory);
 - a **metric probe**: LDS, its uncertainty, mislabel recall, AUC and the noise ceiling on fixed inputs;
 - the **target** it was scored against (a hash of the target arrays the ground truth yields now).
 
@@ -22,6 +23,7 @@ import torch
 from torch import nn
 
 from ..core.stats import noise_ceiling
+from ..setup.config import TrainRecipe
 from . import metrics
 
 FINGERPRINT_VERSION = 1
@@ -48,6 +50,24 @@ def _probe_problem():
     return model.eval(), x[:n], y[:n], x[n:], y[n:], c
 
 
+# Solvers that attribute through training are probed on a model trained with SGD (momentum, weight decay, a linear
+# schedule, mini-batches with a remainder) whose trajectory they see: the probe problem's data and architecture.
+PROBE_RECIPE = TrainRecipe(epochs=4, batch_size=20, lr=0.2, momentum=0.9, weight_decay=1e-3)
+
+
+def _probe_trajectory_problem():
+    """The probe problem, trained from its initialisation with :data:`PROBE_RECIPE`, and its trajectory."""
+    from .solver import record_trajectory
+
+    _, tx, ty, qx, qy, c = _probe_problem()
+    side = PROBE_SHAPE["side"]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(7)
+        init = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * (side - 2) ** 2, c))
+    model, trajectory = record_trajectory(init, tx, ty, PROBE_RECIPE, seed=3)
+    return model, trajectory, tx, ty, qx, qy, c
+
+
 def _round(values, digits: int = 8) -> list[float]:
     arr = np.asarray(values, dtype=np.float64).ravel()
     return [float(f"{v:.{digits}g}") for v in arr]
@@ -60,8 +80,11 @@ def solver_probe(cls, params: dict) -> dict:
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        model, tx, ty, qx, qy, classes = _probe_problem()
-        solver = cls(**params).fit(Task(model, tx, ty, classes, "margin", seed=0))
+        if cls.needs_trajectory:
+            model, trajectory, tx, ty, qx, qy, classes = _probe_trajectory_problem()
+        else:
+            (model, tx, ty, qx, qy, classes), trajectory = _probe_problem(), None
+        solver = cls(**params).fit(Task(model, tx, ty, classes, "margin", seed=0, trajectory=trajectory))
         scores = solver.scores(qx, qy, tx, ty)
         selfs = solver.self_scores(tx, ty)
         return {"scores": _round(scores), "self_scores": _round(selfs)}

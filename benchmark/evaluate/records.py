@@ -156,6 +156,11 @@ def _clean(obj):
     return obj
 
 
+def has_mislabel_task(method) -> bool:
+    """Whether ``method`` can rank a corrupted-label model's training points (its models keep no trajectory)."""
+    return isinstance(method, Baseline) or not method.needs_trajectory
+
+
 def mislabel_available(store: ResultsStore, setting: settings_mod.Setting) -> bool:
     try:
         return mislabel_mod.find(store, setting, MISLABEL_SPEC) is not None
@@ -315,7 +320,7 @@ def run(store: ResultsStore, setting: settings_mod.Setting, method, params: dict
         store.check_writable(store.runs / setting.name)
     if tasks is None:
         tasks = [] if method is LOSS else ["lds"]  # training loss ranks train points; no LDS
-        if mislabel_available(store, setting):
+        if has_mislabel_task(method) and mislabel_available(store, setting):
             tasks.append("mislabel")
     tasks = list(tasks)
     bad = [t for t in tasks if t not in TASKS]
@@ -345,7 +350,7 @@ def run(store: ResultsStore, setting: settings_mod.Setting, method, params: dict
     # defaults, before the ground truth existed) is redone once LDS has chosen.
     if ("lds" in record and "mislabel" not in tasks and not isinstance(method, Baseline) and old and "mislabel" in old
             and old["mislabel"].get("params") != {**method.defaults, **record["lds"]["params"]}
-            and mislabel_available(store, setting)):
+            and has_mislabel_task(method) and mislabel_available(store, setting)):
         log(f"{setting.name} / {name}: redoing mislabel detection with the parameters LDS chose")
         tasks.append("mislabel")
     if "mislabel" in tasks:

@@ -29,8 +29,10 @@ from torch import nn
 
 from .. import core
 from ..core import CurvatureCache, SolverError  # SolverError is raised by the math below too; re-exported here
+from ..setup.config import TrainRecipe
 
-__all__ = ["Task", "Trajectory", "Solver", "SolverError", "DAMPING_GRID", "scores_many", "subset_predictions"]
+__all__ = ["Task", "Trajectory", "Solver", "SolverError", "DAMPING_GRID", "scores_many", "subset_predictions",
+           "record_trajectory"]
 
 # Memory the generic chunked scores may use for gradient blocks (query and train chunks together). Every
 # block of queries costs one pass over the training set, so a large model on a large GPU wants a larger
@@ -59,11 +61,39 @@ DAMPING_GRID = [1e-4, 1e-3, 1e-2, 1e-1, 1.0]
 class Trajectory:
     """How an explained model was trained, for solvers that attribute through training (TracIn, SOURCE): its
     weights after each epoch (``checkpoint(0)`` is the initialisation, ``checkpoint(epochs)`` the model) and the
-    learning rate of every SGD step, epoch by epoch."""
+    learning rate of every SGD step, epoch by epoch. ``recipe`` (momentum, weight decay, batch size) and ``seed``
+    (initialisation and data order) are known for the zoo's models: with them the run can be replayed step by
+    step (:func:`benchmark.setup.training.train`), on the task's training data in its order."""
 
     epochs: int
     checkpoint: Callable[[int], nn.Module]
     learning_rates: np.ndarray  # (epochs, steps per epoch)
+    recipe: TrainRecipe | None = None
+    seed: int | None = None
+
+
+def record_trajectory(model: nn.Module, x: torch.Tensor, y: torch.Tensor, recipe: TrainRecipe, seed: int
+                      ) -> tuple[nn.Module, Trajectory]:
+    """Train a copy of ``model`` (its initialisation) on all of (x, y) with ``recipe`` and ``seed``, keeping every
+    epoch's weights in memory: the trained model and its trajectory (small models: the fingerprint probe, tests)."""
+    import copy
+
+    from ..setup.training import train
+
+    states, rates = [], []
+
+    def keep(epoch, m, schedule):
+        states.append({k: v.detach().clone() for k, v in m.state_dict().items()})
+        if epoch:
+            rates.append(schedule)
+
+    def checkpoint(epoch: int) -> nn.Module:
+        m = copy.deepcopy(model)
+        m.load_state_dict(states[epoch])
+        return m.eval()
+
+    final = train(copy.deepcopy(model), x, y, recipe, seed, on_epoch=keep)
+    return final, Trajectory(recipe.epochs, checkpoint, np.asarray(rates, dtype=np.float64), recipe, seed)
 
 
 @dataclass
@@ -125,6 +155,9 @@ class Solver:
     # Largest batch of vectors per ihvp call, for solvers whose ihvp iterates over the training set (CG,
     # LiSSA): their cost is the same in small blocks, and a progress bar then moves between blocks.
     ihvp_block: ClassVar[int | None] = None
+    # Solvers that attribute through the training run (SOURCE, unrolled differentiation) need the task's
+    # ``trajectory``: they are refused a task without one, and evaluated on the zoo's models (``--explain zoo``).
+    needs_trajectory: ClassVar[bool] = False
 
     @classmethod
     def accepted(cls) -> set[str]:
@@ -170,6 +203,10 @@ class Solver:
             core.check_finite(task.train_x, "training input")
         if task.measurement not in ("margin", "loss"):
             raise SolverError(f"unknown measurement {task.measurement!r}; use 'margin' or 'loss'")
+        if self.needs_trajectory and task.trajectory is None:
+            raise SolverError(f"solver {self.name!r} attributes through the training run and needs the model's "
+                              f"trajectory (its per-epoch checkpoints and learning rates): explain the zoo's models "
+                              f"(`tdabench run ... --explain zoo`), which keep theirs")
         task.model.eval()
         self.task = task
         return self
@@ -286,13 +323,19 @@ class Solver:
             out[ts] = (g.double() * r.double()).sum(-1).float().cpu()
         return out
 
+    def query_feature_blocks(self, query_x: torch.Tensor, query_y: torch.Tensor, *, query_chunk: int | None = None,
+                             desc: str | None = None):
+        """Yields (slice, float64 query features of those queries), a block at a time (a progress bar with
+        ``desc``), so a caller that reduces them never holds all Q × D at once."""
+        qc, _ = self.chunk_sizes(query_chunk, None)
+        for qs in core.chunks(len(query_y), qc, desc=desc):
+            yield qs, _checked(self.query_features(query_x[qs], query_y[qs], qs.start), self, qs.start).double().cpu()
+
     def all_query_features(self, query_x: torch.Tensor, query_y: torch.Tensor, *, query_chunk: int | None = None,
                            desc: str | None = None) -> torch.Tensor:
         """(Q, D) float64 query features, a block at a time (a progress bar with ``desc``)."""
-        qc, _ = self.chunk_sizes(query_chunk, None)
         out = None
-        for qs in core.chunks(len(query_y), qc, desc=desc):
-            a = _checked(self.query_features(query_x[qs], query_y[qs], qs.start), self, qs.start).double().cpu()
+        for qs, a in self.query_feature_blocks(query_x, query_y, query_chunk=query_chunk, desc=desc):
             if out is None:
                 out = torch.empty(len(query_y), a.shape[1], dtype=torch.float64)
             out[qs] = a
@@ -414,7 +457,9 @@ def subset_predictions(solvers: list[Solver], query_x: torch.Tensor, query_y: to
                                           train_chunk=train_chunk).double().cpu().T)
             continue
         sums = train_subset_sums(s, train_x, train_y, weights, train_chunk=train_chunk)
-        a = s.all_query_features(query_x, query_y, query_chunk=query_chunk,
-                                 desc=f"query features of {len(query_y):,} queries ({s.name})")
-        out.append(-(sums @ a.T))
+        pred = torch.empty(len(weights), len(query_y), dtype=torch.float64)
+        for qs, a in s.query_feature_blocks(query_x, query_y, query_chunk=query_chunk,
+                                            desc=f"query features of {len(query_y):,} queries ({s.name})"):
+            pred[:, qs] = -(sums @ a.T)  # block by block: Q × D features (D = L·P for SOURCE) never held at once
+        out.append(pred)
     return out

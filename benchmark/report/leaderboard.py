@@ -120,7 +120,7 @@ def _row(store, setting, method, rec, row, has_mis, failures) -> dict:
         status.append(f"STALE ({', '.join(sections)}): {why}")
     if not lds and method is not LOSS:
         status.append("LDS not yet run")
-    if not mis and has_mis:
+    if not mis and has_mis and (method is None or records.has_mislabel_task(method)):
         status.append("mislabel not yet run")
     cost = rec.get("cost", {})
     row.update(status="; ".join(status) or "ok", fit_s=cost.get("fit_s"), score_s=cost.get("score_s"),

@@ -121,6 +121,9 @@ def record(store: ResultsStore, settings: list[settings_mod.Setting], solvers: d
             if cls.max_params is not None and n > cls.max_params:
                 entry["not_applicable"][name] = f"{n} parameters > {cls.max_params}"
                 continue
+            if cls.needs_trajectory:  # the check explains the ground truth's models, which keep no trajectory
+                entry["not_applicable"][name] = "attributes through training: needs the zoo's trajectories"
+                continue
             log(f"recording {setting.name} / {name}")
             lds, mis = _evaluate(store, setting, cls, None, True, mis_art, device=device, log=log)
             entry["solvers"][name] = {"params": lds["params"], "selection": lds["selection"]["method"],

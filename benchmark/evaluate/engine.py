@@ -206,11 +206,20 @@ def infos(fitted: list[Solver]) -> list:
 def fit_seconds(cost: Cost, info: list) -> float | None:
     """Fit time as if nothing had been cached: solvers memoise damping-independent curvature across fits
     (the run's curvature cache) and report its build time as ``shared_seconds`` with ``cache_hit``; a fit that
-    reused it is charged that build time, so every configuration reports the cost of fitting it alone."""
+    reused it is charged that build time, so every configuration reports the cost of fitting it alone. A fit that
+    built part of what it used (``built_seconds``: SOURCE builds one curvature per checkpoint and may find some
+    cached) is charged the rest."""
     measured = cost.seconds("fit")
     if measured is None:
         return None
-    return measured + sum(float(i.get("shared_seconds") or 0.0) for i in info if i.get("cache_hit"))
+    return measured + sum(_reused_seconds(i) for i in info)
+
+
+def _reused_seconds(info: dict) -> float:
+    shared = float(info.get("shared_seconds") or 0.0)
+    if "built_seconds" in info:
+        return max(0.0, shared - float(info["built_seconds"] or 0.0))
+    return shared if info.get("cache_hit") else 0.0
 
 
 def _log_scope(fitted: Solver, queries: int, train: int, log) -> None:

@@ -344,9 +344,10 @@ class Solver:
     def info(self) -> dict:
         """Diagnostics for the run record (e.g. CG residuals, LiSSA step size); JSON-serialisable.
         ``shared_seconds``: build time of the damping-independent curvature this fit used (also when it
-        came from the cache, so a grid search can report the true cost of one configuration)."""
-        out = {"shared_seconds": round(self._shared_seconds, 3), "cache_hit": self._built_seconds == 0
-               and self._shared_seconds > 0}
+        came from the cache, so a grid search can report the true cost of one configuration); ``built_seconds``:
+        the part of it this fit built itself."""
+        out = {"shared_seconds": round(self._shared_seconds, 3), "built_seconds": round(self._built_seconds, 3),
+               "cache_hit": self._built_seconds == 0 and self._shared_seconds > 0}
         if self.task is not None:
             total = self._count(self.task.model, None)
             out["attributed_params"] = self._count(self.task.model, self.attributed)

@@ -363,6 +363,9 @@ def test_cost_reported_without_cache_discount():
         pass
     infos = [{"shared_seconds": 2.0, "cache_hit": True}, {"shared_seconds": 3.0, "cache_hit": False}]
     assert engine.fit_seconds(cost, infos) == pytest.approx(cost.seconds("fit") + 2.0)
+    # a fit that built part of what it used (one of several cached curvatures) is charged the part it reused
+    partly = [{"shared_seconds": 5.0, "built_seconds": 1.5, "cache_hit": False}]
+    assert engine.fit_seconds(cost, partly) == pytest.approx(cost.seconds("fit") + 3.5)
     assert json.dumps(records._clean({"a": float("nan"), "b": np.float32(1.5)})) == '{"a": null, "b": 1.5}'
 
 

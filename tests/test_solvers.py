@@ -28,7 +28,9 @@ from torch import nn
 
 from benchmark import core as cv
 from benchmark.core.measurements import MEASUREMENTS
-from benchmark.evaluate import DAMPING_GRID, Solver, SolverError, Task, Trajectory, registry, scores_many
+from benchmark.evaluate import (DAMPING_GRID, Solver, SolverError, Task, Trajectory, record_trajectory, registry,
+                                scores_many)
+from benchmark.setup.config import TrainRecipe
 from benchmark.setup.plugins import REPO_ROOT
 
 # Every solver file is put through the contract tests: the list comes from the registry, not from this file.
@@ -84,6 +86,20 @@ def problem(arch="mlp", n=48):
     model = build()
     x, y = data(n, shape)
     return Task(model, x, y, num_classes=4, seed=3, trajectory=toy_trajectory(model)), x, y
+
+
+# Solvers that attribute through training (``needs_trajectory``) are put through the same contract on the problem's
+# model trained by mini-batch SGD from its initialisation, with its trajectory (3 uneven batches an epoch).
+TRAJECTORY_RECIPE = TrainRecipe(epochs=3, batch_size=10, lr=0.1, momentum=0.9, weight_decay=1e-3)
+
+
+def for_solver(cls, task):
+    """``task``, or for a solver that needs a trajectory, its model trained on its data with its trajectory."""
+    if not cls.needs_trajectory:
+        return task
+    model, trajectory = record_trajectory(task.model, task.train_x, task.train_y, TRAJECTORY_RECIPE, seed=11)
+    return Task(model, task.train_x, task.train_y, task.num_classes, task.measurement, seed=task.seed,
+                trajectory=trajectory)
 
 
 def dense_reference(task, damping, vectors):
@@ -343,7 +359,8 @@ def test_scores_follow_the_definition_and_chunking_changes_nothing(name):
     without an IHVP or self-influence refuses them with a SolverError; its scores are checked against their
     features here (TracIn) or against their definition in tests/test_peers.py (traker)."""
     cls = installed(name)
-    task, x, y = problem("cnn", n=24)
+    task = for_solver(cls, problem("cnn", n=24)[0])
+    x, y = task.train_x, task.train_y
     kw = {"damping": 0.1} if "damping" in cls.defaults else {}
     kw.update(SMALL.get(name, {}))
     s = cls(**kw).fit(task)
@@ -367,17 +384,17 @@ def test_scores_follow_the_definition_and_chunking_changes_nothing(name):
         return
     with pytest.raises(SolverError, match="no inverse-curvature product"):
         s.ihvp(torch.zeros(1, 10))
-    if type(s).scores is not Solver.scores:
-        return  # a peer library's own scoring pipeline (traker): tests/test_peers.py checks it
-    # No inverse (TracIn): the features define the scores (each solver's test checks them against its paper), and
-    # self-influence is the influence of zᵢ on its own loss: ⟨query features under the loss, train features⟩.
-    b = s.train_features(x, y).double()
-    torch.testing.assert_close(whole.double(), -(s.query_features(qx, qy).double() @ b.T), rtol=1e-5, atol=1e-6)
+    # Solvers with another structure (TracIn, SOURCE, unrolled; each solver's own test checks it against its paper):
+    # their scores are their own bilinear form where they use one, and self-influence is −τ_loss(i, i), the
+    # predicted fall of zᵢ's own loss, as ∇Lᵀ(G + λI)⁻¹∇L is for the others.
+    if type(s).scores is Solver.scores:
+        want = -(s.query_features(qx, qy).double() @ s.train_features(x, y).double().T)
+        torch.testing.assert_close(whole.double(), want, rtol=1e-5, atol=1e-6)
     if cls.has_self_influence:
         selfs = s.self_scores(x, y, train_chunk=5)
-        on_loss = registry.get(name)(**kw).fit(dataclasses.replace(task, measurement="loss"))
-        torch.testing.assert_close(selfs.double(), (on_loss.query_features(x, y).double() * b).sum(1), rtol=1e-5,
-                                   atol=1e-6)
+        assert selfs.shape == (24,)
+        tau_loss = cls(**kw).fit(dataclasses.replace(task, measurement="loss")).scores(x, y, x, y).double()
+        torch.testing.assert_close(selfs.double(), -tau_loss.diagonal(), rtol=1e-5, atol=1e-6)
 
 
 def test_score_memory_budget_sets_the_blocks(monkeypatch):
@@ -429,7 +446,7 @@ def test_non_finite_gradients_are_a_clear_error(name):
     task, x, y = problem(n=24)
     kw = {"damping": 0.1} if "damping" in cls.defaults else {}
     kw.update({"lissa": {"depth": 5}, "cg": {"max_iter": 5}, "traker": {"proj_dim": 8}}.get(name, {}))
-    s = cls(**kw).fit(task)
+    s = cls(**kw).fit(for_solver(cls, task))
     bad_x = x.clone()
     bad_x[17, 0, 1, 1] = float("inf")
     with pytest.raises(SolverError, match="non-finite train loss gradient for example 17"):
@@ -445,8 +462,10 @@ def test_non_finite_training_data_is_a_clear_error_at_fit(name):
     x[3, 0, 0, 0] = float("nan")
     cls = installed(name)
     kw = {"damping": 0.1} if "damping" in cls.defaults else {}
+    trained = for_solver(cls, task)
     with pytest.raises(SolverError, match="non-finite"):
-        s = cls(**kw, **({"max_iter": 3} if name == "cg" else {})).fit(Task(task.model, x, y, num_classes=4))
+        s = cls(**kw, **({"max_iter": 3} if name == "cg" else {})).fit(
+            Task(trained.model, x, y, num_classes=4, trajectory=trained.trajectory))
         s.ihvp(torch.ones(1, 82, dtype=torch.float64))
 
 

@@ -1,4 +1,4 @@
-"""Floor 7: studies — the gap study, mislabel detection, IHVP error, the qualitative figures."""
+"""Floor 7: studies — the gap study, mislabel detection, IHVP error, unrolling error, the qualitative figures."""
 
 from __future__ import annotations
 
@@ -56,6 +56,22 @@ def _cmd_ihvp_error(args) -> int:
     settings = [resolve.setting(n) for n in args.setting or ihvp_error.SETTINGS]
     df, lissa = ihvp_error.run(store, settings, resolve.solvers(args.solver), args.damping or None, args.queries)
     print(f"wrote {figures.ihvp_error(df, lissa, figure)}")
+    return 0
+
+
+def _cmd_unroll_error(args) -> int:
+    from ..studies import unroll_error
+
+    store = resolve.store(args)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    for name in args.setting or unroll_error.SETTINGS:
+        unroll_error.run(store, resolve.setting(name), resolve.solver("unrolled"),
+                         [resolve.solver(n) for n in args.solver or ["source", "ekfac", "identity"]],
+                         queries=args.queries, model=args.model, device=args.device)
+    print(f"wrote {store.relative(unroll_error.csv_path(store))}")
     return 0
 
 
@@ -122,6 +138,16 @@ def add_commands(sub) -> None:
     s.add_argument("--threads", type=int, help="torch threads (1 avoids oversubscription on a busy machine)")
     s.add_argument("--replot", action="store_true", help="only redraw the figure from results/ihvp_error*.csv")
     s.set_defaults(func=_cmd_ihvp_error)
+
+    s = sub.add_parser("unroll-error", help="scores of SOURCE and other solvers vs exact unrolled differentiation of "
+                                            "the zoo model's SGD run -> results/unroll_error.csv")
+    s.add_argument("--setting", action="append", help="setting (repeatable; default: mnist-lr and mnist-mlp-small)")
+    s.add_argument("--solver", action="append", help="solver (repeatable; default: source, ekfac, identity)")
+    s.add_argument("--queries", type=int, default=200, help="reported queries, a seeded subset (default 200)")
+    s.add_argument("--model", type=int, default=0, help="the zoo model explained (default 0, as `run --explain zoo`)")
+    s.add_argument("--threads", type=int, help="torch threads (1 avoids oversubscription on a busy machine)")
+    s.add_argument("--device")
+    s.set_defaults(func=_cmd_unroll_error)
 
     s = sub.add_parser("figures", help="qualitative: the training images each solver blames per query, and the top "
                                        "self-influence images -> results/qualitative/, results/figures/")

@@ -12,6 +12,7 @@ A solver file needs only this and :mod:`benchmark.evaluate`::
 - :mod:`.lanczos`: the top of an operator's spectrum (Lanczos with full reorthogonalisation, for Arnoldi);
 - :mod:`.projection`: a seeded Gaussian random projection applied in blocks, and projected gradient Gram matrices
   (TRAK);
+- :mod:`.unroll`: differentiating through training (SOURCE's segment functions, the exact SGD adjoint);
 - :mod:`.cache`: the content-keyed cache of damping-independent curvature, owned by a run;
 - :mod:`.stats`: rank statistics and the ground truth's noise ceiling.
 """
@@ -30,3 +31,4 @@ from .projection import RandomProjection, projected_gram
 from .products import (curvature_vector_product, dense_curvature, dense_ggn, dense_hessian, ggn_vector_product,
                        hessian_vector_product, logit_hessian, logit_hessian_factor, loss_gradient_sum,
                        per_sample_grads, singular_tolerance, top_eigenvalue)
+from .unroll import segment_bounds, segment_scales, segment_times, unrolled_scores

@@ -13,5 +13,5 @@ A solver file needs only this and :mod:`benchmark.core`::
 - :mod:`.campaign`: rerunning the records that are missing or stale.
 """
 
-from .solver import (COMMON_OPTIONS, DAMPING_GRID, Solver, SolverError, Task, Trajectory, score_memory_budget_mb,
-                     scores_many)
+from .solver import (COMMON_OPTIONS, DAMPING_GRID, Solver, SolverError, Task, Trajectory, record_trajectory,
+                     score_memory_budget_mb, scores_many)

@@ -113,8 +113,10 @@ def update(store: ResultsStore, settings: list[settings_mod.Setting], methods: l
             if dry_run:
                 done.append((setting.name, method.name, tasks))
                 continue
+            # solvers that attribute through training explain the zoo's models, which keep their trajectories
+            explain = "zoo" if not isinstance(method, Baseline) and method.needs_trajectory else "ground truth"
             try:
-                records.run(store, setting, method, tasks=tasks, device=device, log=log)
+                records.run(store, setting, method, tasks=tasks, explain=explain, device=device, log=log)
                 done.append((setting.name, method.name, tasks))
             except Exception as exc:  # noqa: BLE001 - report and carry on with the other rows
                 msg = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"

@@ -87,8 +87,9 @@ class Explained:
         if missing:
             raise RunError(f"{zoo.root} holds models {zoo.models}; models {missing} were asked for: train them with "
                            f"`tdabench zoo {zoo.setting.name} --models {first + n}`")
-        trajectories = [Trajectory(zoo.epochs, (lambda e, k=k: zoo.checkpoint(k, e)), zoo.learning_rates(k))
-                        for k in chosen]
+        seeds = {m["k"]: m["seed"] for m in zoo.manifest["models"]}
+        trajectories = [Trajectory(zoo.epochs, (lambda e, k=k: zoo.checkpoint(k, e)), zoo.learning_rates(k),
+                                   zoo.setting.recipe, seeds[k]) for k in chosen]
         return cls("zoo", [zoo.model(k) for k in chosen], {"source": "zoo", "root_hash": zoo.root_hash(),
                                                          **zoo.reference(chosen)}, trajectories)
 
@@ -208,11 +209,20 @@ def infos(fitted: list[Solver]) -> list:
 def fit_seconds(cost: Cost, info: list) -> float | None:
     """Fit time as if nothing had been cached: solvers memoise damping-independent curvature across fits
     (the run's curvature cache) and report its build time as ``shared_seconds`` with ``cache_hit``; a fit that
-    reused it is charged that build time, so every configuration reports the cost of fitting it alone."""
+    reused it is charged that build time, so every configuration reports the cost of fitting it alone. A fit that
+    built part of what it used (``built_seconds``: SOURCE builds one curvature per checkpoint and may find some
+    cached) is charged the rest."""
     measured = cost.seconds("fit")
     if measured is None:
         return None
-    return measured + sum(float(i.get("shared_seconds") or 0.0) for i in info if i.get("cache_hit"))
+    return measured + sum(_reused_seconds(i) for i in info)
+
+
+def _reused_seconds(info: dict) -> float:
+    shared = float(info.get("shared_seconds") or 0.0)
+    if "built_seconds" in info:
+        return max(0.0, shared - float(info["built_seconds"] or 0.0))
+    return shared if info.get("cache_hit") else 0.0
 
 
 def _log_scope(fitted: Solver, queries: int, train: int, log) -> None:
@@ -262,6 +272,9 @@ def evaluate_lds(gt: GroundTruth, cls: type[Solver], params: dict | None = None,
     explained = explained or Explained.from_ground_truth(gt, ensemble)
     models, trajectories = explained.models, explained.trajectories
     check_applicable(cls, models[0], params)
+    if cls.needs_trajectory and trajectories is None:
+        raise RunError(f"solver {cls.name!r} attributes through the training run: it explains models with a known "
+                       f"trajectory, the zoo's (`--explain zoo`); the {explained.source}'s models keep none")
     data = setting.data()
     tx, ty = data.train_x.to(device), data.train_y.to(device)
     q_cols = np.arange(len(gt.queries))
@@ -417,6 +430,9 @@ def evaluate_mislabel(art: MislabelArtifact, method, params: dict | None = None,
         section["definition"] = "training loss under the corrupted labels, largest first"
     else:
         check_applicable(method, models[0], params)
+        if method.needs_trajectory:
+            raise RunError(f"solver {method.name!r} attributes through the training run; the corrupted-label models "
+                           f"keep no trajectory, so it has no mislabel detection")
         chosen = {**method.defaults, **(params or {})}
         fitted = fit(method, chosen, models, tx, ty, data.num_classes, "loss", device, cost, "fit",
                      core.CurvatureCache())

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..core.stats import noise_ceiling
+from ..setup.config import TrainRecipe
 from . import metrics
 
 FINGERPRINT_VERSION = 2  # 2: the probe model is trained by the recipe's SGD and carries its trajectory
@@ -34,9 +35,7 @@ PROBE_SHAPE = {"classes": 3, "side": 8, "train": 48, "queries": 4, "epochs": 4}
 def _probe_problem():
     """A small CNN trained for a few epochs of minibatch SGD on seeded data (deterministic on one thread), with its
     training trajectory, so solvers that attribute through training are probed too."""
-    from ..setup.config import TrainRecipe
-    from ..setup.training import train
-    from .solver import Trajectory
+    from .solver import record_trajectory
 
     c, side, n, q = (PROBE_SHAPE[k] for k in ("classes", "side", "train", "queries"))
     gen = torch.Generator().manual_seed(20261130)
@@ -46,23 +45,8 @@ def _probe_problem():
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(7)
         model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * (side - 2) ** 2, c))
-    states, rates = [], []
-
-    def keep(epoch, m, schedule):
-        states.append({k: v.detach().clone() for k, v in m.state_dict().items()})
-        if epoch:
-            rates.append(schedule)
-
     recipe = TrainRecipe(epochs=PROBE_SHAPE["epochs"], batch_size=12, lr=0.1, momentum=0.9, weight_decay=1e-3)
-    train(model, x[:n], y[:n], recipe, seed=7, on_epoch=keep)
-
-    def checkpoint(epoch: int) -> nn.Module:
-        with torch.random.fork_rng(devices=[]):
-            copy = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * (side - 2) ** 2, c))
-        copy.load_state_dict(states[epoch])
-        return copy.eval()
-
-    trajectory = Trajectory(recipe.epochs, checkpoint, np.asarray(rates, dtype=np.float64))
+    model, trajectory = record_trajectory(model, x[:n], y[:n], recipe, seed=7)
     return model.eval(), x[:n], y[:n], x[n:], y[n:], c, trajectory
 
 

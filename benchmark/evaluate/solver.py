@@ -30,8 +30,10 @@ from torch import nn
 from .. import core
 from ..core import CurvatureCache, SolverError  # SolverError is raised by the math below too; re-exported here
 from ..setup import deps
+from ..setup.config import TrainRecipe
 
-__all__ = ["Task", "Trajectory", "Solver", "SolverError", "DAMPING_GRID", "scores_many", "subset_predictions"]
+__all__ = ["Task", "Trajectory", "Solver", "SolverError", "DAMPING_GRID", "scores_many", "subset_predictions",
+           "record_trajectory"]
 
 # Memory the generic chunked scores may use for gradient blocks (query and train chunks together). Every
 # block of queries costs one pass over the training set, so a large model on a large GPU wants a larger
@@ -60,11 +62,39 @@ DAMPING_GRID = [1e-4, 1e-3, 1e-2, 1e-1, 1.0]
 class Trajectory:
     """How an explained model was trained, for solvers that attribute through training (TracIn, SOURCE): its
     weights after each epoch (``checkpoint(0)`` is the initialisation, ``checkpoint(epochs)`` the model) and the
-    learning rate of every SGD step, epoch by epoch."""
+    learning rate of every SGD step, epoch by epoch. ``recipe`` (momentum, weight decay, batch size) and ``seed``
+    (initialisation and data order) are known for the zoo's models: with them the run can be replayed step by
+    step (:func:`benchmark.setup.training.train`), on the task's training data in its order."""
 
     epochs: int
     checkpoint: Callable[[int], nn.Module]
     learning_rates: np.ndarray  # (epochs, steps per epoch)
+    recipe: TrainRecipe | None = None
+    seed: int | None = None
+
+
+def record_trajectory(model: nn.Module, x: torch.Tensor, y: torch.Tensor, recipe: TrainRecipe, seed: int
+                      ) -> tuple[nn.Module, Trajectory]:
+    """Train a copy of ``model`` (its initialisation) on all of (x, y) with ``recipe`` and ``seed``, keeping every
+    epoch's weights in memory: the trained model and its trajectory (small models: the fingerprint probe, tests)."""
+    import copy
+
+    from ..setup.training import train
+
+    states, rates = [], []
+
+    def keep(epoch, m, schedule):
+        states.append({k: v.detach().clone() for k, v in m.state_dict().items()})
+        if epoch:
+            rates.append(schedule)
+
+    def checkpoint(epoch: int) -> nn.Module:
+        m = copy.deepcopy(model)
+        m.load_state_dict(states[epoch])
+        return m.eval()
+
+    final = train(copy.deepcopy(model), x, y, recipe, seed, on_epoch=keep)
+    return final, Trajectory(recipe.epochs, checkpoint, np.asarray(rates, dtype=np.float64), recipe, seed)
 
 
 @dataclass
@@ -126,8 +156,8 @@ class Solver:
     # Largest batch of vectors per ihvp call, for solvers whose ihvp iterates over the training set (CG,
     # LiSSA): their cost is the same in small blocks, and a progress bar then moves between blocks.
     ihvp_block: ClassVar[int | None] = None
-    # Solvers that attribute through the training run (TracIn) need ``task.trajectory``: explained models from
-    # the zoo. The others ignore it.
+    # Solvers that attribute through the training run (TracIn, SOURCE, unrolled differentiation) need the task's
+    # ``trajectory``: they are refused a task without one, and evaluated on the zoo's models (``--explain zoo``).
     needs_trajectory: ClassVar[bool] = False
     # Optional packages (import names) the solver needs, e.g. a peer library it adapts: where one is missing the
     # solver is listed as unavailable with its install line (:meth:`unavailable`), never an import error.
@@ -194,15 +224,19 @@ class Solver:
             core.check_finite(task.train_x, "training input")
         if task.measurement not in ("margin", "loss"):
             raise SolverError(f"unknown measurement {task.measurement!r}; use 'margin' or 'loss'")
+        if self.needs_trajectory and task.trajectory is None:
+            raise SolverError(f"solver {self.name!r} attributes through the training run and needs the model's "
+                              f"trajectory (its per-epoch checkpoints and learning rates): explain the zoo's models "
+                              f"(`tdabench run ... --explain zoo`), which keep theirs")
         task.model.eval()
         self.task = task
         return self
 
     def ihvp(self, vectors: torch.Tensor) -> torch.Tensor:
-        """(B, P) flat vectors -> (B, P) approximations of (G + λI)⁻¹ v. A solver whose scores are not an inverse-
-        curvature product (TracIn) does not define it and overrides the features instead."""
-        raise SolverError(f"solver {self.name!r} has no inverse-curvature product: its scores are defined by its "
-                          f"query and train features")
+        """(B, P) flat vectors -> (B, P) approximations of (G + λI)⁻¹ v. A solver whose scores are not one inverse-
+        curvature product (TracIn, SOURCE, unrolled, traker) does not define it: :meth:`has_ihvp` is then False."""
+        raise SolverError(f"solver {self.name!r} has no inverse-curvature product: it attributes by another route "
+                          f"(its file says which), so it has no IHVP of arbitrary vectors")
 
     @classmethod
     def has_ihvp(cls) -> bool:
@@ -322,12 +356,21 @@ class Solver:
             out[ts] = (g.double() * r.double()).sum(-1).float().cpu()
         return out
 
+    def query_feature_blocks(self, query_x: torch.Tensor, query_y: torch.Tensor, *, query_chunk: int | None = None,
+                             desc: str | None = None):
+        """Yields (slice, float64 query features of those queries), a block at a time (a progress bar with
+        ``desc``), so a caller that reduces them never holds all Q × D at once."""
+        qc, _ = self.chunk_sizes(query_chunk, None)
+        for qs in core.chunks(len(query_y), qc, desc=desc):
+            yield qs, _checked(self.query_features(query_x[qs], query_y[qs], qs.start), self, qs.start).double().cpu()
+
     def info(self) -> dict:
         """Diagnostics for the run record (e.g. CG residuals, LiSSA step size); JSON-serialisable.
         ``shared_seconds``: build time of the damping-independent curvature this fit used (also when it
-        came from the cache, so a grid search can report the true cost of one configuration)."""
-        out = {"shared_seconds": round(self._shared_seconds, 3), "cache_hit": self._built_seconds == 0
-               and self._shared_seconds > 0}
+        came from the cache, so a grid search can report the true cost of one configuration); ``built_seconds``:
+        the part of it this fit built itself."""
+        out = {"shared_seconds": round(self._shared_seconds, 3), "built_seconds": round(self._built_seconds, 3),
+               "cache_hit": self._built_seconds == 0 and self._shared_seconds > 0}
         if self.task is not None:
             total = self._count(self.task.model, None)
             out["attributed_params"] = self._count(self.task.model, self.attributed)
@@ -441,11 +484,9 @@ def subset_predictions(solvers: list[Solver], query_x: torch.Tensor, query_y: to
             out.append(summed)
             continue
         sums = train_subset_sums(s, train_x, train_y, weights, train_chunk=train_chunk)
-        qc, _ = s.chunk_sizes(query_chunk, None)
         pred = torch.empty(len(weights), len(query_y), dtype=torch.float64)
-        # a block of query features at a time: (Q, D) at once would be gigabytes for long features (TracIn)
-        for qs in core.chunks(len(query_y), qc, desc=f"query features of {len(query_y):,} queries ({s.name})"):
-            a = _checked(s.query_features(query_x[qs], query_y[qs], qs.start), s, qs.start).double().cpu()
-            pred[:, qs] = -(sums @ a.T)
+        for qs, a in s.query_feature_blocks(query_x, query_y, query_chunk=query_chunk,
+                                            desc=f"query features of {len(query_y):,} queries ({s.name})"):
+            pred[:, qs] = -(sums @ a.T)  # block by block: Q × D features (D = L·P for SOURCE) never held at once
         out.append(pred)
     return out

@@ -111,11 +111,14 @@ def _order_generator(seed: int) -> torch.Generator:
 
 
 def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, recipe: TrainRecipe, seed: int,
-          indices: torch.Tensor | None = None, on_epoch=None) -> nn.Module:
+          indices: torch.Tensor | None = None, on_epoch=None, on_step=None) -> nn.Module:
     """Train ``model`` in place on ``x[indices], y[indices]`` (all data when ``indices`` is None).
 
     ``on_epoch(epoch, model, schedule)``, when given, is called before the first step (epoch 0) and after
-    every epoch, with the learning rates of that epoch's steps (``schedule``); it must not change the model."""
+    every epoch, with the learning rates of that epoch's steps (``schedule``); ``on_step(step, model, batch,
+    lr)`` before every SGD step, with the model's weights before the step, the positions of the batch's
+    examples in ``x`` and the step's learning rate (replaying a run step by step: unrolled differentiation).
+    Neither may change the model."""
     device = x.device
     model = model.to(device).train()
     fmt = _memory_format(x)
@@ -138,6 +141,8 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, recipe: TrainRecip
             rates.append(_lr_at(recipe, step, total))
             for group in opt.param_groups:
                 group["lr"] = rates[-1]
+            if on_step is not None:
+                on_step(step, model, sel, rates[-1])
             opt.zero_grad(set_to_none=True)
             F.cross_entropy(model(x[sel].contiguous(memory_format=fmt)), y[sel]).backward()
             opt.step()

@@ -181,6 +181,9 @@ def record(store: ResultsStore, settings: list[settings_mod.Setting], solvers: d
             if cls.max_params is not None and n > cls.max_params:
                 entry["not_applicable"][name] = f"{n} parameters > {cls.max_params}"
                 continue
+            if cls.needs_trajectory:  # the check explains the ground truth's models, which keep no trajectory
+                entry["not_applicable"][name] = "attributes through training: needs the zoo's trajectories"
+                continue
             log(f"recording {setting.name} / {name}")
             scope = scopes.get(name, Scope()).to_dict()
             params, how = params_from_record(store, setting, cls) if params_from_records else (None, None)

@@ -158,7 +158,7 @@ def solver_palette(names) -> dict:
     import seaborn as sns
 
     names = sorted(set(names) - set(BASELINES))
-    cb = sns.colorsolver_palette("colorblind", 10)
+    cb = sns.color_palette("colorblind", 10)
     order = [0, 1, 2, 4, 9, 5, 3, 8, 6, 7]  # colorblind-safe; similar hues (orange/vermillion, pinks) kept apart
     palette = {n: cb[order[i % len(order)]] for i, n in enumerate(names)}
     palette.update({"baseline-random": (0.6, 0.6, 0.6), "baseline-loss": (0.1, 0.1, 0.1)})
@@ -285,7 +285,7 @@ def ihvp_error(df, lissa, path: Path) -> Path:
 
     names = list(dict.fromkeys(df["setting"]))
     labels = [x for x in dict.fromkeys(df["solver"]) if x != "exact"]  # exact is the reference
-    palette = dict(zip(labels, sns.colorsolver_palette("tab10", len(labels))))
+    palette = dict(zip(labels, sns.color_palette("tab10", len(labels))))
     fig, axes = plt.subplots(len(names), 4, figsize=(22, 5.2 * len(names)), squeeze=False)
     for i, name in enumerate(names):
         d = df[df["setting"] == name]
@@ -307,7 +307,7 @@ def ihvp_error(df, lissa, path: Path) -> Path:
         ax.legend(fontsize=8)
         ax = axes[i, 2]
         ls = lissa[lissa["setting"] == name]
-        colors = sns.colorsolver_palette("viridis", ls["damping"].nunique())
+        colors = sns.color_palette("viridis", ls["damping"].nunique())
         for c, (lam, s) in zip(colors, ls.groupby("damping")):
             ax.plot(s["depth"], s["rel_error"], marker="o", color=c, label=f"λ={lam:g} measured")
             ax.plot(s["depth"], s["bound_rel"].clip(1e-9, 1e4), ls="--", color=c, label=f"λ={lam:g} §6.1 bound")

@@ -27,7 +27,7 @@ RECALL_KEYS = tuple(f"recall_{p}" for p in (10, 20, 30, 40, 50))
 RTK_KEYS = (*(f"rtk_drop_{k}" for k in counterfactual.LEADERBOARD_K), f"rtk_flip_{counterfactual.LEADERBOARD_K[-1]}",
             "rtk_min_k")
 COLUMNS = ("setting", "solver", "status", "lds", "lds_se", "lds_ci_low", "lds_ci_high", "lds_ceiling",
-           "lds_of_ceiling", "paper_lds", *RECALL_KEYS, "auc", "auc_se", *RTK_KEYS, "fit_s", "score_s",
+           "lds_of_ceiling", "explained", "paper_lds", *RECALL_KEYS, "auc", "auc_se", *RTK_KEYS, "fit_s", "score_s",
            "self_score_s", "peak_mb", "device", "params", "ground_truth", "measurement", "queries", "record")
 
 
@@ -39,6 +39,10 @@ NOTES = (
             "on separate validation queries."),
     ("ceiling", "the LDS a perfect attribution is expected to reach against this noisy ground truth (√ of the "
                 "Spearman–Brown reliability of the replica average); **of ceiling** = LDS / ceiling."),
+    ("explained", "the model whose predictions are attributed: **gt** = the ground truth's own full-data model (its "
+                  "seed also trained one of the target's replicas: coupled to the target), **zoo** = a model from "
+                  "`results/models/` seeded apart from every ground-truth model (uncoupled); an ensemble lists "
+                  "several. Rows that explain different models are not paired."),
     ("recall@k%", "share of the flipped labels (10% of the training set, seeded) found in the top k% by "
                   "self-influence (the baselines: training loss, and the exact expectation of a random order). "
                   "**AUC** is the ROC AUC of that ranking (0.5 random, 1 perfect)."),
@@ -133,6 +137,7 @@ def _row(store, setting, method, rec, row, has_mis, failures, rtk=None) -> dict:
         row.update(lds=lds["mean"], lds_se=lds["se"], lds_ci_low=lds["ci_low"], lds_ci_high=lds["ci_high"],
                    lds_ceiling=lds.get("ceiling"), lds_of_ceiling=lds.get("of_ceiling"),
                    measurement=lds.get("measurement"), queries=lds.get("queries"),
+                   explained=explained_label(lds),
                    ground_truth=f"{used['version']} " + ("complete" if used["complete"] else
                                                          f"INCOMPLETE, replicas {used['replicas']} of "
                                                          f"{used['replicas_total']}"))
@@ -164,6 +169,16 @@ def _row(store, setting, method, rec, row, has_mis, failures, rtk=None) -> dict:
                params=fmt_params(rec.get("params")),
                record=store.relative(records.run_path(store, setting.name, rec["solver"])))
     return row
+
+
+def explained_label(lds: dict) -> str:
+    """Which models an LDS section attributed: the zoo's (uncoupled) or the ground truth's own (coupled)."""
+    ex = lds.get("explained") or {}
+    if ex.get("source") == "zoo":
+        models = ex.get("models") or [0]
+        return f"zoo {models[0]}" if len(models) == 1 else f"zoo {models[0]}–{models[-1]}"
+    n = lds.get("ensemble") or 1
+    return "gt 0" if n == 1 else f"gt 0–{n - 1}"
 
 
 def fmt_num(v, digits=3) -> str:
@@ -209,10 +224,10 @@ def to_markdown(df: pd.DataFrame) -> str:
         lines.append(f"Ground truth: {'; '.join(gts) or 'none'}." + (f" Paper (Table 1): LDS {paper.iloc[0]:.2f}."
                                                                         if len(paper) else ""))
         lines.append("")
-        lines.append("| solver | status | LDS ± se [95% CI] | ceiling | of ceiling | recall@10/20/30/40/50% | AUC | "
+        lines.append("| solver | status | LDS ± se [95% CI] | ceiling | of ceiling | explained | recall@10/20/30/40/50% | AUC | "
                      "remove-top-k drop@100 / @1000, flip@1000, min k | fit s | score s | self s | peak MB | device | "
                      "params |")
-        lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for _, r in part.iterrows():
             lds = fmt_pm(r["lds"], r["lds_se"])
             if lds and r["lds_ci_low"] is not None and not pd.isna(r["lds_ci_low"]):
@@ -221,7 +236,7 @@ def to_markdown(df: pd.DataFrame) -> str:
                 and not pd.isna(r["recall_10"]) else ""
             lines.append("| " + " | ".join([
                 r["solver"], fmt_text(r["status"]), lds, fmt_num(r["lds_ceiling"]), fmt_num(r["lds_of_ceiling"], 2),
-                recalls,
+                fmt_text(r["explained"]), recalls,
                 fmt_num(r["auc"]), _rtk_cell(r), fmt_num(r["fit_s"], 1), fmt_num(r["score_s"], 1), fmt_num(r["self_score_s"], 1),
                 fmt_num(r["peak_mb"], 0), fmt_text(r["device"]), fmt_text(r["params"])]) + " |")
         lines.append("")
@@ -244,7 +259,7 @@ def read(store: ResultsStore) -> tuple[pd.DataFrame, dict]:
     if not csv.is_file():
         raise FileNotFoundError(f"{csv} does not exist: write the leaderboard first (`tdabench leaderboard "
                                 f"--no-rerun` rewrites it from the run records without rerunning anything)")
-    df = pd.read_csv(csv, dtype={"status": str, "params": str, "device": str, "record": str})
+    df = pd.read_csv(csv, dtype={"status": str, "params": str, "device": str, "record": str, "explained": str})
     missing = sorted(set(COLUMNS) - set(df.columns))
     if missing:
         raise ValueError(f"{csv} lacks the columns {missing}: it was written by older code; rewrite it with "

@@ -137,7 +137,7 @@ def _row(store, setting, method, rec, row, has_mis, failures, rtk=None) -> dict:
         row.update(lds=lds["mean"], lds_se=lds["se"], lds_ci_low=lds["ci_low"], lds_ci_high=lds["ci_high"],
                    lds_ceiling=lds.get("ceiling"), lds_of_ceiling=lds.get("of_ceiling"),
                    measurement=lds.get("measurement"), queries=lds.get("queries"),
-                   explained=explained_label(lds),
+                   explained=None if method is RANDOM else explained_label(lds),
                    ground_truth=f"{used['version']} " + ("complete" if used["complete"] else
                                                          f"INCOMPLETE, replicas {used['replicas']} of "
                                                          f"{used['replicas_total']}"))

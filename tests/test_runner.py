@@ -304,6 +304,22 @@ def test_rerunning_some_rows_keeps_the_others(tmp_path, store, monkeypatch):
     assert "<b>solver-a</b>" in page and "<b>solver-b</b>" in page
 
 
+def test_table1_recompute_chooses_among_the_committed_records_candidates():
+    """`make lds-mnist` replays the record's search: parameters it fixed (``--param``) stay fixed, the ones it
+    searched are searched over the same values, whatever the solver's grid has become since."""
+    cls = registry.get("ekfac")
+    base = {"damping_mode": "absolute", "pseudo_labels": "sampled", "unsupported_layers": "exclude"}
+    trials = [{"params": {"damping": d, **base}} for d in (1e-4, 1e-3)]
+    fixed, grid = table1.search_space(cls, {"params": trials[0]["params"], "selection": {"trials": trials}})
+    assert fixed == base and grid == {"damping": [1e-4, 1e-3]}
+    assert engine.param_grid(cls, fixed, grid) == [{**cls.defaults, **t["params"]} for t in trials]
+    assert len(engine.param_grid(cls)) > len(trials)  # the solver's own grid is wider
+    # a record that searched nothing is replayed with its parameters; without a record, the solver's grid
+    assert table1.search_space(cls, {"params": {"damping": 0.1}, "selection": {"searched": False}}) == (
+        {"damping": 0.1}, None)
+    assert table1.search_space(cls, None) == ({}, None)
+
+
 def test_table1_recomputes_and_compares_with_the_committed_record(toy, store):
     cls = registry.get("toy-exact")
     rec = records.run(store, S, cls, **QUIET)

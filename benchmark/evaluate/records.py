@@ -361,7 +361,8 @@ def run(store: ResultsStore, setting: settings_mod.Setting, method, params: dict
     # Self-influence uses the parameters chosen for LDS: a mislabel section made with others (e.g. the
     # defaults, before the ground truth existed) is redone once LDS has chosen.
     if ("lds" in record and "mislabel" not in tasks and not isinstance(method, Baseline) and old and "mislabel" in old
-            and old["mislabel"].get("params") != {**method.defaults, **record["lds"]["params"]}
+            and {**method.defaults, **(old["mislabel"].get("params") or {})}
+            != {**method.defaults, **record["lds"]["params"]}
             and mislabel_available(store, setting) and not mislabel_not_applicable(method)):
         log(f"{setting.name} / {name}: redoing mislabel detection with the parameters LDS chose")
         tasks.append("mislabel")

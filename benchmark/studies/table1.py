@@ -53,14 +53,33 @@ def recompute(store: ResultsStore, setting: settings_mod.Setting, cls, *, explai
     log(f"[2/3] fitting {cls.name} on the explained model and choosing its hyper-parameters on "
         f"{len(gt.validation_queries)} validation queries; [3/3] scoring {len(gt.queries)} reported queries "
         f"(progress bars below, one per pass over the training set)")
-    section = records.lds_section(store, gt, cls, None, search=True, search_queries=search_queries, explain=explain,
-                                  device=device, log=log)
+    fixed, grid = search_space(cls, committed_lds)
+    section = records.lds_section(store, gt, cls, fixed, search=True, grid=grid, search_queries=search_queries,
+                                  explain=explain, device=device, log=log)
     cost = section["cost"]
     stages.update(fit_s=cost.get("fit_measured_s"), search_s=cost.get("search_s"), score_s=cost.get("score_s"),
                   total_s=time.perf_counter() - t0, peak_mb=cost.get("peak_mb"))
     return {"setting": setting.name, "solver": cls.name, "recomputed": section, "committed": committed_lds,
             "committed_created": (old or {}).get("created"),
             "comparison": compare(section, committed_lds) if committed_lds else None, "stages": stages}
+
+
+def search_space(cls, committed_lds: dict | None) -> tuple[dict, dict | None]:
+    """The hyper-parameters the committed record fixed and the grid it searched, read from its trials, so the
+    recomputation chooses among the same candidates (a record made with ``--param`` keeps those values fixed);
+    without a record, the solver's own grid."""
+    trials = ((committed_lds or {}).get("selection") or {}).get("trials") or []
+    if not trials:
+        return (dict(committed_lds["params"]) if committed_lds and committed_lds.get("params") else {}), None
+    keys = sorted(set().union(*(t["params"] for t in trials)))
+    values = {k: [] for k in keys}
+    for t in trials:
+        for k in keys:
+            if t["params"].get(k) not in values[k]:
+                values[k].append(t["params"].get(k))
+    fixed = {k: v[0] for k, v in values.items() if len(v) == 1 and k in cls.accepted()}
+    grid = {k: v for k, v in values.items() if len(v) > 1}
+    return fixed, grid
 
 
 def committed(store: ResultsStore, setting: settings_mod.Setting, methods: list) -> list[dict]:

@@ -37,11 +37,7 @@ class TracIn(Solver):
 
     def fit(self, task):
         super().fit(task)
-        trajectory = task.trajectory
-        if trajectory is None:
-            raise SolverError("tracin sums over the checkpoints of the explained model's training run, and this task "
-                              "has none: explain models from the zoo (`tdabench run --explain zoo`; `tdabench zoo "
-                              "<setting>` trains them with their per-epoch checkpoints)")
+        trajectory = task.trajectory  # the base class refused a task without one
         epochs, rates = int(trajectory.epochs), np.asarray(trajectory.learning_rates, dtype=np.float64)
         if epochs < 1 or rates.ndim != 2 or rates.shape[0] != epochs or rates.shape[1] < 1:
             raise SolverError(f"tracin: the trajectory has {epochs} epochs but learning rates of shape {rates.shape}; "

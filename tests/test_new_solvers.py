@@ -221,7 +221,7 @@ def test_tracin_is_the_learning_rate_weighted_sum_over_checkpoints():
 
 def test_tracin_needs_the_models_own_training_run():
     task, x, y, checkpoint, rates = trained_with_trajectory()
-    with pytest.raises(SolverError, match="explain models from the zoo .*--explain zoo"):
+    with pytest.raises(SolverError, match="needs the model.s trajectory .*--explain zoo"):
         registry.get("tracin")().fit(dataclasses.replace(task, trajectory=None))
     other = Trajectory(2, lambda e: checkpoint(min(e, 1)), rates)  # ends one epoch early
     with pytest.raises(SolverError, match="last checkpoint differs from the explained model"):

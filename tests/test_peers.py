@@ -107,7 +107,7 @@ def test_a_solver_without_self_influence_gets_an_lds_row_only(tmp_path, monkeypa
     with pytest.raises(RunError, match="no self-influence"):
         records.run(store, setting, cls, tasks=["mislabel"], device="cpu", write=False, log=lambda *a: None)
     df, _ = leaderboard.collect(store, [setting], [cls])
-    assert df.set_index("solver").loc[cls.name, "status"] == "ok"
+    assert df.set_index("solver").loc[cls.name, "status"] == "mislabel n/a: toy-no-self computes no self-influence"
     done, _ = campaign.update(store, [setting], [cls], log=lambda *a: None)
     assert [n for _, n, _ in done if n == cls.name] == []
 

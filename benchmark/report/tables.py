@@ -199,6 +199,7 @@ def reproduce_table(rep: dict) -> str:
     if rep.get("note"):
         lines.append(f"note: {rep['note']}")
     lines.append(f"verdict: {o['verdict'].upper()} ({counts}; {o['seconds']:.3g} s of training in all)")
+    return "\n".join(lines)
 
 
 def remove_top_k_table(summary, meta: dict) -> str:

@@ -250,7 +250,7 @@ def test_source_and_unrolled_run_on_zoo_models_and_are_refused_elsewhere(tmp_pat
     gt = gt_artifact.load(store, S)
     with pytest.raises(RunError, match="--explain zoo"):
         engine.evaluate_lds(gt, source, search=False, **quiet)
-    with pytest.raises(RunError, match="keep no trajectory"):
+    with pytest.raises(RunError, match="holds only the corrupted-label model, not its checkpoints"):
         records.run(store, S, unrolled, tasks=["mislabel"], **quiet)
     rec = records.run(store, S, source, {"segments": 3}, explain="zoo", search=False, **quiet)
     assert set(rec) >= {"lds"} and "mislabel" not in rec  # the default tasks leave mislabel out

@@ -322,7 +322,9 @@ def test_leaderboard_lists_the_large_rows_as_not_yet_run(tmp_path, monkeypatch):
     df, records = leaderboard.collect(ResultsStore(tmp_path), [settings.get(n) for n in LARGE],
                                       campaign.leaderboard_methods(registry.available()))
     assert not records and set(df["setting"]) == set(LARGE)
-    applicable = df[~df["solver"].isin(["exact", "unrolled", "cg", "lissa"])]
+    missing = {n for n, cls in registry.available().items() if cls.unavailable()}  # a peer extra not installed
+    assert df[df["solver"].isin(missing)]["status"].str.startswith("n/a: needs").all()
+    applicable = df[~df["solver"].isin(["exact", "unrolled", "cg", "lissa", *missing])]
     assert applicable["status"].str.startswith("not yet run (no ground truth; GPU runbook").all()
     capped = df[df["solver"].isin(["exact", "unrolled"])]
     assert capped["status"].str.startswith("n/a: model has").all()  # counted without weights

@@ -600,3 +600,23 @@ def test_explaining_zoo_models_is_recorded_and_checked(toy, store):
     victim = zoo.root / "k01" / f"epoch_{zoo.epochs:02d}.safetensors"
     victim.write_bytes(victim.read_bytes()[:-8] + b"\0" * 8)
     assert any("zoo" in w for w in records.stale_reasons(rec, store, S, cls)["lds"])
+
+
+def test_new_rows_explain_the_zoo_and_reruns_keep_their_explained_model(tmp_path):
+    """The uncoupled protocol by default: a new row explains a zoo model where the setting has a zoo; a rerun
+    explains what its record explained (so it stays paired with it); a solver that needs a trajectory, the zoo."""
+    from benchmark.groundtruth import zoo as zoo_mod
+    from benchmark.groundtruth.executors import LocalExecutor
+
+    store, setting = synthetic_store(tmp_path), settings.get(SETTING)
+    ekfac = registry.get("ekfac")
+    assert not zoo_mod.exists(store, setting)
+    assert campaign.default_explain(store, setting, ekfac, None) == "ground truth"
+    assert campaign.default_explain(store, setting, registry.get("tracin"), None) == "zoo"
+    zoo_mod.build(setting, zoo_mod.ZooSpec(models=1), store=store, executor=LocalExecutor(1), progress=False,
+                  log=lambda *a: None)
+    assert zoo_mod.exists(store, setting)
+    assert campaign.default_explain(store, setting, ekfac, None) == "zoo"
+    assert campaign.default_explain(store, setting, ekfac, {"lds": {"mean": 0.1}}) == "ground truth"
+    assert campaign.default_explain(store, setting, ekfac, {"lds": {"explained": {"source": "zoo"}}}) == "zoo"
+    assert campaign.default_explain(store, setting, RANDOM, None) == "ground truth"

@@ -8,12 +8,14 @@ EXPLAIN = {"gt": "ground truth", "zoo": "zoo"}
 
 
 def _cmd_run(args) -> int:
-    from ..evaluate import records
+    from ..evaluate import campaign, records
 
     store = resolve.store(args)
     setting, method = resolve.setting(args.setting), resolve.method(args.solver)
+    explain = EXPLAIN[args.explain] if args.explain else campaign.default_explain(
+        store, setting, method, records.read_record(store, setting.name, method.name))
     rec = records.run(store, setting, method, resolve.params(args.param), tasks=args.task, search=not args.no_search,
-                      search_queries=args.search_queries, ensemble=args.ensemble, explain=EXPLAIN[args.explain],
+                      search_queries=args.search_queries, ensemble=args.ensemble, explain=explain,
                       measurement=args.measurement, version=args.version, device=args.device)
     lds, mis = rec.get("lds"), rec.get("mislabel")
     if lds:
@@ -112,9 +114,10 @@ def add_commands(sub) -> None:
     s.add_argument("--no-search", action="store_true", help="use defaults/--param instead of the validation grid search")
     s.add_argument("--search-queries", type=int, help="validation queries used for the grid search (default: all)")
     s.add_argument("--ensemble", type=int, default=1, help="average scores over this many explained models")
-    s.add_argument("--explain", choices=sorted(EXPLAIN), default="gt",
+    s.add_argument("--explain", choices=sorted(EXPLAIN),
                    help="explain the ground truth's full-data models (gt; model k shares its seed with target "
-                        "replica k) or the zoo's (zoo; independent of every replica)")
+                        "replica k) or the zoo's (zoo; independent of every replica). Default: as in the existing "
+                        "record; for a new one the zoo where the setting has one (the uncoupled protocol), else gt")
     s.add_argument("--measurement", choices=["margin", "loss"], help="default: the setting's")
     s.add_argument("--version", help="ground-truth version (default: the newest)")
     s.add_argument("--device")

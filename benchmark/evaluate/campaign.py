@@ -8,6 +8,7 @@ import dataclasses
 import traceback
 
 from ..groundtruth import artifact as gt_artifact
+from ..groundtruth import zoo as zoo_mod
 from ..setup import settings as settings_mod
 from ..setup.artifacts import MANIFEST, read_json
 from ..setup.data import DataError
@@ -41,6 +42,18 @@ def num_params(setting: settings_mod.Setting) -> int | None:
         except ImportError:  # timm not installed: the row says "not yet run", never guesses
             _PARAMS[setting.name] = None
     return _PARAMS[setting.name]
+
+
+def default_explain(store: ResultsStore, setting: settings_mod.Setting, method, record: dict | None) -> str:
+    """Where a run's explained model comes from: as in its record, so a rerun stays paired with what it replaces;
+    for a new row the zoo — seeded apart from every ground-truth model, the uncoupled protocol of Table 1 — where
+    the setting has one (solvers that attribute through training need it), else the ground truth's own model."""
+    if isinstance(method, Baseline):
+        return "ground truth"
+    lds = (record or {}).get("lds")
+    if lds:
+        return "zoo" if (lds.get("explained") or {}).get("source") == "zoo" else "ground truth"
+    return "zoo" if method.needs_trajectory or zoo_mod.exists(store, setting) else "ground truth"
 
 
 def not_applicable(setting: settings_mod.Setting, method) -> str | None:
@@ -113,8 +126,7 @@ def update(store: ResultsStore, settings: list[settings_mod.Setting], methods: l
             if dry_run:
                 done.append((setting.name, method.name, tasks))
                 continue
-            # solvers that attribute through training explain the zoo's models, which keep their trajectories
-            explain = "zoo" if not isinstance(method, Baseline) and method.needs_trajectory else "ground truth"
+            explain = default_explain(store, setting, method, rec)
             try:
                 records.run(store, setting, method, tasks=tasks, explain=explain, device=device, log=log)
                 done.append((setting.name, method.name, tasks))

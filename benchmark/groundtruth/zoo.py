@@ -148,6 +148,16 @@ def versions(store: ResultsStore, setting: settings_mod.Setting) -> list[Path]:
     return version_folders(store.models / setting.name)
 
 
+def exists(store: ResultsStore, setting: settings_mod.Setting) -> bool:
+    """Whether ``setting`` has a zoo with at least one model trained by its current recipe (read from the
+    manifests only; :func:`load` verifies the files)."""
+    for path in versions(store, setting):
+        man = read_json(path / MANIFEST) if (path / MANIFEST).is_file() else {}
+        if man.get("recipe_hash") == setting.recipe_hash() and man.get("models"):
+            return True
+    return False
+
+
 def _model_done(root: Path, k: int, epochs: int) -> bool:
     return all((Path(root) / name).is_file() for name in model_files(root, k, epochs))
 

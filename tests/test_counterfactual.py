@@ -19,7 +19,7 @@ from eval_helpers import l2_logreg_problem, synthetic_store, train_l2_logreg, wr
 
 from benchmark import core
 from benchmark.cli import main
-from benchmark.evaluate import Task, registry
+from benchmark.evaluate import Task, records, registry
 from benchmark.evaluate.engine import RANDOM
 from benchmark.groundtruth import artifact as gt_artifact
 from benchmark.groundtruth import index, retrain
@@ -208,6 +208,11 @@ def test_remove_top_k_real_attribution_beats_random(toy, tmp_path):
     row = df.set_index("solver").loc["toy-exact"]
     assert row["rtk_min_k"] == summary.loc[("toy-exact", 60), "min_k_median"]
     assert "remove-top-k" in leaderboard.to_markdown(df)
+    # the random baseline's remove-top-k draws its own points (a seed), never the LDS row's parameters
+    records.run(store, S, RANDOM, tasks=["lds"], device="cpu", log=lambda *a: None)
+    df, _ = leaderboard.collect(store, [S], methods + [RANDOM])
+    rand_row = df.set_index("solver").loc[RANDOM.name]
+    assert rand_row["lds"] is not None and "remove-top-k used other" not in rand_row["status"]
 
 
 def test_cli_studies_resume_and_draw(toy, tmp_path, capsys):

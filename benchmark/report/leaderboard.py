@@ -155,7 +155,7 @@ def _row(store, setting, method, rec, row, has_mis, failures, rtk=None) -> dict:
         by_reason.setdefault("; ".join(why), []).append(section)
     for why, sections in by_reason.items():
         status.append(f"STALE ({', '.join(sections)}): {why}")
-    if rtk and lds and rtk["rtk_params"] != lds.get("params"):
+    if rtk and lds and method is not RANDOM and rtk["rtk_params"] != lds.get("params"):  # random: its own seed
         status.append(f"remove-top-k used other parameters ({fmt_params(rtk['rtk_params'])}): rerun `tdabench "
                       f"counterfactual {setting.name}`")
     if not lds and method is not LOSS:

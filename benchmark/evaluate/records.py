@@ -118,8 +118,9 @@ def _fingerprint_reasons(recorded: dict | None, method, params: dict | None) -> 
         return why
     if recorded.get("engine") != engine.ENGINE_VERSION:
         why.append(f"evaluation engine version {recorded.get('engine')} != {engine.ENGINE_VERSION}")
-    if not isinstance(method, Baseline) and method.unavailable():
-        why.append(f"cannot be re-checked here: the solver {method.unavailable()}")
+    missing = None if isinstance(method, Baseline) else method.unavailable()
+    if missing:
+        why.append(f"cannot be re-checked here: the solver {missing}")
     elif not isinstance(method, Baseline):
         diff = fingerprint.compare(recorded.get("solver"), solver_fingerprint(method, params), fingerprint.SOLVER_RTOL)
         if diff:
@@ -172,7 +173,7 @@ def mislabel_not_applicable(method) -> str | None:
         return None
     if not method.has_self_influence:
         return f"{method.name} computes no self-influence"
-    if getattr(method, "needs_trajectory", False):
+    if method.needs_trajectory:
         return (f"{method.name} attributes through the training run, and the mislabel artifact holds only the "
                 f"corrupted-label model, not its checkpoints")
     return None
@@ -326,18 +327,19 @@ def run(store: ResultsStore, setting: settings_mod.Setting, method, params: dict
 
     device = torch.device(device or default_device())
     name = method.name
+    no_mislabel = mislabel_not_applicable(method)
     if write:
         store.check_writable(store.runs / setting.name)
     if tasks is None:
         tasks = [] if method is LOSS else ["lds"]  # training loss ranks train points; no LDS
-        if mislabel_available(store, setting) and not mislabel_not_applicable(method):
+        if mislabel_available(store, setting) and not no_mislabel:
             tasks.append("mislabel")
     tasks = list(tasks)
     bad = [t for t in tasks if t not in TASKS]
     if bad:
         raise RunError(f"unknown task(s) {bad}; choose from {TASKS}")
-    if "mislabel" in tasks and mislabel_not_applicable(method):
-        raise RunError(f"no mislabel detection for {name}: {mislabel_not_applicable(method)}; run --task lds")
+    if "mislabel" in tasks and no_mislabel:
+        raise RunError(f"no mislabel detection for {name}: {no_mislabel}; run --task lds")
     if not tasks:
         raise RunError(f"nothing to run for {name} on {setting.name}: it needs the mislabel artifact; build it with "
                        f"`tdabench mislabel {setting.name} --build`")
@@ -363,7 +365,7 @@ def run(store: ResultsStore, setting: settings_mod.Setting, method, params: dict
     if ("lds" in record and "mislabel" not in tasks and not isinstance(method, Baseline) and old and "mislabel" in old
             and {**method.defaults, **(old["mislabel"].get("params") or {})}
             != {**method.defaults, **record["lds"]["params"]}
-            and mislabel_available(store, setting) and not mislabel_not_applicable(method)):
+            and mislabel_available(store, setting) and not no_mislabel):
         log(f"{setting.name} / {name}: redoing mislabel detection with the parameters LDS chose")
         tasks.append("mislabel")
     if "mislabel" in tasks:

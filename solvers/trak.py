@@ -39,6 +39,7 @@ class TRAK(Solver):
     name = "trak"
     description = "TRAK: random projections of output gradients, (ΦᵀΦ)⁻¹ kernel, 1 − p reweighting"
     parameters = {"proj_dim": [128, 512, 2048, 8192]}
+    leaderboard_ensembles = (1, 8)  # the TRAK paper averages over models; 8 is what every zoo here holds
     defaults = {"proj_dim": 2048, "damping": 1e-4, "reweight": True}
 
     def fit(self, task):

@@ -328,3 +328,41 @@ def test_committed_report_in_headless_chromium(tmp_path):
         pytest.skip("no committed report (results/report/): `make report` writes it")
     copy = shutil.copytree(COMMITTED, tmp_path / "report")
     assert browser_problems(copy / "index.html") == []
+
+
+def test_lds_vs_cost_names_every_point_without_overlap(tmp_path):
+    """Crowded points (equal cost, near-equal LDS, as K-FAC and EK-FAC on mnist-lr) still get every name, and no
+    name's box covers another name or a point; every solver has its own colour-and-marker pair."""
+    import pandas as pd
+
+    from benchmark.report import figures
+
+    names = [f"solver{i:02d}" for i in range(14)]
+    rows = [dict(setting="toy", solver=n, status="ok", lds=0.60 + 0.004 * (i % 4), lds_ci_low=0.59, lds_ci_high=0.62,
+                 fit_s=1.0 + 0.01 * i, score_s=0.2, lds_ceiling=0.9, paper_lds=None) for i, n in enumerate(names)]
+    part = pd.DataFrame(rows[:4] + [dict(rows[4], lds=0.2, lds_ci_low=0.19, lds_ci_high=0.21, fit_s=30.0)])
+    palette = figures.solver_palette(names)
+    markers = figures.solver_markers(palette)
+    assert len({(tuple(palette[n]), markers[n]) for n in names}) == len(names)
+
+    captured = {}
+    real_save = figures._save
+
+    def keep(fig, out, *a, **k):
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        ax = fig.axes[0]
+        captured["labels"] = [(t.get_text(), t.get_window_extent(renderer)) for t in ax.texts]
+        captured["points"] = [ax.transData.transform((r.fit_s + r.score_s, r.lds)) for r in part.itertuples()]
+        return real_save(fig, out, *a, **k)
+
+    with figures.house_style(), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(figures, "_save", keep)
+        figures.lds_vs_cost(part, palette, tmp_path / "c.png")
+    labels = captured["labels"]
+    assert sorted(t for t, _ in labels) == sorted(part["solver"])
+    for i, (_, a) in enumerate(labels):
+        for _, b in labels[i + 1:]:
+            assert not a.overlaps(b)
+        for px, py in captured["points"]:
+            assert not a.contains(px, py)

@@ -620,3 +620,55 @@ def test_new_rows_explain_the_zoo_and_reruns_keep_their_explained_model(tmp_path
     assert campaign.default_explain(store, setting, ekfac, {"lds": {"mean": 0.1}}) == "ground truth"
     assert campaign.default_explain(store, setting, ekfac, {"lds": {"explained": {"source": "zoo"}}}) == "zoo"
     assert campaign.default_explain(store, setting, RANDOM, None) == "ground truth"
+
+
+def test_ensemble_rows_stand_beside_the_single_model_row(toy, store, monkeypatch):
+    """A solver's ``leaderboard_ensembles`` gives it one row per size: <name>-ens<n> averages n zoo models with the
+    parameters its single-model row chose on validation queries, LDS only; it reruns when that choice changes, and
+    a size the zoo cannot hold is n/a with the command that trains the models."""
+    from benchmark.groundtruth import zoo as zoo_mod
+    from benchmark.groundtruth.executors import LocalExecutor
+
+    assert records.parse_row_name(records.row_name("trak", 8)) == ("trak", 8)
+    assert records.parse_row_name("kronfluence-ekfac") == ("kronfluence-ekfac", 1)
+    assert records.parse_row_name("odd-ens1") == ("odd-ens1", 1)
+    cls = registry.get("toy-exact")
+    monkeypatch.setattr(cls, "leaderboard_ensembles", (1, 2, 3))
+    zoo_mod.build(S, zoo_mod.ZooSpec(models=2), store=store, executor=LocalExecutor(1), progress=False,
+                  log=lambda *a: None)
+    done, failures = campaign.update(store, [S], [cls], **QUIET)
+    assert failures == {}
+    assert (SETTING, "toy-exact-ens2", ["lds"]) in done and not any(r == "toy-exact-ens3" for _, r, _ in done)
+    single = records.read_record(store, SETTING, "toy-exact")
+    ens = records.read_record(store, SETTING, "toy-exact", 2)
+    assert ens is not None and records.run_path(store, SETTING, "toy-exact", 2).name == "toy-exact-ens2.json"
+    assert ens["ensemble"] == 2 and "mislabel" not in ens
+    assert ens["lds"]["explained"]["source"] == "zoo" and ens["lds"]["explained"]["models"] == [0, 1]
+    assert ens["lds"]["params"] == single["lds"]["params"]
+    assert "single-model toy-exact row" in ens["lds"]["selection"]["method"]
+    assert single["lds"]["explained"]["models"] == [0]  # the single-model row is untouched by its ensemble
+    assert campaign.update(store, [S], [cls], **QUIET)[0] == []  # both fresh
+
+    # the same LDS as averaging two zoo models' scores by hand
+    zoo, gt, data = zoo_mod.load(store, S), _gt(store), S.data()
+    q = torch.from_numpy(gt.queries)
+    scores = sum(cls(**single["lds"]["params"]).fit(Task(zoo.model(k), data.train_x, data.train_y, 4))
+                 .scores(data.test_x[q], data.test_y[q], data.train_x, data.train_y).double().numpy()
+                 for k in range(2)) / 2
+    target = gt.outputs["margin"][:, :, :len(gt.queries)].mean(0)
+    expect = [spearmanr(gt.masks.astype(float) @ scores[i], target[:, i]).statistic for i in range(len(gt.queries))]
+    assert ens["lds"]["mean"] == pytest.approx(np.mean(expect), abs=1e-6)
+
+    df, found = leaderboard.collect(store, [S], [cls])
+    row = df[df["solver"] == "toy-exact-ens2"].iloc[0]
+    assert row["explained"] == "zoo 0–1" and row["record"].endswith("toy-exact-ens2.json")
+    assert row["lds"] == pytest.approx(ens["lds"]["mean"])
+    three = df[df["solver"] == "toy-exact-ens3"].iloc[0]
+    assert three["status"].startswith("n/a") and "tdabench zoo synthetic-mlp --models 3" in three["status"]
+
+    # the single-model row chooses other parameters: its ensemble follows
+    other = next(d for d in cls.parameters["damping"] if d != single["lds"]["params"]["damping"])
+    records.run(store, S, cls, {"damping": other}, tasks=["lds"], search=False, explain="zoo", **QUIET)
+    done, _ = campaign.update(store, [S], [cls], **QUIET)
+    assert [r for _, r, _ in done] == ["toy-exact-ens2"]
+    assert records.read_record(store, SETTING, "toy-exact", 2)["lds"]["params"] == {"damping": other}

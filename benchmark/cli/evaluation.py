@@ -13,7 +13,7 @@ def _cmd_run(args) -> int:
     store = resolve.store(args)
     setting, method = resolve.setting(args.setting), resolve.method(args.solver)
     explain = EXPLAIN[args.explain] if args.explain else campaign.default_explain(
-        store, setting, method, records.read_record(store, setting.name, method.name))
+        store, setting, method, records.read_record(store, setting.name, method.name, args.ensemble))
     rec = records.run(store, setting, method, resolve.params(args.param), tasks=args.task, search=not args.no_search,
                       search_queries=args.search_queries, ensemble=args.ensemble, explain=explain,
                       measurement=args.measurement, version=args.version, device=args.device)
@@ -30,7 +30,7 @@ def _cmd_run(args) -> int:
     if mis:
         print(f"{setting.name} / {method.name}: mislabel recall@10..50% "
               + " ".join(f"{mis[f'recall_{p}']:.3f}" for p in (10, 20, 30, 40, 50)) + f", AUC {mis['auc']:.3f}")
-    print(f"wrote {records.run_path(store, setting.name, method.name)}")
+    print(f"wrote {records.run_path(store, setting.name, method.name, args.ensemble)}")
     return 0
 
 
@@ -113,7 +113,9 @@ def add_commands(sub) -> None:
                    help="what to evaluate (default: lds, plus mislabel when its artifact exists)")
     s.add_argument("--no-search", action="store_true", help="use defaults/--param instead of the validation grid search")
     s.add_argument("--search-queries", type=int, help="validation queries used for the grid search (default: all)")
-    s.add_argument("--ensemble", type=int, default=1, help="average scores over this many explained models")
+    s.add_argument("--ensemble", type=int, default=1,
+                   help="average scores over this many explained models; n > 1 writes the row <solver>-ens<n> beside "
+                        "the single-model one (LDS only)")
     s.add_argument("--explain", choices=sorted(EXPLAIN),
                    help="explain the ground truth's full-data models (gt; model k shares its seed with target "
                         "replica k) or the zoo's (zoo; independent of every replica). Default: as in the existing "

@@ -44,6 +44,20 @@ def num_params(setting: settings_mod.Setting) -> int | None:
     return _PARAMS[setting.name]
 
 
+def ensembles(method) -> tuple[int, ...]:
+    """The ensemble sizes ``method`` has leaderboard rows for (1: the single-model row)."""
+    return (1,) if isinstance(method, Baseline) else tuple(method.leaderboard_ensembles)
+
+
+def ensemble_not_applicable(store: ResultsStore, setting: settings_mod.Setting, n: int) -> str | None:
+    """Why an ensemble row of ``n`` models cannot run on ``setting``, or None. Ensembles explain the zoo: the
+    ground truth's own full-data models each share a seed with one target replica (coupled)."""
+    if n > 1 and not zoo_mod.exists(store, setting, min_models=n):
+        return (f"an ensemble of {n} explains {n} zoo models; train them with `tdabench zoo {setting.name} "
+                f"--models {n}`")
+    return None
+
+
 def default_explain(store: ResultsStore, setting: settings_mod.Setting, method, record: dict | None) -> str:
     """Where a run's explained model comes from: as in its record, so a rerun stays paired with what it replaces;
     for a new row the zoo — seeded apart from every ground-truth model, the uncoupled protocol of Table 1 — where
@@ -102,11 +116,12 @@ def update(store: ResultsStore, settings: list[settings_mod.Setting], methods: l
         gt_path = gt_artifact.current(store, setting)
         gt_complete = gt_path is not None and read_json(gt_path / MANIFEST).get("complete")
         mislabel_there = records.mislabel_available(store, setting)
-        for method in methods:
-            if not_applicable(setting, method):
+        for method, n in ((m, n) for m in methods for n in ensembles(m)):
+            if not_applicable(setting, method) or ensemble_not_applicable(store, setting, n):
                 continue
-            has_mislabel = mislabel_there and not records.mislabel_not_applicable(method)
-            rec = records.read_record(store, setting.name, method.name)
+            row = records.row_name(method.name, n)
+            has_mislabel = mislabel_there and not records.mislabel_not_applicable(method, n)
+            rec = records.read_record(store, setting.name, method.name, n)
             # A stale record is rerun even on an unfinished ground truth: someone asked for it once.
             can_lds = method is not LOSS and gt_path is not None and bool(gt_complete or include_incomplete or rec)
             if rec is None:
@@ -120,20 +135,33 @@ def update(store: ResultsStore, settings: list[settings_mod.Setting], methods: l
                 if "lds" not in rec and can_lds and gt_complete:
                     tasks.append("lds")
                 why = "; ".join(f"{k}: {', '.join(v)}" for k, v in stale.items()) or "missing sections"
+            kw = {}
+            if n > 1 and can_lds:  # the single-model row's validation choice: a search per trial would cost n fits
+                params, source = records.chosen_params(store, setting, method)
+                if source != records.CHOSEN_ON_VALIDATION:
+                    failures[(setting.name, row)] = (f"waits for the single-model {method.name} row to choose its "
+                                                     f"parameters on validation queries")
+                    log(f"skipping {setting.name} / {row}: {failures[(setting.name, row)]}")
+                    continue
+                if rec is not None and (rec.get("lds") or {}).get("params") != params and "lds" not in tasks:
+                    tasks.append("lds")
+                    why = f"the single-model {method.name} row now chooses other parameters"
+                kw = dict(ensemble=n, explain="zoo", params=params, search=False,
+                          params_source=f"{source} by the single-model {method.name} row")
             if not tasks:
                 continue
-            log(f"{'would run' if dry_run else 'running'} {setting.name} / {method.name} [{', '.join(tasks)}] ({why})")
+            log(f"{'would run' if dry_run else 'running'} {setting.name} / {row} [{', '.join(tasks)}] ({why})")
             if dry_run:
-                done.append((setting.name, method.name, tasks))
+                done.append((setting.name, row, tasks))
                 continue
-            explain = default_explain(store, setting, method, rec)
+            kw.setdefault("explain", default_explain(store, setting, method, rec))
             try:
-                records.run(store, setting, method, tasks=tasks, explain=explain, device=device, log=log)
-                done.append((setting.name, method.name, tasks))
+                records.run(store, setting, method, tasks=tasks, device=device, log=log, **kw)
+                done.append((setting.name, row, tasks))
             except Exception as exc:  # noqa: BLE001 - report and carry on with the other rows
                 msg = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
-                failures[(setting.name, method.name)] = msg
-                log(f"FAILED {setting.name} / {method.name}: {msg}")
+                failures[(setting.name, row)] = msg
+                log(f"FAILED {setting.name} / {row}: {msg}")
                 log(traceback.format_exc(limit=3))
     return done, failures
 

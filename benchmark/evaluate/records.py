@@ -133,12 +133,32 @@ def _fingerprint_reasons(recorded: dict | None, method, params: dict | None) -> 
 
 # ---------------------------------------------------------------- records on disk
 
-def run_path(store: ResultsStore, setting_name: str, method_name: str) -> Path:
-    return store.runs / setting_name / f"{method_name}.json"
+# An ensemble row (scores averaged over n explained models) is its own leaderboard row and record, beside the
+# solver's single-model one: "trak-ens8" is TRAK averaged over 8 zoo models.
+ENSEMBLE_MARK = "-ens"
 
 
-def read_record(store: ResultsStore, setting_name: str, method_name: str) -> dict | None:
-    path = run_path(store, setting_name, method_name)
+def row_name(method_name: str, ensemble: int = 1) -> str:
+    """The leaderboard row (and record file) of ``method_name`` averaged over ``ensemble`` explained models."""
+    if ensemble < 1:
+        raise RunError(f"an ensemble has at least one model, not {ensemble}")
+    return method_name if ensemble == 1 else f"{method_name}{ENSEMBLE_MARK}{ensemble}"
+
+
+def parse_row_name(name: str) -> tuple[str, int]:
+    """(solver name, ensemble size) of a row name; the inverse of :func:`row_name`."""
+    base, mark, n = name.rpartition(ENSEMBLE_MARK)
+    if mark and base and n.isdigit() and int(n) > 1:
+        return base, int(n)
+    return name, 1
+
+
+def run_path(store: ResultsStore, setting_name: str, method_name: str, ensemble: int = 1) -> Path:
+    return store.runs / setting_name / f"{row_name(method_name, ensemble)}.json"
+
+
+def read_record(store: ResultsStore, setting_name: str, method_name: str, ensemble: int = 1) -> dict | None:
+    path = run_path(store, setting_name, method_name, ensemble)
     return read_json(path) if path.is_file() else None
 
 
@@ -166,11 +186,14 @@ def mislabel_available(store: ResultsStore, setting: settings_mod.Setting) -> bo
         return False
 
 
-def mislabel_not_applicable(method) -> str | None:
-    """Why ``method`` cannot rank the corrupted training set by self-influence, or None (baselines rank it by
-    their own rule)."""
+def mislabel_not_applicable(method, ensemble: int = 1) -> str | None:
+    """Why ``method`` (averaged over ``ensemble`` models) cannot rank the corrupted training set by self-influence,
+    or None (baselines rank it by their own rule)."""
     if isinstance(method, Baseline):
         return None
+    if ensemble > 1:
+        return (f"an ensemble row: self-influence ranks the one corrupted-label model's training set, as the "
+                f"single-model {method.name} row does")
     if not method.has_self_influence:
         return f"{method.name} computes no self-influence"
     if method.needs_trajectory:
@@ -254,11 +277,14 @@ def _explained_reasons(store: ResultsStore, setting: settings_mod.Setting, expla
     return []
 
 
+CHOSEN_ON_VALIDATION = "chosen on validation queries"
+
+
 def chosen_params(store: ResultsStore, setting: settings_mod.Setting, cls: type[Solver]) -> tuple[dict, str]:
     """Hyper-parameters chosen on validation queries in a fresh run record, else the solver's defaults."""
     rec = read_record(store, setting.name, cls.name)
     if rec and "lds" in rec and "lds" not in stale_reasons(rec, store, setting, cls):
-        return rec["lds"]["params"], "chosen on validation queries"
+        return rec["lds"]["params"], CHOSEN_ON_VALIDATION
     return dict(cls.defaults), "solver defaults (no fresh run record)"
 
 
@@ -315,11 +341,13 @@ def mislabel_section(store: ResultsStore, art: mislabel_mod.MislabelArtifact, me
 def run(store: ResultsStore, setting: settings_mod.Setting, method, params: dict | None = None, *, tasks=None,
         search: bool = True, grid: dict | None = None, search_queries: int | None = None, ensemble: int = 1,
         explain: str = "ground truth", measurement: str | None = None, version: str | None = None, device=None,
-        write: bool = True, log=print) -> dict:
+        params_source: str | None = None, write: bool = True, log=print) -> dict:
     """Evaluate ``method`` (a Solver class or a baseline) on ``setting`` and write its run record.
 
     ``tasks``: any of "lds", "mislabel"; default: LDS, plus mislabel when its artifact exists. Sections not
-    rerun are kept from the previous record while they are still fresh.
+    rerun are kept from the previous record while they are still fresh. ``ensemble`` > 1 averages the scores of
+    that many explained models and writes the row :func:`row_name` names (LDS only). ``params_source`` says where
+    given ``params`` were chosen (kept in the LDS section's ``selection``).
     """
     import torch
 
@@ -327,7 +355,9 @@ def run(store: ResultsStore, setting: settings_mod.Setting, method, params: dict
 
     device = torch.device(device or default_device())
     name = method.name
-    no_mislabel = mislabel_not_applicable(method)
+    no_mislabel = mislabel_not_applicable(method, ensemble)
+    if ensemble > 1 and isinstance(method, Baseline):
+        raise RunError(f"{name} is a baseline; it has no explained models to average over")
     if write:
         store.check_writable(store.runs / setting.name)
     if tasks is None:
@@ -343,9 +373,11 @@ def run(store: ResultsStore, setting: settings_mod.Setting, method, params: dict
     if not tasks:
         raise RunError(f"nothing to run for {name} on {setting.name}: it needs the mislabel artifact; build it with "
                        f"`tdabench mislabel {setting.name} --build`")
-    old = read_record(store, setting.name, name)
+    old = read_record(store, setting.name, name, ensemble)
     old_stale = stale_reasons(old, store, setting, method) if old else {}
     record = {"format": RUN_FORMAT, "setting": setting.name, "solver": name}
+    if ensemble > 1:
+        record["ensemble"] = ensemble
     if "lds" in tasks:
         if version:
             root = gt_artifact.gt_root(store) / setting.name / version
@@ -360,6 +392,8 @@ def run(store: ResultsStore, setting: settings_mod.Setting, method, params: dict
         record["lds"] = lds_section(store, gt, method, params, search=search, grid=grid, search_queries=search_queries,
                                     ensemble=ensemble, explain=explain, measurement=measurement, device=device,
                                     log=log)
+        if params_source and not record["lds"]["selection"].get("searched"):
+            record["lds"]["selection"]["method"] = params_source
     # Self-influence uses the parameters chosen for LDS: a mislabel section made with others (e.g. the
     # defaults, before the ground truth existed) is redone once LDS has chosen.
     if ("lds" in record and "mislabel" not in tasks and not isinstance(method, Baseline) and old and "mislabel" in old
@@ -398,5 +432,5 @@ def run(store: ResultsStore, setting: settings_mod.Setting, method, params: dict
     record["cost"] = _summary_cost(record)
     record = _clean(record)
     if write:
-        write_json(run_path(store, setting.name, name), record)
+        write_json(run_path(store, setting.name, name, ensemble), record)
     return record

@@ -152,6 +152,9 @@ class Solver:
     # Largest model the leaderboard runs the solver on by itself; beyond it a run takes days on a CPU (solvers
     # that sweep the training set per IHVP iteration). `tdabench run` still runs it when asked.
     leaderboard_max_params: ClassVar[int | None] = None
+    # Ensemble sizes the leaderboard shows a row for (scores averaged over n zoo models, cost summed over them); a
+    # size beyond what a setting's zoo holds is listed as n/a there. 1 is the single-model row.
+    leaderboard_ensembles: ClassVar[tuple[int, ...]] = (1,)
     memory_budget_mb: ClassVar[float | None] = None  # None: $TDABENCH_SCORE_MEMORY_MB, else 1024
     # Largest batch of vectors per ihvp call, for solvers whose ihvp iterates over the training set (CG,
     # LiSSA): their cost is the same in small blocks, and a progress bar then moves between blocks.

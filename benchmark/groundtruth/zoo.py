@@ -148,12 +148,12 @@ def versions(store: ResultsStore, setting: settings_mod.Setting) -> list[Path]:
     return version_folders(store.models / setting.name)
 
 
-def exists(store: ResultsStore, setting: settings_mod.Setting) -> bool:
-    """Whether ``setting`` has a zoo with at least one model trained by its current recipe (read from the
-    manifests only; :func:`load` verifies the files)."""
+def exists(store: ResultsStore, setting: settings_mod.Setting, min_models: int = 1) -> bool:
+    """Whether ``setting`` has a zoo with at least ``min_models`` models trained by its current recipe (read from
+    the manifests only; :func:`load` verifies the files)."""
     for path in versions(store, setting):
         man = read_json(path / MANIFEST) if (path / MANIFEST).is_file() else {}
-        if man.get("recipe_hash") == setting.recipe_hash() and man.get("models"):
+        if man.get("recipe_hash") == setting.recipe_hash() and len(man.get("models") or ()) >= min_models:
             return True
     return False
 

@@ -194,14 +194,24 @@ def mislabel_recall(setting: str, items: list, palette: dict, out: Path) -> Path
     return _save(fig, out, 110)
 
 
+def solver_markers(palette: dict) -> dict:
+    """A marker per solver such that no two solvers share both colour and marker (the palette has ten colours and
+    the leaderboard more solvers)."""
+    shapes = "osD^vPX"
+    names = sorted(palette)
+    return {n: shapes[(i // 10) % len(shapes)] for i, n in enumerate(names)}
+
+
 def lds_vs_cost(part: pd.DataFrame, palette: dict, out: Path) -> Path:
     """One setting's leaderboard rows as LDS (95% CI) against cost (fit + score seconds, log scale), with the noise
-    ceiling and the paper's value: the trade-off a user chooses on. Rows without a cost (the random baseline) are
-    drawn as horizontal lines."""
+    ceiling and the paper's value: the trade-off a user chooses on. Points carry their solver's name; the legend
+    holds the reference lines (ceiling, paper, and rows without a cost such as the random baseline)."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(5.0, 3.7))
+    fig, ax = plt.subplots(figsize=(6.0, 4.4))
+    markers = solver_markers(palette)
     rows = part[part["lds"].notna()].sort_values("lds")
-    for i, (_, r) in enumerate(rows.iterrows()):
+    points = []
+    for _, r in rows.iterrows():
         colour = palette.get(r["solver"], "grey")
         stale = "STALE" in (r["status"] or "")
         label = r["solver"] + (" (stale)" if stale else "")
@@ -209,11 +219,10 @@ def lds_vs_cost(part: pd.DataFrame, palette: dict, out: Path) -> Path:
             ax.axhline(r["lds"], color=colour, ls=":", lw=1.2, label=label)
             continue
         cost = r["fit_s"] + r["score_s"]
-        ax.errorbar([cost], [r["lds"]], yerr=[[r["lds"] - r["lds_ci_low"]], [r["lds_ci_high"] - r["lds"]]], fmt="o",
-                    ms=7, capsize=3, color=colour, mfc="white" if stale else colour, label=label)
-        # neighbours in LDS get their names on alternate sides, so close points stay readable
-        ax.annotate(label, (cost, r["lds"]), xytext=(7, 3) if i % 2 else (7, -11), textcoords="offset points",
-                    fontsize=8)
+        ax.errorbar([cost], [r["lds"]], yerr=[[r["lds"] - r["lds_ci_low"]], [r["lds_ci_high"] - r["lds"]]],
+                    fmt=markers.get(r["solver"], "o"), ms=7, capsize=3, color=colour,
+                    mfc="white" if stale else colour)
+        points.append((cost, r["lds"], label))
     ceiling, paper = part["lds_ceiling"].dropna(), part["paper_lds"].dropna()
     if len(ceiling):
         ax.axhline(ceiling.iloc[0], color="grey", ls="--", lw=1.3, label=f"noise ceiling {ceiling.iloc[0]:.2f}")
@@ -228,9 +237,39 @@ def lds_vs_cost(part: pd.DataFrame, palette: dict, out: Path) -> Path:
     ax.set_xlabel("cost: fit + score seconds (log scale)")
     ax.set_ylabel("LDS (95% CI)")
     ax.set_title(part["setting"].iloc[0], fontsize=10)
-    ax.margins(x=0.12)  # room for the names beside the points
-    ax.legend(fontsize=7, loc="best")
+    ax.margins(x=0.15)  # room for the names beside the points
+    _place_labels(fig, ax, points)
+    if ax.get_legend_handles_labels()[0]:  # below the axes: it never hides a point
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3, frameon=False)
     return _save(fig, out, 110)
+
+
+def _place_labels(fig, ax, points: list, fontsize: int = 8) -> None:
+    """Name each point where its label overlaps no other label or point: the first free of a few offsets around
+    it (greedy, in screen coordinates; ties go to the right-hand side)."""
+    fig.canvas.draw()  # fixes the axes' scales, so data map to pixels as they will be drawn
+    to_px = ax.transData.transform
+    px_per_pt = fig.dpi / 72
+    char_w, line_h = 0.6 * fontsize * px_per_pt, 1.2 * fontsize * px_per_pt
+    marks = [to_px((x, y)) for x, y, _ in points]
+    taken = [(mx - 5 * px_per_pt, my - 5 * px_per_pt, mx + 5 * px_per_pt, my + 5 * px_per_pt) for mx, my in marks]
+    offsets = [(7, 3), (7, -11), (-7, 3), (-7, -11), (7, 13), (7, -21), (-7, 13), (-7, -21)]
+
+    def box(mx, my, dx, dy, text):
+        w = len(text) * char_w
+        x0 = mx + dx * px_per_pt - (w if dx < 0 else 0)
+        y0 = my + dy * px_per_pt
+        return x0, y0, x0 + w, y0 + line_h
+
+    def free(b):
+        return all(b[2] <= t[0] or t[2] <= b[0] or b[3] <= t[1] or t[3] <= b[1] for t in taken)
+
+    for (x, y, text), (mx, my) in zip(points, marks):
+        choice = next((o for o in offsets if free(box(mx, my, *o, text))), offsets[0])
+        b = box(mx, my, *choice, text)
+        taken.append(b)
+        ax.annotate(text, (x, y), xytext=choice, textcoords="offset points", fontsize=fontsize,
+                    ha="right" if choice[0] < 0 else "left")
 
 
 def _save(fig, out: Path, dpi: int = 120, *, tight: bool = True) -> Path:

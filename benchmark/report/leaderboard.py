@@ -76,7 +76,7 @@ def collect(store: ResultsStore, settings: list[settings_mod.Setting], methods: 
     """The leaderboard table and the records behind it ({(setting, method): record}). Methods with records
     but no solver file any more are listed too (their records cannot be checked)."""
     failures = failures or {}
-    names = [m.name for m in methods]
+    names = [records.row_name(m.name, n) for m in methods for n in campaign.ensembles(m)]
     for s in settings:
         d = store.runs / s.name
         if d.is_dir():
@@ -89,8 +89,9 @@ def collect(store: ResultsStore, settings: list[settings_mod.Setting], methods: 
         has_mis = records.mislabel_available(store, setting)
         rtk = counterfactual.leaderboard_columns(store, setting.name)
         for name in ordered:
-            method = by_name.get(name)
-            rec = records.read_record(store, setting.name, name)
+            base, ensemble = records.parse_row_name(name)
+            method = by_name.get(base)
+            rec = records.read_record(store, setting.name, base, ensemble)
             if rec is None and ((method is LOSS and not has_mis) or (method is RANDOM and gt_path is None
                                                                      and not has_mis)):
                 continue  # a baseline row only where there is something to be a baseline for
@@ -100,7 +101,8 @@ def collect(store: ResultsStore, settings: list[settings_mod.Setting], methods: 
             if rec is None:
                 if method is None:
                     continue
-                na = campaign.not_applicable(setting, method)
+                na = campaign.not_applicable(setting, method) or campaign.ensemble_not_applicable(store, setting,
+                                                                                                 ensemble)
                 if (setting.name, name) in failures:
                     row["status"] = f"failed: {failures[(setting.name, name)]}"
                 elif na:
@@ -116,7 +118,7 @@ def collect(store: ResultsStore, settings: list[settings_mod.Setting], methods: 
                 rows.append(row)
                 continue
             found[(setting.name, name)] = rec
-            rows.append(_row(store, setting, method, rec, row, has_mis, failures, rtk.get(name)))
+            rows.append(_row(store, setting, method, rec, row, has_mis, failures, rtk.get(name), ensemble))
     for orphan in _orphans(store, {s.name for s in settings_mod.available().values()}):
         for p in sorted((store.runs / orphan).glob("*.json")):
             row = {c: None for c in COLUMNS}
@@ -126,7 +128,7 @@ def collect(store: ResultsStore, settings: list[settings_mod.Setting], methods: 
     return pd.DataFrame(rows, columns=list(COLUMNS)), found
 
 
-def _row(store, setting, method, rec, row, has_mis, failures, rtk=None) -> dict:
+def _row(store, setting, method, rec, row, has_mis, failures, rtk=None, ensemble: int = 1) -> dict:
     stale = records.stale_reasons(rec, store, setting, method) if method is not None else {}
     lds, mis = rec.get("lds"), rec.get("mislabel")
     status = []
@@ -148,8 +150,8 @@ def _row(store, setting, method, rec, row, has_mis, failures, rtk=None) -> dict:
                           f"{used['replicas_total']} seed replicas)")
     if mis:
         row.update({k: mis.get(k) for k in RECALL_KEYS}, auc=mis.get("auc"), auc_se=mis.get("auc_se"))
-    if (setting.name, rec["solver"]) in failures:
-        status.append(f"last rerun failed: {failures[(setting.name, rec['solver'])]}")
+    if (setting.name, row["solver"]) in failures:
+        status.append(f"last rerun failed: {failures[(setting.name, row['solver'])]}")
     by_reason: dict[str, list[str]] = {}
     for section, why in stale.items():
         by_reason.setdefault("; ".join(why), []).append(section)
@@ -161,13 +163,13 @@ def _row(store, setting, method, rec, row, has_mis, failures, rtk=None) -> dict:
     if not lds and method is not LOSS:
         status.append("LDS not yet run")
     if not mis and has_mis:
-        na = records.mislabel_not_applicable(method) if method is not None else None
+        na = records.mislabel_not_applicable(method, ensemble) if method is not None else None
         status.append(f"mislabel n/a: {na}" if na else "mislabel not yet run")
     cost = rec.get("cost", {})
     row.update(status="; ".join(status) or "ok", fit_s=cost.get("fit_s"), score_s=cost.get("score_s"),
                self_score_s=cost.get("self_score_s"), peak_mb=cost.get("peak_mb"), device=rec.get("device"),
                params=fmt_params(rec.get("params")),
-               record=store.relative(records.run_path(store, setting.name, rec["solver"])))
+               record=store.relative(records.run_path(store, setting.name, rec["solver"], ensemble)))
     return row
 
 

@@ -636,6 +636,8 @@ def test_ensemble_rows_stand_beside_the_single_model_row(toy, store, monkeypatch
     monkeypatch.setattr(cls, "leaderboard_ensembles", (1, 2, 3))
     zoo_mod.build(S, zoo_mod.ZooSpec(models=2), store=store, executor=LocalExecutor(1), progress=False,
                   log=lambda *a: None)
+    planned, _ = campaign.update(store, [S], [cls], dry_run=True, **QUIET)
+    assert [r for _, r, _ in planned if r.startswith("toy")] == ["toy-exact", "toy-exact-ens2"]
     done, failures = campaign.update(store, [S], [cls], **QUIET)
     assert failures == {}
     assert (SETTING, "toy-exact-ens2", ["lds"]) in done and not any(r == "toy-exact-ens3" for _, r, _ in done)

@@ -138,6 +138,12 @@ def update(store: ResultsStore, settings: list[settings_mod.Setting], methods: l
             kw = {}
             if n > 1 and can_lds:  # the single-model row's validation choice: a search per trial would cost n fits
                 params, source = records.chosen_params(store, setting, method)
+                if source != records.CHOSEN_ON_VALIDATION and dry_run and (setting.name, method.name) in {
+                        d[:2] for d in done}:
+                    log(f"would run {setting.name} / {row} [lds] (no record) with the parameters the single-model "
+                        f"row is about to choose")
+                    done.append((setting.name, row, ["lds"]))
+                    continue
                 if source != records.CHOSEN_ON_VALIDATION:
                     failures[(setting.name, row)] = (f"waits for the single-model {method.name} row to choose its "
                                                      f"parameters on validation queries")

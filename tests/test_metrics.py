@@ -291,3 +291,17 @@ def test_cost_measures_time_and_peak_memory():
                 pass
     assert cost.seconds("missing") is None
     assert cost.seconds("alloc") == pytest.approx(rec["seconds"])
+
+
+def test_paired_difference_over_the_queries_both_define():
+    rng = np.random.default_rng(5)
+    a, b = rng.normal(0.3, 0.2, 50), rng.normal(0.2, 0.2, 50)
+    a[3], b[7] = np.nan, np.nan
+    both = np.isfinite(a) & np.isfinite(b)
+    d = a[both] - b[both]
+    got = metrics.paired_difference(list(a[:3]) + [None] + list(a[4:]), b)  # None: an undefined query in a record
+    assert got["n"] == 48 and got["difference"] == pytest.approx(d.mean(), abs=1e-12)
+    assert got["se"] == pytest.approx(d.std(ddof=1) / np.sqrt(48), abs=1e-12)
+    assert got["wins"] == pytest.approx((d > 0).mean()) and got["max_abs"] == pytest.approx(np.abs(d).max())
+    with pytest.raises(ValueError, match="same items"):
+        metrics.paired_difference(a, b[:-1])

@@ -674,3 +674,28 @@ def test_ensemble_rows_stand_beside_the_single_model_row(toy, store, monkeypatch
     done, _ = campaign.update(store, [S], [cls], **QUIET)
     assert [r for _, r, _ in done] == ["toy-exact-ens2"]
     assert records.read_record(store, SETTING, "toy-exact", 2)["lds"]["params"] == {"damping": other}
+
+
+def test_compare_pairs_rows_that_explain_the_same_model_and_queries(toy, store, monkeypatch):
+    """`tdabench compare`: the paired difference is the mean of the per-query differences; rows that explain
+    other models are shown but not differenced, with the reason."""
+    from benchmark.groundtruth import zoo as zoo_mod
+    from benchmark.groundtruth.executors import LocalExecutor
+
+    write_solver(toy.parent, "toy-broken", sign=-1)
+    good, bad = registry.get("toy-exact"), registry.get("toy-broken")
+    a = records.run(store, S, good, search=False, tasks=["lds"], **QUIET)["lds"]
+    b = records.run(store, S, bad, search=False, tasks=["lds"], **QUIET)["lds"]
+    zoo_mod.build(S, zoo_mod.ZooSpec(models=2), store=store, executor=LocalExecutor(1), progress=False,
+                  log=lambda *x: None)
+    records.run(store, S, good, search=False, tasks=["lds"], ensemble=2, explain="zoo", **QUIET)
+    items = records.compare_rows(store, S, ["toy-exact", "toy-broken", "toy-exact-ens2"])
+    d = np.array(b["per_query"], dtype=float) - np.array(a["per_query"], dtype=float)
+    assert items[1]["paired"] and items[1]["difference"] == pytest.approx(np.nanmean(d), abs=1e-12)
+    assert items[1]["difference"] < 0 and items[1]["wins"] < 0.5  # the anti-correlated solver loses
+    assert items[1]["n"] == np.isfinite(d).sum()
+    assert not items[2]["paired"] and "different models (zoo 0–1 vs gt 0)" in items[2]["unpaired_reasons"][0]
+    text = tables.compare_table(S, items)
+    assert "not paired" in text and f"{items[1]['difference']:+.4f}" in text
+    with pytest.raises(RunError, match="no LDS for 'toy-missing'"):
+        records.compare_rows(store, S, ["toy-exact", "toy-missing"])

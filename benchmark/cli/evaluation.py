@@ -89,6 +89,16 @@ def _cmd_leaderboard(args) -> int:
     return 0
 
 
+def _cmd_compare(args) -> int:
+    """Leaderboard rows side by side: LDS, and the paired difference from the first row, query by query."""
+    from ..evaluate import records
+    from ..report import tables
+
+    store, setting = resolve.store(args), resolve.setting(args.setting)
+    print(tables.compare_table(setting, records.compare_rows(store, setting, args.rows)))
+    return 0
+
+
 def _cmd_regress(args) -> int:
     from ..studies import regress
 
@@ -124,6 +134,13 @@ def add_commands(sub) -> None:
     s.add_argument("--version", help="ground-truth version (default: the newest)")
     s.add_argument("--device")
     s.set_defaults(func=_cmd_run)
+
+    s = sub.add_parser("compare", help="rows of one setting side by side: LDS and the paired per-query difference "
+                                       "from the first row (where both explain the same model and queries)")
+    s.add_argument("setting")
+    s.add_argument("rows", nargs="+", metavar="ROW", help="leaderboard rows (solver names; <solver>-ens<n> for an "
+                                                        "ensemble); the first is the reference")
+    s.set_defaults(func=_cmd_compare)
 
     s = sub.add_parser("lds", help="Table 1 RECOMPUTED from the committed ground truth, beside the committed record "
                                    "and the paper (exit 1 when they disagree beyond the standard error)")

@@ -62,6 +62,20 @@ def summarize(values, level: float = 0.95, n_boot: int = 2000, seed: int = 0) ->
 
 # ---------------------------------------------------------------- LDS
 
+def paired_difference(a, b) -> dict:
+    """Mean ± standard error of the per-item differences ``a - b`` over the items defined in both (two solvers'
+    per-query LDS on the same queries): the comparison whose error excludes the between-query spread both share."""
+    a, b = (np.array([np.nan if v is None else v for v in x], dtype=np.float64) for x in (a, b))
+    if a.shape != b.shape:
+        raise ValueError(f"paired values need the same items: {a.shape} vs {b.shape}")
+    d = a - b
+    mean, se = mean_se(d)
+    finite = d[np.isfinite(d)]
+    return {"difference": mean, "se": se, "n": int(len(finite)),
+            "max_abs": float(np.abs(finite).max()) if len(finite) else float("nan"),
+            "wins": float((finite > 0).mean()) if len(finite) else float("nan")}
+
+
 def subset_predictions(scores, masks, chunk: int = 512) -> np.ndarray:
     """g_τ(q, S_j) = Σ_{i∈S_j} τ(q, i) for every subset j and query q: (M, Q) float64.
 

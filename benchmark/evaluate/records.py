@@ -32,7 +32,7 @@ from ..setup.artifacts import MANIFEST, ArtifactError, code_version, environment
 from ..setup.config import Protocol, stable_hash
 from ..setup.data import DataError
 from ..setup.store import ResultsStore
-from . import engine, fingerprint
+from . import engine, fingerprint, metrics
 from .cost import machine_load
 from .engine import LOSS, RANDOM, Baseline, RunError
 from .solver import Solver
@@ -275,6 +275,56 @@ def _explained_reasons(store: ResultsStore, setting: settings_mod.Setting, expla
     if zoo.reference(explained["models"])["used_files_hash"] != explained.get("used_files_hash"):
         return ["the zoo models it explained changed"]
     return []
+
+
+def unpaired_reasons(a: dict, b: dict) -> list[str]:
+    """Why two LDS sections' per-query values cannot be differenced query by query (empty: they can): each must
+    score the same queries against the same target, explaining the same models."""
+    why = []
+    if _explained_key(a) != _explained_key(b):
+        why.append(f"they explain different models ({_explained_text(a)} vs {_explained_text(b)})")
+    if a.get("target_sha256") != b.get("target_sha256"):
+        why.append("they are scored against different targets (ground-truth version, replicas or measurement)")
+    if a.get("query_columns") != b.get("query_columns") or len(a.get("per_query") or ()) != len(
+            b.get("per_query") or ()):
+        why.append("they report different queries")
+    return why
+
+
+def _explained_key(lds: dict) -> tuple:
+    e = lds.get("explained")
+    if e:  # the zoo's models, file for file
+        return e.get("source"), e.get("root_hash"), tuple(e.get("models") or ())
+    return "gt", None, tuple(range(lds.get("ensemble") or 1))  # the ground truth's own full-data models 0..n-1
+
+
+def _explained_text(lds: dict) -> str:
+    source, _, models = _explained_key(lds)
+    source = "gt" if source in ("gt", "ground truth") else source
+    return f"{source} {models[0]}" + (f"–{models[-1]}" if len(models) > 1 else "")
+
+
+def compare_rows(store: ResultsStore, setting: settings_mod.Setting, rows: list[str]) -> list[dict]:
+    """Each leaderboard row's LDS against the first row's, paired query by query where the two are paired."""
+    lds = {}
+    for row in rows:
+        rec = read_record(store, setting.name, *parse_row_name(row))
+        if rec is None or not rec.get("lds") or rec["lds"].get("mean") is None:
+            raise RunError(f"no LDS for {row!r} on {setting.name} (results/runs/{setting.name}/{row}.json); run it "
+                           f"with `tdabench run --setting {setting.name} --solver {parse_row_name(row)[0]}`")
+        lds[row] = rec["lds"]
+    first = lds[rows[0]]
+    out = []
+    for row in rows:
+        sec = lds[row]
+        why = unpaired_reasons(sec, first)
+        item = {"row": row, "lds": sec["mean"], "se": sec["se"], "explained": _explained_text(sec), "paired": not why,
+                "unpaired_reasons": why}
+        if not why and row != rows[0]:
+            d = metrics.paired_difference(sec["per_query"], first["per_query"])
+            item.update(difference=d["difference"], difference_se=d["se"], n=d["n"], wins=d["wins"])
+        out.append(item)
+    return out
 
 
 CHOSEN_ON_VALIDATION = "chosen on validation queries"

@@ -231,3 +231,24 @@ def unlearning_table(summary, meta: dict) -> str:
     art = meta["artifact"]
     lines.append(f"retrained models: {art['path']} ({'complete' if art['complete'] else 'INCOMPLETE: rerun to continue'})")
     return "\n".join(lines)
+
+
+def compare_table(setting, items: list[dict]) -> str:
+    """`tdabench compare`: each row's LDS and its paired difference from the first row's, query by query."""
+    first = items[0]["row"]
+    lines = [f"{setting.name}: LDS, and the paired difference from {first} over the queries both define "
+             f"(± its standard error; 'wins': share of queries where the row beats {first})", "",
+             f"{'row':<22} {'explained':<10} {'LDS ± se':<16} {'− ' + first:<22} {'queries':>7} {'wins':>5}"]
+    for it in items:
+        lds = f"{it['lds']:.4f} ± {it['se']:.4f}"
+        if it["row"] == first:
+            diff, n, wins = "(reference)", "", ""
+        elif not it["paired"]:
+            diff, n, wins = "not paired", "", ""
+        else:
+            diff, n, wins = f"{it['difference']:+.4f} ± {it['difference_se']:.4f}", str(it["n"]), f"{it['wins']:.2f}"
+        lines.append(f"{it['row']:<22} {it['explained']:<10} {lds:<16} {diff:<22} {n:>7} {wins:>5}")
+    for it in items:
+        if not it["paired"]:
+            lines.append(f"  {it['row']} is not paired with {first}: {'; '.join(it['unpaired_reasons'])}")
+    return "\n".join(lines)

@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
-
-from ..core.stats import mean_se
-from ..evaluate import records
+from ..evaluate import metrics, records
 from ..groundtruth import artifact as gt_artifact
 from ..setup import settings as settings_mod
 from ..setup.artifacts import ArtifactError, read_json
@@ -25,12 +22,11 @@ from . import gap
 def compare(new: dict, old: dict) -> dict:
     """The recomputed LDS against the committed one: the difference of the means, the paired per-query difference
     with its standard error, and whether they agree within the committed standard error."""
-    a = np.array([np.nan if v is None else v for v in new["per_query"]], dtype=float)
-    b = np.array([np.nan if v is None else v for v in old.get("per_query", [])], dtype=float)
-    paired, paired_se = mean_se(a - b) if a.shape == b.shape else (None, None)
+    theirs = old.get("per_query") or []
+    paired = metrics.paired_difference(new["per_query"], theirs) if len(new["per_query"]) == len(theirs) else {}
     diff = None if new.get("mean") is None or old.get("mean") is None else new["mean"] - old["mean"]
-    return {"difference": diff, "paired_difference": paired, "paired_difference_se": paired_se,
-            "max_query_difference": None if paired is None else float(np.nanmax(np.abs(a - b))),
+    return {"difference": diff, "paired_difference": paired.get("difference"),
+            "paired_difference_se": paired.get("se"), "max_query_difference": paired.get("max_abs"),
             "tolerance": old.get("se"), "agree": diff is not None and abs(diff) <= (old.get("se") or 0.0)}
 
 

@@ -677,8 +677,9 @@ def test_ensemble_rows_stand_beside_the_single_model_row(toy, store, monkeypatch
 
 
 def test_compare_pairs_rows_that_explain_the_same_model_and_queries(toy, store, monkeypatch):
-    """`tdabench compare`: the paired difference is the mean of the per-query differences; rows that explain
-    other models are shown but not differenced, with the reason."""
+    """`tdabench compare`: the paired difference is the mean of the per-query differences; an ensemble pairs with
+    a single model of the same artifact, while rows explaining another artifact's models are shown but not
+    differenced, with the reason."""
     from benchmark.groundtruth import zoo as zoo_mod
     from benchmark.groundtruth.executors import LocalExecutor
 
@@ -689,12 +690,16 @@ def test_compare_pairs_rows_that_explain_the_same_model_and_queries(toy, store, 
     zoo_mod.build(S, zoo_mod.ZooSpec(models=2), store=store, executor=LocalExecutor(1), progress=False,
                   log=lambda *x: None)
     records.run(store, S, good, search=False, tasks=["lds"], ensemble=2, explain="zoo", **QUIET)
+    single_zoo = records.run(store, S, bad, search=False, tasks=["lds"], ensemble=1, explain="zoo", write=False,
+                             **QUIET)["lds"]
+    ens = records.read_record(store, SETTING, "toy-exact", 2)["lds"]
+    assert records.unpaired_reasons(ens, single_zoo) == []  # zoo 0–1 against zoo 0: the same queries and target
     items = records.compare_rows(store, S, ["toy-exact", "toy-broken", "toy-exact-ens2"])
     d = np.array(b["per_query"], dtype=float) - np.array(a["per_query"], dtype=float)
     assert items[1]["paired"] and items[1]["difference"] == pytest.approx(np.nanmean(d), abs=1e-12)
     assert items[1]["difference"] < 0 and items[1]["wins"] < 0.5  # the anti-correlated solver loses
     assert items[1]["n"] == np.isfinite(d).sum()
-    assert not items[2]["paired"] and "different models (zoo 0–1 vs gt 0)" in items[2]["unpaired_reasons"][0]
+    assert not items[2]["paired"] and "different artifacts (zoo 0–1 vs gt 0)" in items[2]["unpaired_reasons"][0]
     text = tables.compare_table(S, items)
     assert "not paired" in text and f"{items[1]['difference']:+.4f}" in text
     with pytest.raises(RunError, match="no LDS for 'toy-missing'"):

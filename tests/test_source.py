@@ -278,7 +278,7 @@ def test_unroll_error_study_compares_scores_with_the_reference(tmp_path):
     store = synthetic_store(tmp_path)
     zoo_mod.build(S, zoo_mod.ZooSpec(models=1), store=store, executor=LocalExecutor(1), progress=False,
                   log=lambda *a: None)
-    unroll_error.csv_path(store).write_text("setting,solver\nother,kept\n")
+    unroll_error.csv_path(store).write_text("setting,reference,solver\nother,unrolled,kept\n")
     df = unroll_error.run(store, S, registry.get("unrolled"), [registry.get("source"), registry.get("identity")],
                           queries=6, log=lambda *a: None)
     by = df[df["setting"] == S.name].set_index("solver")
@@ -288,3 +288,14 @@ def test_unroll_error_study_compares_scores_with_the_reference(tmp_path):
     assert by["pearson"].between(-1, 1).all() and (by["seconds"] > 0).all()
     assert by.loc["source L=3", "pearson"] > 0.5  # one segment per epoch tracks the unrolled run (0.8-0.9 measured)
     assert list(pd.read_csv(unroll_error.csv_path(store))["setting"]).count("other") == 1
+    assert set(by["reference"]) == {"unrolled, all 3 epochs"} and (by["scale"] > 0).all()
+    # a window of the last epoch: its own rows beside the full reference's, a smaller response (fewer steps)
+    last = unroll_error.run(store, S, registry.get("unrolled"), [registry.get("identity")], queries=6,
+                            reference_epochs=1, log=lambda *a: None)
+    saved = pd.read_csv(unroll_error.csv_path(store))
+    assert set(saved["reference"]) == {"unrolled", "unrolled, all 3 epochs", "unrolled, last 1 of 3 epochs"}
+    win = last[last["reference"] == "unrolled, last 1 of 3 epochs"].set_index("solver")
+    assert win.loc["unrolled", "pearson"] == pytest.approx(1.0)
+    assert win.loc["unrolled", "scale"] < by.loc["unrolled", "scale"]
+    with pytest.raises(ValueError, match="between 1 and the run's 3 epochs"):
+        unroll_error.run(store, S, registry.get("unrolled"), [], queries=6, reference_epochs=4, log=lambda *a: None)

@@ -70,7 +70,8 @@ def _cmd_unroll_error(args) -> int:
     for name in args.setting or unroll_error.SETTINGS:
         unroll_error.run(store, resolve.setting(name), resolve.solver("unrolled"),
                          [resolve.solver(n) for n in args.solver or ["source", "ekfac", "identity"]],
-                         queries=args.queries, model=args.model, device=args.device)
+                         queries=args.queries, model=args.model, reference_epochs=args.reference_epochs,
+                         device=args.device)
     print(f"wrote {store.relative(unroll_error.csv_path(store))}")
     return 0
 
@@ -145,6 +146,9 @@ def add_commands(sub) -> None:
     s.add_argument("--solver", action="append", help="solver (repeatable; default: source, ekfac, identity)")
     s.add_argument("--queries", type=int, default=200, help="reported queries, a seeded subset (default 200)")
     s.add_argument("--model", type=int, default=0, help="the zoo model explained (default 0, as `run --explain zoo`)")
+    s.add_argument("--reference-epochs", type=int, metavar="K",
+                   help="differentiate the reference through the last K epochs only (default: all of training; "
+                        "where early training's linearised dynamics are unstable the full reference explodes)")
     s.add_argument("--threads", type=int, help="torch threads (1 avoids oversubscription on a busy machine)")
     s.add_argument("--device")
     s.set_defaults(func=_cmd_unroll_error)

@@ -279,10 +279,12 @@ def _explained_reasons(store: ResultsStore, setting: settings_mod.Setting, expla
 
 def unpaired_reasons(a: dict, b: dict) -> list[str]:
     """Why two LDS sections' per-query values cannot be differenced query by query (empty: they can): each must
-    score the same queries against the same target, explaining the same models."""
+    score the same queries against the same target, explaining models of the same artifact — the same zoo, or
+    the ground truth's own (an ensemble against one of its models measures what the ensemble adds; the ground
+    truth's models against the zoo's would mix in their coupling to the target)."""
     why = []
-    if _explained_key(a) != _explained_key(b):
-        why.append(f"they explain different models ({_explained_text(a)} vs {_explained_text(b)})")
+    if _explained_key(a)[:2] != _explained_key(b)[:2]:
+        why.append(f"they explain models of different artifacts ({_explained_text(a)} vs {_explained_text(b)})")
     if a.get("target_sha256") != b.get("target_sha256"):
         why.append("they are scored against different targets (ground-truth version, replicas or measurement)")
     if a.get("query_columns") != b.get("query_columns") or len(a.get("per_query") or ()) != len(

@@ -42,7 +42,8 @@ NOTES = (
     ("explained", "the model whose predictions are attributed: **gt** = the ground truth's own full-data model (its "
                   "seed also trained one of the target's replicas: coupled to the target), **zoo** = a model from "
                   "`results/models/` seeded apart from every ground-truth model (uncoupled); an ensemble lists "
-                  "several. Rows that explain different models are not paired."),
+                  "several (a row `<solver>-ens<n>` averages n zoo models). Paired differences between rows: "
+                  "`tdabench compare SETTING ROW …` (gt rows and zoo rows are not paired)."),
     ("recall@k%", "share of the flipped labels (10% of the training set, seeded) found in the top k% by "
                   "self-influence (the baselines: training loss, and the exact expectation of a random order). "
                   "**AUC** is the ROC AUC of that ranking (0.5 random, 1 perfect)."),

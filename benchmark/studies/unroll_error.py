@@ -6,7 +6,14 @@ each solver's τ on the same reported queries:
 
 * ``pearson`` / ``spearman``: per query, over the training set, mean ± s.e. over queries (what a ranking feels);
 * ``rel_error`` ‖τ − τ*‖/‖τ*‖ per query, and ``slope`` ⟨τ, τ*⟩/⟨τ, τ⟩ per query (τ* ≈ slope·τ: the scale);
-* ``seconds``: the solver's fit and scores of these queries, damping-independent work included.
+* ``seconds``: the solver's fit and scores of these queries, damping-independent work included;
+* ``scale``: the median |τ| (the reference's too): where the linearised SGD recursion is unstable (early
+  training at a large learning rate, a batch Hessian past the stability edge) the exact first-order response
+  grows exponentially with the steps it crosses, and the reference is no longer a scale any solver could match.
+
+``reference_epochs=k`` differentiates through the last k epochs only (the perturbation starts there; every
+solver is still the one that attributes through all of training): the ``reference`` column names the window,
+and each (setting, reference) keeps its own rows.
 
 Rows: every solver asked for with the parameters chosen on validation queries in its fresh run record (else its
 defaults), and for SOURCE also each segment count of its grid and one segment per epoch, at the chosen damping,
@@ -58,7 +65,7 @@ def _agreement(tau: np.ndarray, ref: np.ndarray) -> dict:
     pearson = np.array([np.corrcoef(t, r)[0, 1] for t, r in zip(tau, ref)])
     slope = (tau * ref).sum(1) / (tau * tau).sum(1)
     rel = np.linalg.norm(tau - ref, axis=1) / np.linalg.norm(ref, axis=1)
-    out = {}
+    out = {"scale": float(np.median(np.abs(tau)))}
     for name, values in (("pearson", pearson), ("spearman", spearman_rows(tau, ref)), ("rel_error", rel),
                          ("slope", slope)):
         out[name], out[f"{name}_se"] = mean_se(values)
@@ -66,9 +73,11 @@ def _agreement(tau: np.ndarray, ref: np.ndarray) -> dict:
 
 
 def run(store: ResultsStore, setting: settings_mod.Setting, reference: type[Solver], solvers: list[type[Solver]],
-        queries: int = 200, model: int = 0, device=None, log=print) -> pd.DataFrame:
-    """Rows of agreement with ``reference`` (the unrolled solver) for ``solvers`` on one setting; also written to
-    :func:`csv_path`, replacing that setting's earlier rows."""
+        queries: int = 200, model: int = 0, reference_epochs: int | None = None, device=None,
+        log=print) -> pd.DataFrame:
+    """Rows of agreement with ``reference`` (the unrolled solver, through the last ``reference_epochs`` epochs or
+    all of training) for ``solvers`` on one setting; also written to :func:`csv_path`, replacing that setting's
+    earlier rows with the same reference window."""
     device = torch.device(device or "cpu")
     zoo = zoo_mod.load(store, setting, min_models=model + 1)
     explained = Explained.from_zoo(zoo, 1, first=model)
@@ -90,16 +99,22 @@ def run(store: ResultsStore, setting: settings_mod.Setting, reference: type[Solv
         seconds = time.perf_counter() - t0 - s._built_seconds + s._shared_seconds
         return scores, seconds, s
 
-    base = {"setting": setting.name, "model": f"zoo k{model:02d}", "queries": len(cols), "train": len(ty)}
-    ref, ref_s, ref_solver = timed(reference, dict(reference.defaults), task())
-    log(f"{setting.name}: unrolled reference for {len(cols)} queries in {ref_s:.0f} s "
-        f"({ref_solver.info().get('steps_unrolled')} steps)")
-    rows = [{**base, "solver": reference.name, "params": json.dumps(reference.defaults), "seconds": ref_s,
+    epochs = explained.trajectories[0].epochs
+    if reference_epochs is not None and not 1 <= reference_epochs <= epochs:
+        raise ValueError(f"reference_epochs must be between 1 and the run's {epochs} epochs, not {reference_epochs}")
+    window = f"all {epochs} epochs" if reference_epochs in (None, epochs) else f"last {reference_epochs} of {epochs} epochs"
+    ref_params = {**reference.defaults, "epochs": reference_epochs}
+    base = {"setting": setting.name, "reference": f"{reference.name}, {window}", "model": f"zoo k{model:02d}",
+            "queries": len(cols), "train": len(ty)}
+    ref, ref_s, ref_solver = timed(reference, ref_params, task())
+    log(f"{setting.name}: unrolled reference ({window}) for {len(cols)} queries in {ref_s:.0f} s "
+        f"({ref_solver.info().get('steps_unrolled')} steps), median |τ| {np.median(np.abs(ref)):.3g}")
+    rows = [{**base, "solver": reference.name, "params": json.dumps(ref_params), "seconds": ref_s,
              **_agreement(ref, ref)}]
     for cls in solvers:
         chosen, source = records.chosen_params(store, setting, cls)
         shared = task()  # one task per solver: its variants share damping-independent work through its cache
-        for label, params in variants(cls, {**cls.defaults, **chosen}, explained.trajectories[0].epochs):
+        for label, params in variants(cls, {**cls.defaults, **chosen}, epochs):
             tau, seconds, _ = timed(cls, params, shared)
             row = {**base, "solver": label, "params": json.dumps(params, sort_keys=True), "params_from": source,
                    "seconds": seconds, **_agreement(tau, ref)}
@@ -110,6 +125,7 @@ def run(store: ResultsStore, setting: settings_mod.Setting, reference: type[Solv
     path = csv_path(store)
     if path.is_file():
         old = pd.read_csv(path)
-        df = pd.concat([old[old["setting"] != setting.name], df], ignore_index=True)
+        same = (old["setting"] == setting.name) & (old["reference"] == base["reference"])
+        df = pd.concat([old[~same], df], ignore_index=True)
     atomic_write_bytes(path, df.to_csv(index=False).encode())
     return df

@@ -278,7 +278,8 @@ def test_unroll_error_study_compares_scores_with_the_reference(tmp_path):
     store = synthetic_store(tmp_path)
     zoo_mod.build(S, zoo_mod.ZooSpec(models=1), store=store, executor=LocalExecutor(1), progress=False,
                   log=lambda *a: None)
-    unroll_error.csv_path(store).write_text("setting,reference,solver\nother,unrolled,kept\n")
+    # a CSV from before the reference column: its rows of other settings are kept, this setting's replaced
+    unroll_error.csv_path(store).write_text(f"setting,solver\nother,kept\n{S.name},stale\n")
     df = unroll_error.run(store, S, registry.get("unrolled"), [registry.get("source"), registry.get("identity")],
                           queries=6, log=lambda *a: None)
     by = df[df["setting"] == S.name].set_index("solver")
@@ -293,7 +294,8 @@ def test_unroll_error_study_compares_scores_with_the_reference(tmp_path):
     last = unroll_error.run(store, S, registry.get("unrolled"), [registry.get("identity")], queries=6,
                             reference_epochs=1, log=lambda *a: None)
     saved = pd.read_csv(unroll_error.csv_path(store))
-    assert set(saved["reference"]) == {"unrolled", "unrolled, all 3 epochs", "unrolled, last 1 of 3 epochs"}
+    assert set(saved["reference"].dropna()) == {"unrolled, all 3 epochs", "unrolled, last 1 of 3 epochs"}
+    assert "stale" not in set(saved["solver"]) and list(saved["solver"]).count("kept") == 1
     win = last[last["reference"] == "unrolled, last 1 of 3 epochs"].set_index("solver")
     assert win.loc["unrolled", "pearson"] == pytest.approx(1.0)
     assert win.loc["unrolled", "scale"] < by.loc["unrolled", "scale"]

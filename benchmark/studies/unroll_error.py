@@ -125,7 +125,12 @@ def run(store: ResultsStore, setting: settings_mod.Setting, reference: type[Solv
     path = csv_path(store)
     if path.is_file():
         old = pd.read_csv(path)
-        same = (old["setting"] == setting.name) & (old["reference"] == base["reference"])
+        # rows written before the reference column existed all differentiated through the whole run
+        full = f"{reference.name}, all {epochs} epochs"
+        here = old["setting"] == setting.name
+        ref_col = old["reference"] if "reference" in old else pd.Series(None, index=old.index, dtype=object)
+        old["reference"] = ref_col.where(~here | ref_col.notna(), full)
+        same = here & (old["reference"] == base["reference"])
         df = pd.concat([old[~same], df], ignore_index=True)
     atomic_write_bytes(path, df.to_csv(index=False).encode())
     return df

@@ -666,7 +666,7 @@ def test_ensemble_rows_stand_beside_the_single_model_row(toy, store, monkeypatch
     assert row["explained"] == "zoo 0–1" and row["record"].endswith("toy-exact-ens2.json")
     assert row["lds"] == pytest.approx(ens["lds"]["mean"])
     three = df[df["solver"] == "toy-exact-ens3"].iloc[0]
-    assert three["status"].startswith("n/a") and "tdabench zoo synthetic-mlp --models 3" in three["status"]
+    assert three["status"].startswith("not yet run") and "tdabench zoo synthetic-mlp --models 3" in three["status"]
 
     # the single-model row chooses other parameters: its ensemble follows
     other = next(d for d in cls.parameters["damping"] if d != single["lds"]["params"]["damping"])

@@ -102,8 +102,8 @@ def collect(store: ResultsStore, settings: list[settings_mod.Setting], methods: 
             if rec is None:
                 if method is None:
                     continue
-                na = campaign.not_applicable(setting, method) or campaign.ensemble_not_applicable(store, setting,
-                                                                                                 ensemble)
+                na = campaign.not_applicable(setting, method)
+                short = campaign.ensemble_not_applicable(store, setting, ensemble)
                 if (setting.name, name) in failures:
                     row["status"] = f"failed: {failures[(setting.name, name)]}"
                 elif na:
@@ -114,6 +114,8 @@ def collect(store: ResultsStore, settings: list[settings_mod.Setting], methods: 
                     row["status"] = "not yet run (no ground truth)"
                 elif "INCOMPLETE" in gt_text:
                     row["status"] = "not yet run (ground truth incomplete)"
+                elif short:
+                    row["status"] = f"not yet run ({short})"
                 else:
                     row["status"] = "not yet run"
                 rows.append(row)

@@ -58,6 +58,16 @@ def ensemble_not_applicable(store: ResultsStore, setting: settings_mod.Setting, 
     return None
 
 
+def _ensemble_kwargs(store: ResultsStore, setting: settings_mod.Setting, method, n: int) -> dict | None:
+    """How an ensemble row runs: n zoo models with the parameters the single-model row chose on validation queries
+    (a grid search would cost n fits per trial); None while that row has no fresh choice."""
+    params, source = records.chosen_params(store, setting, method)
+    if source != records.CHOSEN_ON_VALIDATION:
+        return None
+    return dict(ensemble=n, explain="zoo", params=params, search=False,
+                params_source=f"{source} by the single-model {method.name} row")
+
+
 def default_explain(store: ResultsStore, setting: settings_mod.Setting, method, record: dict | None) -> str:
     """Where a run's explained model comes from: as in its record, so a rerun stays paired with what it replaces;
     for a new row the zoo — seeded apart from every ground-truth model, the uncoupled protocol of Table 1 — where
@@ -136,24 +146,21 @@ def update(store: ResultsStore, settings: list[settings_mod.Setting], methods: l
                     tasks.append("lds")
                 why = "; ".join(f"{k}: {', '.join(v)}" for k, v in stale.items()) or "missing sections"
             kw = {}
-            if n > 1 and can_lds:  # the single-model row's validation choice: a search per trial would cost n fits
-                params, source = records.chosen_params(store, setting, method)
-                if source != records.CHOSEN_ON_VALIDATION and dry_run and (setting.name, method.name) in {
-                        d[:2] for d in done}:
+            if n > 1 and can_lds:
+                kw = _ensemble_kwargs(store, setting, method, n)
+                if kw is None and dry_run and (setting.name, method.name) in {d[:2] for d in done}:
                     log(f"would run {setting.name} / {row} [lds] (no record) with the parameters the single-model "
                         f"row is about to choose")
                     done.append((setting.name, row, ["lds"]))
                     continue
-                if source != records.CHOSEN_ON_VALIDATION:
+                if kw is None:
                     failures[(setting.name, row)] = (f"waits for the single-model {method.name} row to choose its "
                                                      f"parameters on validation queries")
                     log(f"skipping {setting.name} / {row}: {failures[(setting.name, row)]}")
                     continue
-                if rec is not None and (rec.get("lds") or {}).get("params") != params and "lds" not in tasks:
+                if rec is not None and (rec.get("lds") or {}).get("params") != kw["params"] and "lds" not in tasks:
                     tasks.append("lds")
                     why = f"the single-model {method.name} row now chooses other parameters"
-                kw = dict(ensemble=n, explain="zoo", params=params, search=False,
-                          params_source=f"{source} by the single-model {method.name} row")
             if not tasks:
                 continue
             log(f"{'would run' if dry_run else 'running'} {setting.name} / {row} [{', '.join(tasks)}] ({why})")

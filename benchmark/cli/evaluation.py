@@ -136,7 +136,8 @@ def add_commands(sub) -> None:
     s.set_defaults(func=_cmd_run)
 
     s = sub.add_parser("compare", help="rows of one setting side by side: LDS and the paired per-query difference "
-                                       "from the first row (where both explain the same model and queries)")
+                                       "from the first row (where both score the same queries and target, "
+                                       "explaining models of the same artifact)")
     s.add_argument("setting")
     s.add_argument("rows", nargs="+", metavar="ROW", help="leaderboard rows (solver names; <solver>-ens<n> for an "
                                                         "ensemble); the first is the reference")

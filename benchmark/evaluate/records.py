@@ -312,8 +312,10 @@ def compare_rows(store: ResultsStore, setting: settings_mod.Setting, rows: list[
     for row in rows:
         rec = read_record(store, setting.name, *parse_row_name(row))
         if rec is None or not rec.get("lds") or rec["lds"].get("mean") is None:
-            raise RunError(f"no LDS for {row!r} on {setting.name} (results/runs/{setting.name}/{row}.json); run it "
-                           f"with `tdabench run --setting {setting.name} --solver {parse_row_name(row)[0]}`")
+            solver, n = parse_row_name(row)
+            path = store.relative(run_path(store, setting.name, solver, n))
+            raise RunError(f"no LDS for {row!r} on {setting.name} ({path}); run it with `tdabench run --setting "
+                           f"{setting.name} --solver {solver}" + (f" --ensemble {n}`" if n > 1 else "`"))
         lds[row] = rec["lds"]
     first = lds[rows[0]]
     out = []

@@ -102,7 +102,8 @@ def run(store: ResultsStore, setting: settings_mod.Setting, reference: type[Solv
     epochs = explained.trajectories[0].epochs
     if reference_epochs is not None and not 1 <= reference_epochs <= epochs:
         raise ValueError(f"reference_epochs must be between 1 and the run's {epochs} epochs, not {reference_epochs}")
-    window = f"all {epochs} epochs" if reference_epochs in (None, epochs) else f"last {reference_epochs} of {epochs} epochs"
+    whole = reference_epochs in (None, epochs)
+    window = f"all {epochs} epochs" if whole else f"last {reference_epochs} of {epochs} epochs"
     ref_params = {**reference.defaults, "epochs": reference_epochs}
     base = {"setting": setting.name, "reference": f"{reference.name}, {window}", "model": f"zoo k{model:02d}",
             "queries": len(cols), "train": len(ty)}

@@ -239,3 +239,18 @@ def test_cli_studies_resume_and_draw(toy, tmp_path, capsys):
     assert set(summary["rule"]) == {"random", "self-influence", "flipped", "repair"}
     # the no-update row is the reference point of the distance ratio
     assert np.allclose(summary[summary["method"] == "no update"]["distance_ratio"], 1.0)
+
+
+def test_the_weight_decay_update_damps_absolutely_whatever_lds_chose(tmp_path):
+    """H = G + λI with λ the recipe's weight decay: a solver whose LDS row chose relative damping still gets the
+    absolute λ for the weight-decay update, and its LDS choice is measured beside it."""
+    S = settings.get("synthetic-mlp")
+    store = synthetic_store(tmp_path)
+    ekfac = registry.get("ekfac")
+    chosen = {**ekfac.defaults, "damping": 1.0, "damping_mode": "relative"}
+    records.run(store, S, ekfac, chosen, tasks=["lds"], search=False, device="cpu", log=lambda *a: None)
+    updates = unlearning._methods(store, S, [ekfac], weight_decay=5e-4)
+    wd = [u for u in updates if u["damping"] == 5e-4]
+    assert wd and all(u["params"]["damping_mode"] == "absolute" and u["params"]["damping"] == 5e-4 for u in wd)
+    lds = [u for u in updates if u["damping"] == 1.0]
+    assert len(lds) == 1 and lds[0]["params"]["damping_mode"] == "relative" and lds[0]["form"] == "derived"

@@ -198,9 +198,11 @@ def _methods(store, setting, methods: list, weight_decay: float) -> list[dict]:
             out += [{"cls": cls, "params": params, "source": source, "form": f, "damping": None} for f in FORMS]
             continue
         wd = {**params, "damping": weight_decay}
+        if "damping_mode" in cls.defaults:  # H = G + λI: the weight decay is an absolute λ, whatever LDS chose
+            wd["damping_mode"] = "absolute"
         out += [{"cls": cls, "params": wd, "source": f"{source}; damping = weight decay", "form": f,
                  "damping": weight_decay} for f in FORMS]
-        if params.get("damping") != weight_decay:
+        if params != wd:
             out.append({"cls": cls, "params": params, "source": source, "form": "derived",
                         "damping": params.get("damping")})
     return out

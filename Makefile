@@ -145,7 +145,7 @@ gt-studies-mnist: venv
 
 # Counterfactual retraining (docs/counterfactual.md): models retrained without (or with repaired) training points,
 # several seeds each, into results/counterfactual/ and results/unlearning/; a rerun resumes where it stopped.
-# mnist-lr models train in seconds; mnist-cnn's 122 + 30 models are ~80 CPU-minutes (2 workers), minutes on a GPU.
+# mnist-lr models train in seconds; mnist-cnn's 122 + 30 models took 59 + 10 min on 2 cores (2 workers), minutes on a GPU.
 CF_LR_SOLVERS  ?= exact cg lissa kfac ekfac identity
 CF_CNN_SOLVERS ?= kfac ekfac identity
 counterfactual-mnist: venv

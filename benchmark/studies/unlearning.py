@@ -189,8 +189,8 @@ def _compare(cand: dict, retrained: dict, start: dict, test_y: np.ndarray) -> di
 
 
 def _methods(store, setting, methods: list, weight_decay: float) -> list[dict]:
-    """The updates to measure: per solver its LDS-chosen parameters with damping = the weight decay (both forms),
-    and with the LDS-chosen damping where that differs (derived form)."""
+    """The updates to measure: per solver its LDS-chosen parameters with damping = the weight decay as an absolute
+    λ (both forms), and its LDS-chosen parameters as they are where those differ (derived form)."""
     out = []
     for cls in methods:
         params, source = records.chosen_params(store, setting, cls)

@@ -694,6 +694,9 @@ def test_compare_pairs_rows_that_explain_the_same_model_and_queries(toy, store, 
                              **QUIET)["lds"]
     ens = records.read_record(store, SETTING, "toy-exact", 2)["lds"]
     assert records.unpaired_reasons(ens, single_zoo) == []  # zoo 0–1 against zoo 0: the same queries and target
+    legacy = {k: v for k, v in a.items() if k != "explained"}  # records from before `explained` was written
+    assert a["explained"]["source"] == "ground truth" and records.unpaired_reasons(a, legacy) == []
+    assert records.explained_label(legacy) == records.explained_label(a) == "gt 0"
     items = records.compare_rows(store, S, ["toy-exact", "toy-broken", "toy-exact-ens2"])
     d = np.array(b["per_query"], dtype=float) - np.array(a["per_query"], dtype=float)
     assert items[1]["paired"] and items[1]["difference"] == pytest.approx(np.nanmean(d), abs=1e-12)

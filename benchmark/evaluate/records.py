@@ -284,7 +284,7 @@ def unpaired_reasons(a: dict, b: dict) -> list[str]:
     truth's models against the zoo's would mix in their coupling to the target)."""
     why = []
     if _explained_key(a)[:2] != _explained_key(b)[:2]:
-        why.append(f"they explain models of different artifacts ({_explained_text(a)} vs {_explained_text(b)})")
+        why.append(f"they explain models of different artifacts ({explained_label(a)} vs {explained_label(b)})")
     if a.get("target_sha256") != b.get("target_sha256"):
         why.append("they are scored against different targets (ground-truth version, replicas or measurement)")
     if a.get("query_columns") != b.get("query_columns") or len(a.get("per_query") or ()) != len(
@@ -294,15 +294,18 @@ def unpaired_reasons(a: dict, b: dict) -> list[str]:
 
 
 def _explained_key(lds: dict) -> tuple:
-    e = lds.get("explained")
-    if e:  # the zoo's models, file for file
-        return e.get("source"), e.get("root_hash"), tuple(e.get("models") or ())
-    return "gt", None, tuple(range(lds.get("ensemble") or 1))  # the ground truth's own full-data models 0..n-1
+    """(artifact kind, its root hash, model indices) an LDS section explained: the zoo's models file for file, or
+    the ground truth's own full-data models 0..n-1 (older sections say so by omitting ``explained``)."""
+    e = lds.get("explained") or {}
+    if e.get("source") == "zoo":
+        return "zoo", e.get("root_hash"), tuple(e.get("models") or (0,))
+    return "gt", None, tuple(range(lds.get("ensemble") or 1))
 
 
-def _explained_text(lds: dict) -> str:
+def explained_label(lds: dict) -> str:
+    """Which models an LDS section attributed, as the leaderboard shows it: "zoo 0", "zoo 0–7" (uncoupled) or
+    "gt 0" (the ground truth's own, coupled to the target)."""
     source, _, models = _explained_key(lds)
-    source = "gt" if source in ("gt", "ground truth") else source
     return f"{source} {models[0]}" + (f"–{models[-1]}" if len(models) > 1 else "")
 
 
@@ -310,9 +313,9 @@ def compare_rows(store: ResultsStore, setting: settings_mod.Setting, rows: list[
     """Each leaderboard row's LDS against the first row's, paired query by query where the two are paired."""
     lds = {}
     for row in rows:
-        rec = read_record(store, setting.name, *parse_row_name(row))
+        solver, n = parse_row_name(row)
+        rec = read_record(store, setting.name, solver, n)
         if rec is None or not rec.get("lds") or rec["lds"].get("mean") is None:
-            solver, n = parse_row_name(row)
             path = store.relative(run_path(store, setting.name, solver, n))
             raise RunError(f"no LDS for {row!r} on {setting.name} ({path}); run it with `tdabench run --setting "
                            f"{setting.name} --solver {solver}" + (f" --ensemble {n}`" if n > 1 else "`"))
@@ -322,7 +325,7 @@ def compare_rows(store: ResultsStore, setting: settings_mod.Setting, rows: list[
     for row in rows:
         sec = lds[row]
         why = unpaired_reasons(sec, first)
-        item = {"row": row, "lds": sec["mean"], "se": sec["se"], "explained": _explained_text(sec), "paired": not why,
+        item = {"row": row, "lds": sec["mean"], "se": sec["se"], "explained": explained_label(sec), "paired": not why,
                 "unpaired_reasons": why}
         if not why and row != rows[0]:
             d = metrics.paired_difference(sec["per_query"], first["per_query"])

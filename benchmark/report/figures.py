@@ -195,11 +195,11 @@ def mislabel_recall(setting: str, items: list, palette: dict, out: Path) -> Path
 
 
 def solver_markers(palette: dict) -> dict:
-    """A marker per solver such that no two solvers share both colour and marker (the palette has ten colours and
-    the leaderboard more solvers)."""
+    """A marker per solver such that no two solvers share both colour and marker: :func:`solver_palette` cycles ten
+    colours through the sorted solvers, so each further ten take the next shape (baselines: circles)."""
     shapes = "osD^vPX"
-    names = sorted(palette)
-    return {n: shapes[(i // 10) % len(shapes)] for i, n in enumerate(names)}
+    names = sorted(set(palette) - set(BASELINES))
+    return {**{n: shapes[(i // 10) % len(shapes)] for i, n in enumerate(names)}, **{b: "o" for b in BASELINES}}
 
 
 def lds_vs_cost(part: pd.DataFrame, palette: dict, out: Path) -> Path:

@@ -142,7 +142,7 @@ def _row(store, setting, method, rec, row, has_mis, failures, rtk=None, ensemble
         row.update(lds=lds["mean"], lds_se=lds["se"], lds_ci_low=lds["ci_low"], lds_ci_high=lds["ci_high"],
                    lds_ceiling=lds.get("ceiling"), lds_of_ceiling=lds.get("of_ceiling"),
                    measurement=lds.get("measurement"), queries=lds.get("queries"),
-                   explained=None if method is RANDOM else explained_label(lds),
+                   explained=None if method is RANDOM else records.explained_label(lds),
                    ground_truth=f"{used['version']} " + ("complete" if used["complete"] else
                                                          f"INCOMPLETE, replicas {used['replicas']} of "
                                                          f"{used['replicas_total']}"))
@@ -174,16 +174,6 @@ def _row(store, setting, method, rec, row, has_mis, failures, rtk=None, ensemble
                params=fmt_params(rec.get("params")),
                record=store.relative(records.run_path(store, setting.name, rec["solver"], ensemble)))
     return row
-
-
-def explained_label(lds: dict) -> str:
-    """Which models an LDS section attributed: the zoo's (uncoupled) or the ground truth's own (coupled)."""
-    ex = lds.get("explained") or {}
-    if ex.get("source") == "zoo":
-        models = ex.get("models") or [0]
-        return f"zoo {models[0]}" if len(models) == 1 else f"zoo {models[0]}–{models[-1]}"
-    n = lds.get("ensemble") or 1
-    return "gt 0" if n == 1 else f"gt 0–{n - 1}"
 
 
 def fmt_num(v, digits=3) -> str:

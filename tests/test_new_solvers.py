@@ -73,6 +73,31 @@ def test_arnoldi_is_deterministic_given_the_seed():
         registry.get("arnoldi")(rank=30, iterations=20).fit(task)
 
 
+def test_arnoldi_on_a_subset_is_the_exact_inverse_of_that_subsets_G_and_float32_products_stay_close():
+    """ggn_samples = m: G is the mean over m training examples drawn by the task's seed — with every eigenvector,
+    the exact damped inverse of *that* G (dense, from the same rows), not of the full G. float32 products keep the
+    float64 recurrence within float32 round-off of the float64 products."""
+    task, _, _ = problem("mlp")
+    V, _, _ = query_grads(task)
+    P = sum(p.numel() for p in task.model.parameters())
+    m = len(task.train_y) // 3
+    s = registry.get("arnoldi")(rank=P, iterations=P, damping=0.1, ggn_samples=m).fit(task)
+    rows = torch.randperm(len(task.train_y), generator=torch.Generator().manual_seed(task.seed))[:m].sort().values
+    G_sub = cv.dense_ggn(cv.FunctionalModel(task.model, torch.float64), task.train_x[rows])
+    want = torch.linalg.solve(G_sub + 0.1 * torch.eye(P, dtype=torch.float64), V.double().T).T
+    assert rel_err(s.ihvp(V), want) < 1e-9
+    assert rel_err(s.ihvp(V), dense_reference(task, 0.1, V)) > 1e-3  # the subset's G is another matrix
+    full = registry.get("arnoldi")(rank=P, iterations=P, damping=0.1, ggn_samples=None).fit(task)
+    assert rel_err(full.ihvp(V), dense_reference(task, 0.1, V)) < 1e-10
+    f32 = registry.get("arnoldi")(rank=16, iterations=40, damping=0.1, precision="float32").fit(
+        dataclasses.replace(task, cache=cv.CurvatureCache()))
+    f64 = registry.get("arnoldi")(rank=16, iterations=40, damping=0.1).fit(task)
+    torch.testing.assert_close(f32.eigenvalues, f64.eigenvalues, rtol=1e-5, atol=0)
+    for bad, match in (({"ggn_samples": 0}, "ggn_samples must be"), ({"precision": "half"}, "precision must be")):
+        with pytest.raises(SolverError, match=match):
+            registry.get("arnoldi")(**bad).fit(task)
+
+
 # ---------------------------------------------------------------- datainf
 
 def test_datainf_equals_its_closed_form_written_independently():

@@ -346,7 +346,7 @@ def test_last_blocks_selects_the_last_blocks_and_the_head():
     assert cv.model_blocks(nn.Sequential(nn.Identity(), Staged())) == ["1.stage1.0", "1.stage1.1", "1.stage2.0"]
 
 
-def test_kron_apply_inverts_the_kronecker_product():
+def test_kron_apply_inverts_the_kronecker_product(monkeypatch):
     model = tiny_cnn()
     x, _ = data(9)
     fm = cv.FunctionalModel(model)
@@ -354,8 +354,11 @@ def test_kron_apply_inverts_the_kronecker_product():
     bases = cv.kronecker_eigenbases(fm, layers, x, "all")
     lam = {p: b["lam_y"][:, None] * b["lam_a"][None, :] for p, b in bases.items()}
     scale = cv.damped_eigenvalues(lam, 0.1, "test")
-    V = torch.randn(2, fm.numel, dtype=torch.float64)
+    V = torch.randn(5, fm.numel, dtype=torch.float64)
     R = cv.kron_apply(layers, fm.layout, V, bases, scale)
+    monkeypatch.setattr(cv.kronecker, "KRON_ROWS", 2)  # rows applied in blocks of 2, 2, 1: the same rows
+    torch.testing.assert_close(cv.kron_apply(layers, fm.layout, V, bases, scale), R, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(cv.kron_apply(layers, fm.layout, V.float(), bases, scale), R.float())  # dtype kept
     factors = cv.kronecker_factors(fm, layers, x, "all")
     for layer in layers:  # (A ⊗ Y + λI) R = V, layer by layer, as matrices: Y R A + λR = V
         A, Y = factors[layer.path]
@@ -398,6 +401,13 @@ def test_check_finite_names_the_example():
     with pytest.raises(SolverError, match="non-finite train gradient for example 13"):
         cv.check_finite(t, "train gradient", offset=10)
     cv.check_finite(torch.zeros(2, 2), "fine")
+    big = torch.zeros(600, 2)  # checked 256 rows at a time: a bad row in the last block is found too
+    big[599, 0] = float("inf")
+    with pytest.raises(SolverError, match="for example 599"):
+        cv.check_finite(big, "train gradient")
+    cv.check_finite(torch.zeros(0, 3), "empty")
+    with pytest.raises(SolverError, match="1 NaN/Inf"):
+        cv.check_finite(torch.tensor(float("nan")), "scalar", offset=None)
 
 
 def test_cache_builds_once_and_evicts_by_bytes():

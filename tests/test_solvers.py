@@ -399,12 +399,12 @@ def test_scores_follow_the_definition_and_chunking_changes_nothing(name):
 
 def test_score_memory_budget_sets_the_blocks(monkeypatch):
     """$TDABENCH_SCORE_MEMORY_MB sizes the query block (3/4 of the budget, gradient + its IHVP per query) and
-    the train block (1/4); a bad value is a clear error."""
+    the train block (1/4, half of it for the block's temporaries); a bad value is a clear error."""
     task, _, _ = problem("mlp")
     s = registry.get("identity")().fit(task)
     row = 4 * sum(p.numel() for p in task.model.parameters())
     monkeypatch.setenv("TDABENCH_SCORE_MEMORY_MB", "0.25")
-    assert s.chunk_sizes() == (2**18 * 3 // 4 // (2 * row), 2**18 // 4 // row)
+    assert s.chunk_sizes() == (2**18 * 3 // 4 // (2 * row), 2**18 // 4 // (2 * row))
     monkeypatch.setenv("TDABENCH_SCORE_MEMORY_MB", "lots")
     with pytest.raises(SolverError, match="TDABENCH_SCORE_MEMORY_MB must be a positive number"):
         s.chunk_sizes()

@@ -267,18 +267,25 @@ def ekfac_eigenvalues(fm: FunctionalModel, layers: list[KronLayer], x: torch.Ten
     return {path: lam / len(x) for path, lam in acc.items()}
 
 
+KRON_ROWS = 64
+
+
 def kron_apply(layers: list[KronLayer], layout: ParamLayout, vectors: torch.Tensor,
                bases: dict[str, dict[str, torch.Tensor]], scale: dict[str, torch.Tensor]) -> torch.Tensor:
     """(B, P) -> (B, P): per layer, V ↦ Q_Y [(Q_Yᵀ V Q_A) / scale] Q_Aᵀ with V the (out, D) matrix of
-    [W | b]; ``scale[path]`` (out, D) holds the damped eigenvalues. Computed in float64."""
-    flat = layout.unflatten(vectors.double())
-    out = {}
-    for layer in layers:
-        QA, QY = bases[layer.path]["q_a"], bases[layer.path]["q_y"]
-        V = layer.to_matrix(flat)
-        rotated = QY.T @ V @ QA
-        out.update(layer.from_matrix(QY @ (rotated / scale[layer.path]) @ QA.T))
-    return layout.flatten(out, batch_dims=1).to(vectors.dtype)
+    [W | b]; ``scale[path]`` (out, D) holds the damped eigenvalues. Computed in float64, ``KRON_ROWS`` vectors at a
+    time: the float64 intermediates of a whole query block (five copies of it) would dwarf the block itself."""
+    result = torch.empty_like(vectors)
+    for sl in chunks(len(vectors), KRON_ROWS):
+        flat = layout.unflatten(vectors[sl].double())
+        out = {}
+        for layer in layers:
+            QA, QY = bases[layer.path]["q_a"], bases[layer.path]["q_y"]
+            V = layer.to_matrix(flat)
+            rotated = QY.T @ V @ QA
+            out.update(layer.from_matrix(QY @ (rotated / scale[layer.path]) @ QA.T))
+        result[sl] = layout.flatten(out, batch_dims=1)
+    return result
 
 
 def kronecker_eigenbases(fm: FunctionalModel, layers: list[KronLayer], x: torch.Tensor, pseudo_labels: str = "all",

@@ -190,9 +190,13 @@ def chunks(n: int, size: int, desc: str | None = None) -> Iterator[slice]:
 def check_finite(t: torch.Tensor, what: str, offset: int | None = 0) -> None:
     """Raise a SolverError if ``t`` holds NaN or Inf, naming the first bad row (example ``offset + row``);
     ``offset=None`` for tensors whose rows are not examples."""
-    bad = ~torch.isfinite(t)
-    if not bad.any():
+    if t.numel() == 0:
         return
+    rows = t.reshape(len(t), -1) if t.dim() else t.reshape(1, 1)
+    # a block of rows at a time: isfinite allocates float temporaries the size of its input
+    if all(bool(torch.isfinite(rows[sl]).all()) for sl in chunks(len(rows), 256)):
+        return
+    bad = ~torch.isfinite(t)
     where = ""
     if offset is not None:
         rows = bad.reshape(len(t), -1).any(dim=1).nonzero().flatten()

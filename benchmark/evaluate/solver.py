@@ -325,12 +325,14 @@ class Solver:
         """Rows of (P,)-vectors per block, from the memory budget. The query block (gradients + their IHVPs)
         gets 3/4 of it, because with full scores every query block costs one more pass of train gradients
         (1 GiB holds 2,000 preconditioned queries of the 46,730-parameter MNIST CNN: one pass); the train block
-        gets 1/4. Iterative solvers cap a block at ``ihvp_block`` rows so their progress bars move."""
+        gets 1/4, half for the block and half for the temporaries of computing it (per-example gradients in
+        chunks, the finiteness check, float64 conversions of ``DOUBLE_ROWS`` rows; measured about as large as the
+        block on the MNIST CNN). Iterative solvers cap a block at ``ihvp_block`` rows so their progress bars move."""
         # bytes of one float32 row: a feature, or the per-example gradient it is made from when that is longer
         row = 4 * max(self.feature_dim(), self._count(self._require_fit().model, self.attributed))
         budget = int(self.budget_mb() * 2**20)
         q = query_chunk or max(1, min(8192, self.ihvp_block or 8192, budget * 3 // 4 // (2 * row)))
-        t = train_chunk or max(1, min(4096, budget // 4 // row))
+        t = train_chunk or max(1, min(4096, budget // 4 // (2 * row)))  # the block and its temporaries (measured ~1×)
         return int(q), int(t)
 
     def scores(self, query_x: torch.Tensor, query_y: torch.Tensor, train_x: torch.Tensor,
@@ -356,16 +358,19 @@ class Solver:
             core.check_finite(g, "train loss gradient", ts.start)
             r = self.ihvp(g)
             core.check_finite(r, f"inverse-curvature product of a train gradient ({self.name})", ts.start)
-            out[ts] = (g.double() * r.double()).sum(-1).float().cpu()
+            out[ts] = _rowwise_dot64(g, r).float().cpu()
         return out
 
     def query_feature_blocks(self, query_x: torch.Tensor, query_y: torch.Tensor, *, query_chunk: int | None = None,
                              desc: str | None = None):
-        """Yields (slice, float64 query features of those queries), a block at a time (a progress bar with
-        ``desc``), so a caller that reduces them never holds all Q × D at once."""
-        qc, _ = self.chunk_sizes(query_chunk, None)
+        """Yields (slice, query features of those queries, in their own dtype), a block at a time (a progress bar
+        with ``desc``), so a caller that reduces them never holds all Q × D at once. No train pass follows a block
+        here, so blocks need not be large: by default each (gradients and their IHVPs) fits the train block's share
+        of the budget, not the query block's three times larger one."""
+        _, tc = self.chunk_sizes()
+        qc = query_chunk or max(1, tc // 2)
         for qs in core.chunks(len(query_y), qc, desc=desc):
-            yield qs, _checked(self.query_features(query_x[qs], query_y[qs], qs.start), self, qs.start).double().cpu()
+            yield qs, _checked(self.query_features(query_x[qs], query_y[qs], qs.start), self, qs.start)
 
     def info(self) -> dict:
         """Diagnostics for the run record (e.g. CG residuals, LiSSA step size); JSON-serialisable.
@@ -429,6 +434,23 @@ def _scores_in_one_pass(solvers: list[Solver], query_x, query_y, train_x, train_
     return outs
 
 
+DOUBLE_ROWS = 256  # rows converted to float64 at a time: a float64 copy of a whole block would double its memory
+
+
+def _double_rows(t: torch.Tensor):
+    """Yields (slice, float64 copy of those rows of ``t``), ``DOUBLE_ROWS`` rows at a time."""
+    for sl in core.chunks(len(t), DOUBLE_ROWS):
+        yield sl, t[sl].double()
+
+
+def _rowwise_dot64(g: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """(n,) float64 ⟨gᵢ, rᵢ⟩ over the rows of two (n, D) blocks."""
+    out = torch.empty(len(g), dtype=torch.float64, device=g.device)
+    for sl, g64 in _double_rows(g):
+        out[sl] = (g64 * r[sl].double()).sum(-1)
+    return out
+
+
 def _checked(features: torch.Tensor, solver: Solver, offset: int) -> torch.Tensor:
     """Features of a solver that defines its own are checked here too: NaN/Inf is a clear error naming the example."""
     core.check_finite(features, f"feature ({solver.name})", offset)
@@ -453,8 +475,13 @@ def train_subset_sums(solver: Solver, train_x: torch.Tensor, train_y: torch.Tens
     def build():
         sums = None
         for ts in core.chunks(len(train_y), tc, desc="train features, summed per subset"):
-            b = _checked(solver.train_features(train_x[ts], train_y[ts], ts.start), solver, ts.start).double().cpu()
-            sums = weights[:, ts] @ b if sums is None else sums + weights[:, ts] @ b
+            b = _checked(solver.train_features(train_x[ts], train_y[ts], ts.start), solver, ts.start).cpu()
+            for sub, b64 in _double_rows(b):
+                part = weights[:, ts.start + sub.start:ts.start + sub.stop] @ b64  # (M, D)
+                if sums is None:
+                    sums = part
+                else:
+                    sums += part
         return sums
 
     # keyed like solver.cached, but not charged to the solver's fit: this is scoring work
@@ -490,6 +517,7 @@ def subset_predictions(solvers: list[Solver], query_x: torch.Tensor, query_y: to
         pred = torch.empty(len(weights), len(query_y), dtype=torch.float64)
         for qs, a in s.query_feature_blocks(query_x, query_y, query_chunk=query_chunk,
                                             desc=f"query features of {len(query_y):,} queries ({s.name})"):
-            pred[:, qs] = -(sums @ a.T)  # block by block: Q × D features (D = L·P for SOURCE) never held at once
+            for sub, a64 in _double_rows(a.cpu()):  # block by block: Q × D features (D = L·P for SOURCE)
+                pred[:, qs.start + sub.start:qs.start + sub.stop] = -(sums @ a64.T)
         out.append(pred)
     return out

@@ -4,7 +4,7 @@ the LDS path, the validation grid pass and self-influence, each with its peak me
 known set of matrix products, its flop floor.
 
 Every solver in the registry is benchmarked (peer libraries where installed). CG and LiSSA sweep the training
-set for every IHVP iteration: they run 5 iterations on 4 queries (16 self-influences), and Arnoldi 64 Lanczos steps
+set for every IHVP iteration: they run 2 iterations on 2 queries (4 self-influences), and Arnoldi 64 Lanczos steps
 in float32 instead of 512 in float64, as extra_info's params say.
 A benchmark that only scores reuses the solver its session fitted once (untimed); fits are test_fit's.
 """
@@ -23,12 +23,13 @@ from benchmark.evaluate.solver import subset_predictions
 from .conftest import SELF
 
 SOLVERS = sorted(registry.available())
-ITERATIVE = {"cg": {"max_iter": 5}, "lissa": {"depth": 5}}  # options, on ITERATIVE_QUERIES queries
+# float64 G-products over 6,000 CNN images cost ≈ 25 s per vector block here: two iterations on 2 queries
+ITERATIVE = {"cg": {"max_iter": 2}, "lissa": {"depth": 2}}  # options, on ITERATIVE_QUERIES queries
 # Arnoldi's 512 float64 Lanczos steps over 6,000 points take half an hour here: 64 steps with float32 products (its
 # leaderboard CNN rows' precision), scoring every query; its fit scales linearly in the steps.
 REDUCED = {"arnoldi": {"iterations": 64, "precision": "float32"}}
-ITERATIVE_QUERIES = 4
-ITERATIVE_SELF = 16
+ITERATIVE_QUERIES = 2
+ITERATIVE_SELF = 4
 # Passes of per-example (pseudo-)gradients over the training set a fit cannot avoid.
 FIT_PASSES = {"kfac": 1, "ekfac": 2, "kronfluence-diagonal": 1, "kronfluence-kfac": 1, "kronfluence-ekfac": 2}
 GRID = ("ekfac", "kfac", "kronfluence-ekfac")  # solvers whose damping grid the LDS evaluation searches

@@ -410,6 +410,21 @@ def test_score_memory_budget_sets_the_blocks(monkeypatch):
         s.chunk_sizes()
 
 
+def test_lds_query_blocks_are_train_sized_unless_the_ihvp_sweeps_the_training_set(monkeypatch):
+    """The LDS path's query features come in train-block-sized blocks (no train pass follows them, so small blocks
+    cost nothing and bound memory), except for solvers whose every IHVP sweeps the training set (ihvp_block):
+    there one block of queries is one sweep, so they keep the larger query block."""
+    task, x, y = problem("mlp")
+    _, qx, qy = query_grads(task, n=12)
+    row = 4 * sum(p.numel() for p in task.model.parameters())
+    monkeypatch.setenv("TDABENCH_SCORE_MEMORY_MB", str(4 * 2 * row * 3 / 2**20))  # train block 3 rows; query 9
+    blocks = {}
+    for name in ("identity", "datainf"):
+        s = registry.get(name)().fit(task)
+        blocks[name] = [qs.stop - qs.start for qs, _ in s.query_feature_blocks(qx, qy)]
+    assert blocks == {"identity": [1] * 12, "datainf": [9, 3]}, blocks
+
+
 def test_scores_predict_leave_one_out_retraining():
     """Sign and scale. For θ̂ = argmin (1/N) Σ L(zᵢ) + (μ/2)‖θ‖², up-weighting z_i by ε moves the query's
     margin f at rate τᵢ = −∇fᵀ H⁻¹ ∇L(zᵢ), H = G + μI (logistic regression: the GGN is the Hessian).

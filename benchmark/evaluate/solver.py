@@ -366,9 +366,10 @@ class Solver:
         """Yields (slice, query features of those queries, in their own dtype), a block at a time (a progress bar
         with ``desc``), so a caller that reduces them never holds all Q × D at once. No train pass follows a block
         here, so blocks need not be large: by default each (gradients and their IHVPs) fits the train block's share
-        of the budget, not the query block's three times larger one."""
-        _, tc = self.chunk_sizes()
-        qc = query_chunk or max(1, tc // 2)
+        of the budget, not the query block's three times larger one — unless the solver's IHVP itself sweeps the
+        training set (``ihvp_block``: DataInf, CG, LiSSA), where fewer, larger blocks mean fewer sweeps."""
+        qc, tc = self.chunk_sizes()
+        qc = query_chunk or (qc if self.ihvp_block else max(1, tc // 2))
         for qs in core.chunks(len(query_y), qc, desc=desc):
             yield qs, _checked(self.query_features(query_x[qs], query_y[qs], qs.start), self, qs.start)
 

@@ -14,7 +14,7 @@ import torch
 from eval_helpers import synthetic_store, write_solver
 from scipy.stats import spearmanr
 
-from benchmark.evaluate import Task, campaign, engine, fingerprint, metrics, records, registry
+from benchmark.evaluate import Task, campaign, engine, fingerprint, metrics, records, registry, score_memory_budget_mb
 from benchmark.evaluate.cost import Cost
 from benchmark.evaluate.engine import LOSS, RANDOM, RunError
 from benchmark.groundtruth import artifact as gt_artifact
@@ -98,6 +98,8 @@ def test_run_selects_on_validation_and_reports_the_brute_force_lds(toy, store, m
     assert used["root_hash"] == index.pinned(store, gt.root) == gt.root_hash()
     assert rec["lds"]["fingerprint"]["solver"]["scores"] and rec["lds"]["fingerprint"]["metrics"]["lds"]
     assert rec["cost"]["fit_s"] > 0 and rec["cost"]["score_s"] > 0 and rec["cost"]["peak_mb"] > 0
+    # the memory budget the score blocks were sized from (what the peak depends on) is recorded with it
+    assert rec["lds"]["cost"]["memory_budget_mb"] == rec["mislabel"]["cost"]["memory_budget_mb"] == score_memory_budget_mb()
     assert rec["mislabel"]["params_source"].startswith("chosen for LDS on validation queries")
     on_disk = read_json(records.run_path(store, SETTING, "toy-exact"))
     assert on_disk["lds"]["mean"] == rec["lds"]["mean"]

@@ -31,7 +31,7 @@ from ..groundtruth.mislabel import MislabelArtifact
 from ..setup.artifacts import ArtifactError, environment
 from . import metrics
 from .cost import Cost, machine_load
-from .solver import Solver, SolverError, Task
+from .solver import Solver, SolverError, Task, score_memory_budget_mb
 
 # Bump when what an evaluation's numbers mean changes (selection rule, averaging): every record goes stale.
 ENGINE_VERSION = 2
@@ -227,8 +227,6 @@ def _reused_seconds(info: dict) -> float:
 
 def _log_scope(fitted: Solver, queries: int, train: int, log) -> None:
     """Say what influence goes through (parameters held constant) and what scoring will cost in passes."""
-    from .solver import score_memory_budget_mb
-
     info = fitted.info()
     if info.get("attributed_params") is not None and info["attributed_params"] < info.get("total_params", 0):
         held = "; ".join(f"{why}: {len(names)} tensors" for why, names in info.get("excluded", {}).items())
@@ -333,7 +331,8 @@ def evaluate_lds(gt: GroundTruth, cls: type[Solver], params: dict | None = None,
         "solver_info": info,
         "cost": {"fit_s": fit_seconds(cost, info), "fit_measured_s": cost.seconds("fit"),
                  "score_s": cost.seconds("score"), "peak_mb": cost.peak_mb("fit", "score"), "stages": cost.to_dict(),
-                 "search_s": selection.get("search_s"), "machine": machine_load()},
+                 "search_s": selection.get("search_s"), "machine": machine_load(),
+                 "memory_budget_mb": score_memory_budget_mb()},
     }
 
 
@@ -443,5 +442,5 @@ def evaluate_mislabel(art: MislabelArtifact, method, params: dict | None = None,
     section["cost"] = {"fit_s": fit_seconds(cost, section.get("solver_info", [])),
                        "fit_measured_s": cost.seconds("fit"),
                        "self_score_s": cost.seconds("self_score", "score"), "peak_mb": cost.peak_mb(),
-                       "stages": cost.to_dict(), "machine": machine_load()}
+                       "stages": cost.to_dict(), "machine": machine_load(), "memory_budget_mb": score_memory_budget_mb()}
     return section

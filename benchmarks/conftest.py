@@ -18,6 +18,8 @@ import numpy as np
 import pytest
 import torch
 
+from benchmark.evaluate.engine import Explained
+from benchmark.groundtruth import zoo as zoo_mod
 from benchmark.setup import settings
 from benchmark.setup.artifacts import cpu_model
 from benchmark.setup.data import DataError
@@ -54,6 +56,7 @@ class Workload:
     parameters: int  # D: what every feature vector of the generic scores holds (all of mnist-cnn's are factored)
     grad_flops: float  # forward + backward of one example
     rate: float  # float32 matrix-multiply flop/s of this machine
+    trajectory: object = None  # the explained model's training run (benchmark.evaluate.Trajectory), if known
 
 
 def _slowdown() -> float:
@@ -80,8 +83,7 @@ def cnn(device, rate) -> Workload:
         if os.environ.get("TDABENCH_REQUIRE_DATA"):
             raise
         pytest.skip(f"{SETTING}'s data is not here ({str(exc).splitlines()[0]}); get it with `make data`")
-    # the ground truth's full_k00 (what every leaderboard row explains); without one, a model trained here
-    model, source = explained_model(ResultsStore.default(), setting, log=lambda *a: None)
+    model, source, trajectory = _explained(setting)
     model = model.to(device).eval()
     gen = torch.Generator().manual_seed(0)
     membership = torch.rand(SUBSETS, TRAIN, generator=gen) < 0.5
@@ -90,7 +92,19 @@ def cnn(device, rate) -> Workload:
     q, v = test[:QUERIES], test[QUERIES:QUERIES + VALIDATION]
     return Workload(setting, model, source, device, tx, ty, data.test_x[q].to(device), data.test_y[q].to(device),
                     data.test_x[v].to(device), data.test_y[v].to(device), membership, data.num_classes,
-                    sum(p.numel() for p in model.parameters()), gradient_flops(model, data.test_x[:1].to(device)), rate)
+                    sum(p.numel() for p in model.parameters()), gradient_flops(model, data.test_x[:1].to(device)), rate,
+                    trajectory)
+
+
+def _explained(setting):
+    """The zoo's model 0 with its training run (what the leaderboard rows explain; TracIn and SOURCE need the
+    run), else the ground truth's full_k00 or a model trained here, without one (those two are then skipped)."""
+    store = ResultsStore.default()
+    if zoo_mod.exists(store, setting):
+        explained = Explained.from_zoo(zoo_mod.load(store, setting))
+        return explained.models[0], f"zoo {explained.reference['version']}, model 0", explained.trajectories[0]
+    model, source = explained_model(store, setting, log=lambda *a: None)
+    return model, source, None
 
 
 @pytest.fixture

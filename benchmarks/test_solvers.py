@@ -43,6 +43,9 @@ def solver_class(name, cnn):
         check_applicable(cls, cnn.model)
     except RunError as exc:
         pytest.skip(str(exc))
+    if cls.needs_trajectory and cnn.trajectory is None:
+        pytest.skip(f"{name} attributes through training; {cnn.source} carries no training run (build the zoo: "
+                    f"`make zoo`)")
     return cls
 
 
@@ -52,7 +55,7 @@ def params(name, cls):
 
 def fitted(cls, p, cnn, cache=None):
     task = Task(cnn.model, cnn.tx, cnn.ty, cnn.num_classes, cnn.setting.measurement, cnn.device, seed=0,
-                cache=cache or core.CurvatureCache())
+                cache=cache or core.CurvatureCache(), trajectory=cnn.trajectory)
     return cls(**p).fit(task)
 
 

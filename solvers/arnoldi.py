@@ -15,7 +15,8 @@ As in the paper, G is estimated on a data subset: ``ggn_samples`` training examp
 by ``task.seed``), every one when the training set is no larger (the 4,000-example settings), None = always all.
 ``precision`` is the dtype of the products G v: float64 by default; "float32" is the model's own precision, about 4×
 faster on a CPU for convolutions, and what makes 512 iterations on the 60,000-example CNNs affordable on 2 cores
-(the leaderboard's CNN rows fix it with ``--param precision=float32``; the record says so).
+(the leaderboard's CNN rows fix it with ``--param precision=float32``; the record says so, and a leaderboard
+rerun keeps it).
 
 ``iterations`` Lanczos steps (capped at P; ``rank`` too) are run once per model and memoised: every ``rank`` ≤ iterations and every
 damping of the grid reuse them, so the grid costs one eigen-decomposition. Cost: ``iterations`` GGN products over the

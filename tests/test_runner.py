@@ -285,6 +285,23 @@ def test_add_a_solver_gives_a_leaderboard_row(tmp_path, store, monkeypatch):
     assert [(s, n) for s, n, _ in done] == [(SETTING, "my-new-solver")]
 
 
+def test_a_rerun_keeps_the_options_its_record_fixed(store, monkeypatch):
+    """A row run with an option its grid does not search (Arnoldi's float32 products on the CNNs, given with
+    `tdabench run --param`) is rerun with that option when it goes stale, not with the solver's default."""
+    cls = registry.get("arnoldi")
+    fixed = {**cls.defaults, "rank": 256, "damping": 1e-2, "precision": "float32"}
+    assert campaign.kept_options(cls, {"lds": {"params": fixed}}) == {"precision": "float32"}  # searched ones go
+    assert campaign.kept_options(cls, {"lds": {"params": cls.defaults}}) == campaign.kept_options(cls, None) == {}
+    write_json(records.run_path(store, SETTING, cls.name), {"lds": {"params": fixed}})
+    monkeypatch.setattr(records, "stale_reasons", lambda *a, **k: {"lds": ["the solver computes something else"]})
+    calls = {}
+    monkeypatch.setattr(records, "run", lambda store, setting, method, **kw: calls.setdefault(method.name, kw))
+    logged = []
+    campaign.update(store, [S], [cls], log=logged.append)
+    assert calls["arnoldi"]["params"] == {"precision": "float32"} and "lds" in calls["arnoldi"]["tasks"]
+    assert any("keeping its options {'precision': 'float32'}" in line for line in logged)
+
+
 def test_rerunning_some_rows_keeps_the_others(tmp_path, store, monkeypatch):
     """`make leaderboard SETTINGS=… SOLVERS=…` reruns only those rows; the tables keep every other row."""
     for name in ("solver-a", "solver-b"):

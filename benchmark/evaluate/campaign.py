@@ -68,6 +68,17 @@ def _ensemble_kwargs(store: ResultsStore, setting: settings_mod.Setting, method,
                 params_source=f"{source} by the single-model {method.name} row")
 
 
+def kept_options(method, record: dict | None) -> dict:
+    """Options a row was run with that its grid does not search and that differ from the solver's defaults (e.g.
+    Arnoldi's ``precision=float32`` on the CNNs, fixed with ``tdabench run --param``): a rerun keeps them, so it
+    recomputes the row it replaces rather than a costlier or different one."""
+    if isinstance(method, Baseline):
+        return {}
+    params = ((record or {}).get("lds") or {}).get("params") or {}
+    return {k: v for k, v in params.items()
+            if k not in method.parameters and k in method.defaults and v != method.defaults[k]}
+
+
 def default_explain(store: ResultsStore, setting: settings_mod.Setting, method, record: dict | None) -> str:
     """Where a run's explained model comes from: as in its record, so a rerun stays paired with what it replaces;
     for a new row the zoo — seeded apart from every ground-truth model, the uncoupled protocol of Table 1 — where
@@ -163,6 +174,9 @@ def update(store: ResultsStore, settings: list[settings_mod.Setting], methods: l
                     why = f"the single-model {method.name} row now chooses other parameters"
             if not tasks:
                 continue
+            if n == 1 and kept_options(method, rec):
+                kw["params"] = kept_options(method, rec)
+                why += f"; keeping its options {kw['params']}"
             log(f"{'would run' if dry_run else 'running'} {setting.name} / {row} [{', '.join(tasks)}] ({why})")
             if dry_run:
                 done.append((setting.name, row, tasks))

@@ -208,6 +208,18 @@ def test_random_baseline_is_the_expectation_of_random_orders():
     sims = np.array([metrics.recall_at(rng.random(n), flipped) for _ in range(3000)])
     np.testing.assert_allclose(sims.mean(0), [base[f"recall_{p}"] for p in (10, 20, 30, 40, 50)], atol=0.01)
     assert base["auc"] == 0.5
+    # every field, written out: exact expectations have no sampling error (se 0), the curve is the diagonal
+    n = 30  # round(f·N)/N differs from f here (f·N is not whole at 1%, 2%, …)
+    want = {"n": n, "n_flipped": 3, "auc": 0.5, "auc_se": 0.0, "recall_curve_area": 0.5,
+            "recall_curve": {"fractions": [i / 100 for i in range(101)], "recall": [round(i * n / 100) / n
+                                                                                    for i in range(101)]}}
+    for p in (10, 20, 30, 40, 50):
+        want[f"recall_{p}"], want[f"recall_{p}_se"] = round(p * n / 100) / n, 0.0
+    assert metrics.random_baseline(n, 3) == want
+    assert metrics.random_baseline(n, 1)["n_flipped"] == 1  # one flipped point is a valid problem
+    for bad in (0, n):
+        with pytest.raises(ValueError, match="need 0 < n_flipped < n"):
+            metrics.random_baseline(n, bad)
 
 
 def test_auc_se_matches_simulation_under_the_null():

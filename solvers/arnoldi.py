@@ -36,7 +36,6 @@ class Arnoldi(Solver):
     description = "Arnoldi/Lanczos top-r eigenspace of G (implicit GGN products), inverse on that subspace"
     parameters = {"rank": [16, 64, 256], "damping": DAMPING_GRID}
     defaults = {"rank": 64, "damping": 1e-3, "iterations": 512, "ggn_samples": 8192, "precision": "float64"}
-    precisions = {"float64": torch.float64, "float32": torch.float32}
 
     def fit(self, task):
         super().fit(task)
@@ -47,9 +46,11 @@ class Arnoldi(Solver):
         samples, precision = self.params["ggn_samples"], self.params["precision"]
         if samples is not None and (isinstance(samples, bool) or not isinstance(samples, int) or samples < 1):
             raise SolverError(f"arnoldi: ggn_samples must be a positive integer or None (all), got {samples!r}")
-        if precision not in self.precisions:
-            raise SolverError(f"arnoldi: precision must be one of {sorted(self.precisions)}, got {precision!r}")
-        fm = self.functional(self.precisions[precision])
+        try:
+            core.as_dtype(precision)
+        except SolverError as exc:
+            raise SolverError(f"arnoldi: precision must be a dtype name ({exc})") from None
+        fm = self.functional(precision)
         n, r = min(n, fm.numel), min(r, fm.numel)  # r = P is the whole space
         if r > n:
             raise SolverError(f"arnoldi: rank {r} exceeds the {n} Lanczos iterations (iterations={self.params['iterations']}, "

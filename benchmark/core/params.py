@@ -192,9 +192,9 @@ def check_finite(t: torch.Tensor, what: str, offset: int | None = 0) -> None:
     ``offset=None`` for tensors whose rows are not examples."""
     if t.numel() == 0:
         return
-    rows = t.reshape(len(t), -1) if t.dim() else t.reshape(1, 1)
+    flat = t.reshape(len(t), -1) if t.dim() else t.reshape(1, 1)
     # a block of rows at a time: isfinite allocates float temporaries the size of its input
-    if all(bool(torch.isfinite(rows[sl]).all()) for sl in chunks(len(rows), 256)):
+    if all(bool(torch.isfinite(flat[sl]).all()) for sl in chunks(len(flat), 256)):
         return
     bad = ~torch.isfinite(t)
     where = ""

@@ -174,9 +174,10 @@ def update(store: ResultsStore, settings: list[settings_mod.Setting], methods: l
                     why = f"the single-model {method.name} row now chooses other parameters"
             if not tasks:
                 continue
-            if n == 1 and kept_options(method, rec):
-                kw["params"] = kept_options(method, rec)
-                why += f"; keeping its options {kw['params']}"
+            kept = kept_options(method, rec) if n == 1 else {}
+            if kept:
+                kw["params"] = kept
+                why += f"; keeping its options {kept}"
             log(f"{'would run' if dry_run else 'running'} {setting.name} / {row} [{', '.join(tasks)}] ({why})")
             if dry_run:
                 done.append((setting.name, row, tasks))

@@ -31,7 +31,7 @@ from ..groundtruth.mislabel import MislabelArtifact
 from ..setup.artifacts import ArtifactError, environment
 from . import metrics
 from .cost import Cost, machine_load
-from .solver import Solver, SolverError, Task, score_memory_budget_mb
+from .solver import Solver, SolverError, Task
 
 # Bump when what an evaluation's numbers mean changes (selection rule, averaging): every record goes stale.
 ENGINE_VERSION = 2
@@ -225,6 +225,11 @@ def _reused_seconds(info: dict) -> float:
     return shared if info.get("cache_hit") else 0.0
 
 
+def _budget_mb(method) -> float | None:
+    """The memory budget a solver's score blocks were sized from (recorded with its cost); None for a baseline."""
+    return method.budget_mb() if isinstance(method, type) and issubclass(method, Solver) else None
+
+
 def _log_scope(fitted: Solver, queries: int, train: int, log) -> None:
     """Say what influence goes through (parameters held constant) and what scoring will cost in passes."""
     info = fitted.info()
@@ -236,7 +241,7 @@ def _log_scope(fitted: Solver, queries: int, train: int, log) -> None:
     qc, _ = fitted.chunk_sizes()
     passes = math.ceil(queries / qc)
     log(f"  scoring {queries:,} queries in {passes} block(s), one pass over {train:,} training examples each "
-        f"(more memory, fewer passes: TDABENCH_SCORE_MEMORY_MB, now {score_memory_budget_mb():g})")
+        f"(more memory, fewer passes: TDABENCH_SCORE_MEMORY_MB, now {fitted.budget_mb():g})")
 
 
 def device_name(device: torch.device) -> str:
@@ -332,7 +337,7 @@ def evaluate_lds(gt: GroundTruth, cls: type[Solver], params: dict | None = None,
         "cost": {"fit_s": fit_seconds(cost, info), "fit_measured_s": cost.seconds("fit"),
                  "score_s": cost.seconds("score"), "peak_mb": cost.peak_mb("fit", "score"), "stages": cost.to_dict(),
                  "search_s": selection.get("search_s"), "machine": machine_load(),
-                 "memory_budget_mb": score_memory_budget_mb()},
+                 "memory_budget_mb": _budget_mb(cls)},
     }
 
 
@@ -442,5 +447,5 @@ def evaluate_mislabel(art: MislabelArtifact, method, params: dict | None = None,
     section["cost"] = {"fit_s": fit_seconds(cost, section.get("solver_info", [])),
                        "fit_measured_s": cost.seconds("fit"),
                        "self_score_s": cost.seconds("self_score", "score"), "peak_mb": cost.peak_mb(),
-                       "stages": cost.to_dict(), "machine": machine_load(), "memory_budget_mb": score_memory_budget_mb()}
+                       "stages": cost.to_dict(), "machine": machine_load(), "memory_budget_mb": _budget_mb(method)}
     return section

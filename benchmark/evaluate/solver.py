@@ -317,9 +317,10 @@ class Solver:
             self._built_seconds += seconds
         return value
 
-    def budget_mb(self) -> float:
+    @classmethod
+    def budget_mb(cls) -> float:
         """MiB the solver's score blocks may use: its ``memory_budget_mb``, else $TDABENCH_SCORE_MEMORY_MB (1024)."""
-        return self.memory_budget_mb or score_memory_budget_mb()
+        return cls.memory_budget_mb or score_memory_budget_mb()
 
     def chunk_sizes(self, query_chunk: int | None = None, train_chunk: int | None = None) -> tuple[int, int]:
         """Rows of (P,)-vectors per block, from the memory budget. The query block (gradients + their IHVPs)

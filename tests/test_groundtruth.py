@@ -362,6 +362,11 @@ def test_protocol_validation():
         Protocol(seed_policy="random")
     with pytest.raises(ValueError, match="exceed"):
         G.query_indices(Protocol(queries=90, validation_queries=20), 100)
+    # queries and validation queries may fill the test set exactly: then they partition it
+    q, v = G.query_indices(Protocol(queries=6, validation_queries=4), 10)
+    assert len(q) == 6 and sorted(np.concatenate([q, v]).tolist()) == list(range(10))
+    with pytest.raises(ValueError, match="exceed the 10 test points"):
+        G.query_indices(Protocol(queries=6, validation_queries=5), 10)
 
 
 def test_a_settings_trainer_choice_replaces_calibration(tmp_path, monkeypatch):
@@ -416,13 +421,4 @@ def test_committed_ground_truths_hold_the_queries_and_subsets_the_protocol_draws
     assert not np.array_equal(query_indices(other, setting.data_spec.test_size)[0], q)
     assert not np.array_equal(query_indices(protocol, setting.data_spec.test_size + 1)[0], q)
     assert not np.array_equal(subset_indices(other, setting.data_spec.train_size, 0), np.flatnonzero(masks[0]))
-
-
-def test_queries_and_validation_queries_may_fill_the_test_set():
-    from benchmark.groundtruth.protocol import query_indices
-
-    q, v = query_indices(Protocol(queries=6, validation_queries=4), 10)
-    assert len(q) == 6 and sorted(np.concatenate([q, v]).tolist()) == list(range(10))
-    with pytest.raises(ValueError, match="exceed the 10 test points"):
-        query_indices(Protocol(queries=6, validation_queries=5), 10)
 

@@ -1,6 +1,7 @@
 """Metrics against independent references: scipy, brute-force loops, hand-built rankings."""
 
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -317,3 +318,114 @@ def test_paired_difference_over_the_queries_both_define():
     assert got["wins"] == pytest.approx((d > 0).mean()) and got["max_abs"] == pytest.approx(np.abs(d).max())
     with pytest.raises(ValueError, match="same items"):
         metrics.paired_difference(a, b[:-1])
+
+
+# ---------------------------------------------------------------- input forms and edge cases
+
+class _OnAccelerator(torch.Tensor):
+    """Stands in for a tensor on an accelerator (CUDA) on a CPU-only machine: like one, it refuses ``.numpy()``
+    until ``.to("cpu")`` (or ``.to(device="cpu")``) has copied it to the CPU."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.numpy:
+            raise TypeError("can't convert an accelerator tensor to numpy: copy it to the CPU first")
+        out = super().__torch_function__(func, types, args, kwargs)
+        if func is torch.Tensor.to:
+            device = kwargs.get("device", next((a for a in args[1:] if isinstance(a, (str, torch.device))), None))
+            if device is not None and torch.device(device).type == "cpu":
+                with torch._C.DisableTorchFunctionSubclass():
+                    return out.as_subclass(torch.Tensor)
+        return out
+
+
+def test_scores_of_any_real_dtype_and_device_rank_by_their_values():
+    # values 0,3,1,2,5 rank 4,1,3,2,0 whatever holds them: unsigned (where -s wraps), bfloat16 (no numpy twin),
+    # torch integers, a tensor on an accelerator (stand-in, and CUDA when present)
+    values, want = [0, 3, 1, 2, 5], [4, 1, 3, 2, 0]
+    forms = [np.array(values, np.uint8), np.array(values, np.uint64), torch.tensor(values, dtype=torch.uint8),
+             torch.tensor(values, dtype=torch.bfloat16), torch.tensor(values, dtype=torch.float32).as_subclass(_OnAccelerator)]
+    if torch.cuda.is_available():
+        forms.append(torch.tensor(values, dtype=torch.float16, device="cuda"))
+    for scores in forms:
+        assert metrics.rank_descending(scores).tolist() == want
+        # flipped {4, 1}: the top two of five, so recall at 40% is 1 and every flipped point beats every clean one
+        assert metrics.recall_at(scores, [4, 1], fractions=(0.2, 0.4)).tolist() == [0.5, 1.0]
+        assert metrics.roc_auc(scores, [4, 1]) == 1.0
+    # boolean flags (a yes/no detector) rank as 1 and 0: the flagged points first
+    assert set(metrics.rank_descending(np.array([False, True, False, True]))[:2].tolist()) == {1, 3}
+    assert set(metrics.rank_descending(torch.tensor([False, True, False, True]))[:2].tolist()) == {1, 3}
+    # the LDS of accelerator-held scores is the LDS of the same scores on the CPU
+    masks = np.array([[1, 0, 1], [0, 1, 1], [1, 1, 0], [1, 0, 0]], dtype=bool)
+    scores, target = np.array([[1.0, 2.0, 4.0]]), np.array([[5.0], [6.0], [3.0], [1.0]])  # sums 5, 6, 3, 1: LDS 1
+    assert metrics.subset_predictions(torch.from_numpy(scores).as_subclass(_OnAccelerator), masks)[:, 0].tolist() == \
+        [5.0, 6.0, 3.0, 1.0]
+    assert metrics.lds_from_predictions(torch.tensor(target, dtype=torch.bfloat16).as_subclass(_OnAccelerator),
+                                        target).tolist() == [1.0]
+
+
+def test_flipped_indices_given_as_whole_floats_are_indices():
+    # indices read back as floats (e.g. from a JSON record) mean the same points as the integers
+    scores = np.array([9.0, 1.0, 8.0, 0.5, 0.4, 0.3, 0.2, 10.0, 0.1, 0.0])
+    assert metrics.mislabel(scores, np.array([2.0, 7.0])) == metrics.mislabel(scores, [2, 7])
+    assert metrics.roc_auc(scores, [2.0, 7.0]) == pytest.approx(15 / 16)  # as in the hand-built ranking above
+
+
+def test_roc_auc_with_a_single_clean_point():
+    # one clean point is a valid problem: the AUC is the share of flipped points above it (ties ½)
+    assert metrics.roc_auc([3.0, 2.0, 1.0], [0, 1]) == 1.0
+    assert metrics.roc_auc([2.0, 1.0, 3.0], [0, 1]) == 0.0
+    assert metrics.roc_auc([3.0, 1.0, 1.0, 0.0], [0, 1, 3]) == pytest.approx((1 + 0.5 + 0) / 3)
+    with pytest.raises(ValueError, match="every point is flipped"):
+        metrics.roc_auc([3.0, 2.0], [0, 1])
+
+
+def test_default_tie_break_is_seed_zero_and_seeds_reach_every_recall():
+    # constant scores: the order is exactly the tie-break, argsort of default_rng(seed).permutation(n)
+    n, flipped = 1000, np.arange(100)
+    for seed in (None, 0, 7):
+        order = np.argsort(np.random.default_rng(0 if seed is None else seed).permutation(n))
+        kw = {} if seed is None else {"seed": seed}
+        assert np.array_equal(metrics.rank_descending(np.zeros(n), **kw), order)
+        found = np.concatenate([[0], np.cumsum(np.isin(order, flipped))])
+        assert metrics.recall_at(np.zeros(n), flipped, **kw).tolist() == [found[p * n // 100] / 100 for p in
+                                                                           (10, 20, 30, 40, 50)]
+        out = metrics.mislabel(np.zeros(n), flipped, **kw)
+        assert [out[f"recall_{p}"] for p in (10, 20, 30, 40, 50)] == [found[p * n // 100] / 100 for p in
+                                                                       (10, 20, 30, 40, 50)]
+        assert out["recall_curve"]["recall"] == [found[p * n // 100] / 100 for p in range(101)]
+
+
+def test_bootstrap_interval_is_the_percentile_interval_of_one_seeded_stream():
+    # n_boot resamples drawn as one (n_boot, n) block of default_rng(seed).integers, means' 2.5/97.5% quantiles
+    v = np.random.default_rng(4).normal(size=40)
+    for n_boot, seed in ((2000, 0), (300, 5), (100, 1)):
+        idx = np.random.default_rng(seed).integers(0, len(v), size=(n_boot, len(v)))
+        want = np.quantile(v[idx].mean(axis=1), [0.025, 0.975])
+        assert metrics.bootstrap_ci(v, 0.95, n_boot, seed) == pytest.approx(tuple(want), abs=1e-14)
+
+
+def test_lds_from_predictions_counts_the_queries_with_non_finite_predictions():
+    # 4 subsets x 5 queries; non-finite entries in queries 1 (twice) and 3: two queries, three subsets
+    pred = np.arange(20.0).reshape(4, 5)
+    pred[0, 1], pred[2, 1], pred[3, 3] = np.nan, np.inf, -np.inf
+    with pytest.raises(ValueError, match="^2 queries have non-finite"):
+        metrics.lds_from_predictions(pred, np.zeros((4, 5)))
+    with pytest.raises(ValueError, match="^2 queries have non-finite"):
+        metrics.lds_from_predictions(torch.from_numpy(pred), np.zeros((4, 5)))
+
+
+def test_paired_difference_edges():
+    # per-query correctness (booleans) and unsigned counts: differences of the values, never wrapped-around
+    got = metrics.paired_difference([True, True, False, True], [False, True, True, False])  # d = 1, 0, -1, 1
+    assert (got["difference"], got["n"], got["max_abs"], got["wins"]) == (0.25, 4, 1.0, 0.5)
+    got = metrics.paired_difference(np.array([1, 5, 3], np.uint8), np.array([2, 1, 3], np.uint8))  # d = -1, 4, 0
+    assert got["difference"] == pytest.approx(1.0) and got["max_abs"] == 4.0
+    # a tie is not a win: wins is the share of strictly positive differences
+    assert got["wins"] == pytest.approx(1 / 3)
+    # no item defined in both: every field NaN (n 0), quietly
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = metrics.paired_difference([None, 1.0, np.nan], [2.0, np.nan, 3.0])
+    assert got["n"] == 0 and all(np.isnan(got[k]) for k in ("difference", "se", "max_abs", "wins"))

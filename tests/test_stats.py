@@ -2,6 +2,7 @@
 answer is known."""
 
 import itertools
+import warnings
 
 import numpy as np
 import pytest
@@ -71,6 +72,17 @@ def test_noise_ceiling_brute_force(replicas, target):
     pairs = [np.mean([spearmanr(outputs[i, :, q], outputs[j, :, q]).statistic for q in range(7)])
              for i in range(replicas) for j in range(i + 1, replicas)]
     assert nc["pairwise_single_seed"] == pytest.approx(np.mean(pairs))
+    # the standard errors are over queries: the sd (ddof 1) of the per-query means over pairs or splits, over √Q
+    per_query_pair = [np.mean([spearmanr(outputs[i, :, q], outputs[j, :, q]).statistic
+                               for i, j in itertools.combinations(range(replicas), 2)]) for q in range(7)]
+    assert nc["pairwise_single_seed_se"] == pytest.approx(np.std(per_query_pair, ddof=1) / np.sqrt(7))
+    h = replicas // 2
+    per_query_half = [np.mean([spearmanr(outputs[list(a), :, q].mean(0), outputs[list(b), :, q].mean(0)).statistic
+                               for a in itertools.combinations(range(replicas), h)
+                               for b in itertools.combinations([i for i in range(replicas) if i not in a], h)])
+                      for q in range(7)]  # each split counted twice (a, b) and (b, a): the mean is the same
+    assert nc["split_half"] == pytest.approx(np.mean(per_query_half))
+    assert nc["split_half_se"] == pytest.approx(np.std(per_query_half, ddof=1) / np.sqrt(7))
 
 
 def test_noise_ceiling_estimates_the_lds_of_the_true_datamodel():
@@ -96,7 +108,44 @@ def test_noise_ceiling_estimates_the_lds_of_the_true_datamodel():
 
 
 def test_noise_ceiling_needs_two_replicas():
-    assert noise_ceiling(np.zeros((1, 5, 3)))["lds_ceiling"] is None
+    """One replica estimates nothing: every statistic is reported as None (present, not missing), with a note."""
+    nc = noise_ceiling(np.zeros((1, 5, 3)))
+    for key in ("pairwise_single_seed", "split_half", "reliability", "lds_ceiling", "lds_ceiling_se"):
+        assert key in nc and nc[key] is None, key
+    assert isinstance(nc["note"], str) and "two" in nc["note"].lower()
+    assert (nc["replicas"], nc["subsets"], nc["queries"]) == (1, 5, 3)
+
+
+def test_noise_ceiling_counts_constant_queries_and_leaves_them_out():
+    """A query whose output never varies has no rank correlation: it is counted in undefined_queries and left out
+    of every average, so each statistic equals the one computed on the other queries alone."""
+    rng = np.random.default_rng(5)
+    outputs = rng.normal(size=(1, 30, 4)) + 0.7 * rng.normal(size=(3, 30, 4))
+    with_constant = np.concatenate([outputs, np.full((3, 30, 1), 2.5)], axis=2)
+    nc, ref = noise_ceiling(with_constant), noise_ceiling(outputs)
+    assert nc["undefined_queries"] == 1 and ref["undefined_queries"] == 0 and nc["queries"] == 5
+    for key in ("pairwise_single_seed", "pairwise_single_seed_se", "split_half", "split_half_se", "reliability",
+                "lds_ceiling", "lds_ceiling_se"):
+        assert nc[key] == pytest.approx(ref[key], rel=1e-12), key
+    # nothing varies at all: every query is undefined and every statistic NaN
+    flat = noise_ceiling(np.ones((2, 10, 3)))
+    assert flat["undefined_queries"] == 3 and flat["splits"] == 1
+    for key in ("pairwise_single_seed", "pairwise_single_seed_se", "split_half", "split_half_se", "reliability",
+                "lds_ceiling", "lds_ceiling_se"):
+        assert np.isnan(flat[key]), key
+
+
+def test_noise_ceiling_of_a_query_with_negative_reliability_is_zero():
+    """A query whose replicas disagree (reliability < 0) can be matched by no attribution: its ceiling is 0, and
+    it counts as 0 in the mean over queries (it is not dropped)."""
+    rng = np.random.default_rng(6)
+    s = rng.normal(size=(20, 2))
+    outputs = np.stack([s, s * [1.0, -1.0] + 0.5 * rng.normal(size=(20, 2))])  # query 1: the replicas anti-agree
+    rho = [spearmanr(outputs[0, :, q], outputs[1, :, q]).statistic for q in range(2)]
+    assert rho[0] > 0 > rho[1]
+    nc = noise_ceiling(outputs, target_replicas=1)  # one replica against one: the reliability is rho itself
+    assert nc["reliability"] == pytest.approx(np.mean(rho))
+    assert nc["lds_ceiling"] == pytest.approx((np.sqrt(rho[0]) + 0.0) / 2)
 
 
 def test_mean_se():
@@ -125,3 +174,103 @@ def test_spearman_brown_steps_reliability_up_and_down():
     assert spearman_brown(0.5, 2) == pytest.approx(2 / 3)
     assert spearman_brown(2 / 3, 0.5) == pytest.approx(0.5)
     assert spearman_brown(0.3, 1) == pytest.approx(0.3)
+
+
+def test_spearman_rows_rejects_bad_shapes():
+    """Rows are paired one to one: arrays of different shapes (even broadcastable ones) or not 2-D are refused."""
+    with pytest.raises(ValueError):
+        spearman_rows(np.ones((2, 5)), np.ones((1, 5)))
+    with pytest.raises(ValueError):
+        spearman_rows(np.ones((2, 3, 4)), np.ones((2, 3, 4)))
+    with pytest.raises(ValueError):
+        spearman_rows(np.arange(5.0), np.arange(5.0))
+
+
+def test_spearman_rows_two_columns():
+    """Two subsets: the correlation is ±1 (as scipy's), or NaN when a row is tied."""
+    a = np.array([[0.1, 0.2], [0.1, 0.2], [3.0, 3.0]])
+    b = np.array([[5.0, 7.0], [7.0, 5.0], [1.0, 2.0]])
+    got = spearman_rows(a, b)
+    assert got[0] == pytest.approx(spearmanr(a[0], b[0]).statistic) == pytest.approx(1.0)
+    assert got[1] == pytest.approx(spearmanr(a[1], b[1]).statistic) == pytest.approx(-1.0)
+    assert np.isnan(got[2])
+
+
+def test_spearman_rows_nan_stays_in_its_row():
+    """A NaN makes its own row's correlation NaN (as scipy's, nan_policy='propagate') and leaves the others alone."""
+    rng = np.random.default_rng(8)
+    a, b = rng.normal(size=(3, 12)), rng.normal(size=(3, 12))
+    a[0, 4] = np.nan
+    b[1, 7] = np.nan
+    got = spearman_rows(a, b)
+    assert np.isnan(spearmanr(a[0], b[0]).statistic) and np.isnan(got[0]) and np.isnan(got[1])
+    assert got[2] == pytest.approx(spearmanr(a[2], b[2]).statistic, abs=1e-12)
+
+
+def test_mean_se_of_one_value_is_silent():
+    """One finite value: its mean, and an undefined (NaN) standard error, without a numerical warning."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        m, se = mean_se(np.array([3.5, np.nan, np.inf]))
+    assert m == 3.5 and np.isnan(se)
+
+
+def test_mean_se_and_bootstrap_se_compute_in_float64():
+    """float32 values (model outputs) are averaged in float64: the same numbers as for their float64 copies."""
+    x32 = np.random.default_rng(1).normal(size=50).astype(np.float32)
+    x64 = x32.astype(np.float64)
+    assert mean_se(x32) == (float(x64.mean()), float(x64.std(ddof=1) / np.sqrt(50)))
+    assert bootstrap_se(x32) == bootstrap_se(x64)
+    assert mean_se([1, 2, 3, 4]) == mean_se([1.0, 2.0, 3.0, 4.0])  # integers are values like any other
+
+
+@pytest.mark.parametrize("n_boot", [1000, 256, 300, 700])
+def test_bootstrap_se_draws_exactly_n_boot_resamples(n_boot):
+    """The se is the sd (ddof 1) of exactly n_boot resample means drawn from default_rng(seed), whatever n_boot
+    (a multiple of the 256-resample blocks or not): the recorded ceilings are reproducible from the seed."""
+    v = np.random.default_rng(9).normal(size=7)
+    idx = np.random.default_rng(3).integers(0, len(v), size=(n_boot, len(v)))
+    assert bootstrap_se(v, n_boot=n_boot, seed=3) == pytest.approx(v[idx].mean(axis=1).std(ddof=1), rel=1e-12)
+
+
+def test_bootstrap_se_of_two_values():
+    """Two values are enough: the se of the mean of a 2-resample of {0, 1} is σ/√2 = ½/√2 (σ with ddof 0)."""
+    assert bootstrap_se(np.array([0.0, 1.0]), n_boot=4000) == pytest.approx(0.5 / np.sqrt(2), rel=0.05)
+    assert bootstrap_se(np.array([0.0, 1.0, np.nan]), n_boot=4000) == bootstrap_se(np.array([0.0, 1.0]), n_boot=4000)
+
+
+def test_spearman_rows_of_integers_equals_scipy():
+    """Integer inputs give scipy's spearmanr, which compares them as float64: 2**53 and 2**53 + 1 are a tie."""
+    ints = np.array([[2**53, 2**53 + 1, 0, 5, 3], [4, 1, 1, 9, 2]], dtype=np.int64)
+    floats = np.array([[1.0, 2.0, 3.0, 4.0, 5.0], [0.5, 0.1, 0.9, 0.3, 0.7]])
+    for a, b in ((ints, floats), (floats, ints)):
+        got = spearman_rows(a, b)
+        for i in range(2):
+            assert got[i] == pytest.approx(spearmanr(a[i], b[i]).statistic, abs=1e-12)
+
+
+def test_spearman_brown_computes_in_float64_and_returns_the_pole_silently():
+    """float32 reliabilities are stepped up in float64; at rho = -1/(k-1) the step-up divides by 0 and returns
+    -inf, without a numerical warning (the ceiling clips it to 0)."""
+    r32 = np.array([0.3, 0.55, 0.9], dtype=np.float32)
+    r64 = r32.astype(np.float64)
+    assert (spearman_brown(r32, 2.0) == 2.0 * r64 / (1 + r64)).all()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert spearman_brown(-1.0, 2.0) == -np.inf and spearman_brown(-0.5, 3.0) == -np.inf
+
+
+def test_noise_ceiling_averages_float32_replicas_in_float64():
+    """The half-averages of float32 outputs are formed in float64: (1 + 2**-24)/2 > (1 + 0)/2, a tie in float32
+    (1 + 2**-24 rounds to 1), so the split {0,1} vs {2,3} ranks subset 0 above subset 1, as the brute force does."""
+    x = np.array([[1.0, 1.0, 2.0, 3.0, 4.0, 5.0],
+                  [2**-24, 0.0, 1.0, 3.0, 2.0, 4.0],
+                  [3.0, 2.0, 1.0, 4.0, 5.0, 6.0],
+                  [1.0, 2.0, 3.0, 5.0, 4.0, 6.0]], dtype=np.float32)[:, :, None]  # (R=4, M=6, Q=1)
+    x64 = x.astype(np.float64)
+    halves = [spearmanr(x64[list(a), :, 0].mean(0), x64[list(b), :, 0].mean(0)).statistic
+              for a, b in (((0, 1), (2, 3)), ((0, 2), (1, 3)), ((0, 3), (1, 2)))]
+    rel, _ = _ceiling_by_hand(x64, 4)
+    nc = noise_ceiling(x)
+    assert nc["split_half"] == pytest.approx(np.mean(halves), rel=1e-12)
+    assert nc["reliability"] == pytest.approx(rel[0], rel=1e-12)

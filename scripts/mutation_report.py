@@ -38,9 +38,11 @@ def mutated_line(diff: str) -> str:
                       if line.startswith("+") and not line.startswith("+++"))
 
 
-def collect(patterns: list[str]) -> dict[str, dict[str, int | None]]:
-    """{module path: {mutant name: exit code}} for the mutants matching ``patterns``."""
+def collect(patterns: list[str]) -> tuple[dict[str, dict[str, int | None]], Counter]:
+    """{module path: {mutant name: exit code}} for the mutants matching ``patterns``, and every module's count of
+    mutants in all (a module covered by a sample of its mutants reports the sample out of that)."""
     out: dict[str, dict[str, int | None]] = {}
+    generated: Counter = Counter()
     for path in walk_mutatable_files():
         data = SourceFileMutationData(path=path)
         data.load()
@@ -48,7 +50,8 @@ def collect(patterns: list[str]) -> dict[str, dict[str, int | None]]:
                   if not patterns or any(fnmatch.fnmatch(k, p) for p in patterns)}
         if chosen:
             out[str(path)] = chosen
-    return out
+            generated[str(path)] = len(data.exit_code_by_key)
+    return out, generated
 
 
 def _percent(rate: float | None) -> str:
@@ -62,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, help="wall time of the run, for the summary")
     args = ap.parse_args(argv)
 
-    results = collect(args.covered)
+    results, generated = collect(args.covered)
     if not results:
         print("no mutation results under mutants/: run `make mutate` first", file=sys.stderr)
         return 2
@@ -75,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         status = Counter(status_by_exit_code[c] for c in codes.values())
         tested = sum(status.values()) - status["no tests"] - status["not checked"]
         killed = status["killed"] + status["timeout"] + status["segfault"]
-        rows.append((path, len(codes), killed, status["survived"], status["no tests"], status["not checked"],
+        share = f"{len(codes)}" + (f" of {generated[path]}" if len(codes) < generated[path] else "")
+        rows.append((path, share, killed, status["survived"], status["no tests"], status["not checked"],
                      killed / tested if tested else None))
         totals.update(mutants=len(codes), killed=killed, survived=status["survived"], tested=tested,
                       untested=status["no tests"], unchecked=status["not checked"])
@@ -96,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
         + (f", {args.seconds / 60:.1f} min wall time" if args.seconds else "") + ".", "",
         "Mutants covered: " + (", ".join(f"`{p}`" for p in args.covered) if args.covered else "all") + ".", "",
         "A mutant is *killed* when a test fails (or it times out); the kill rate is killed / tested. *No tests*: no "
-        "selected fast test executes the mutated function.", "",
+        "selected fast test executes the mutated function. *n of N*: a fixed sample of the module's N mutants "
+        "(the covered patterns name it).", "",
         "| module | mutants | killed | survived | no tests | not run | kill rate |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]

@@ -1,5 +1,6 @@
 """Metrics against independent references: scipy, brute-force loops, hand-built rankings."""
 
+import mmap
 import time
 import warnings
 
@@ -288,9 +289,10 @@ def test_cost_measures_time_and_peak_memory():
     try:
         cost = Cost("cpu")
         with cost.stage("alloc"):
-            block = np.ones(100 * 2**20 // 8)  # 100 MiB, touched
-            block += 1
-            del block
+            # 100 MiB of fresh anonymous pages, touched: malloc could hand back memory earlier tests freed but the
+            # allocator kept resident, which would not raise the resident set at all
+            with mmap.mmap(-1, 100 * 2**20) as block:
+                np.frombuffer(block, dtype=np.uint8)[:] = 1
             time.sleep(0.05)
     finally:
         gc.enable()

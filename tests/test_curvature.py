@@ -435,3 +435,158 @@ def test_fingerprint_tracks_content():
     with torch.no_grad():
         next(model.parameters())[0, 0] += 1e-9
     assert cv.fingerprint(model, x, y) != f0
+
+
+# ---------------------------------------------------------------- defaults, dispatch and edge cases
+
+class GainLinear(nn.Linear):
+    """A Linear with an extra parameter K-FAC has no factor for."""
+
+    def __init__(self, *a):
+        super().__init__(*a)
+        self.gain = nn.Parameter(torch.ones(()))
+
+    def forward(self, x):
+        return super().forward(x) * self.gain
+
+
+def test_extra_parameter_reason_names_only_the_extra_ones():
+    # the reason lists exactly the parameters beyond weight and bias
+    model = nn.Sequential(GainLinear(4, 3), nn.Linear(3, 2))
+    layers, excluded = cv.kron_layers_and_exclusions(model, unsupported="exclude")
+    assert [layer.path for layer in layers] == ["1"]
+    assert excluded == {f"0.{n}": "GainLinear with extra parameters ['gain']" for n in ("weight", "bias", "gain")}
+
+
+def test_unsupported_default_is_error_and_message_lists_at_most_four():
+    # default unsupported="error"; the message joins up to four "name: why" with "; " and counts the rest
+    model = nn.Sequential(GainLinear(4, 3), nn.Linear(3, 2))  # 3 excluded parameters
+    with pytest.raises(SolverError) as e:
+        cv.kron_layers_and_exclusions(model)
+    why = "GainLinear with extra parameters ['gain']"
+    assert f"cannot be factored: 0.weight: {why}; 0.bias: {why}; 0.gain: {why}. Exclude" in str(e.value)
+    model = nn.Sequential(nn.LayerNorm(4), nn.LayerNorm(4), nn.LayerNorm(4), nn.Linear(4, 2))  # 6 excluded
+    with pytest.raises(SolverError) as e:
+        cv.kron_layers(model)
+    msg = str(e.value)
+    assert "0.weight: normalisation layer (LayerNorm); 0.bias: normalisation layer (LayerNorm); 1.weight" in msg
+    assert "1.bias: normalisation layer (LayerNorm) (and 2 more). Exclude" in msg and "2.weight" not in msg
+
+
+def test_kron_partition_respects_within():
+    # only the parameters in `within` are partitioned; a bias alone is excluded with its reason
+    model = nn.Sequential(nn.Linear(4, 3), nn.LayerNorm(3), nn.Linear(3, 2))
+    layers, excluded = cv.kron_partition(model, within=["0.weight", "2.bias"])
+    assert [(layer.path, layer.weight, layer.bias) for layer in layers] == [("0", "0.weight", None)]
+    assert excluded == {"2.bias": "a bias without its weight (the layer is only partly attributed)"}
+
+
+def test_kronecker_defaults_are_every_label():
+    # pseudo_labels defaults to "all" in kronecker_factors, kronecker_eigenbases and ekfac_eigenvalues
+    model = tiny_mlp()
+    x, _ = data(5, (1, 3, 4))
+    fm = cv.FunctionalModel(model)
+    layers = cv.kron_layers(model)
+    f_all, f_def = cv.kronecker_factors(fm, layers, x, "all"), cv.kronecker_factors(fm, layers, x)
+    b_all, b_def = cv.kronecker_eigenbases(fm, layers, x, "all"), cv.kronecker_eigenbases(fm, layers, x)
+    l_all, l_def = cv.ekfac_eigenvalues(fm, layers, x, b_all, "all"), cv.ekfac_eigenvalues(fm, layers, x, b_all)
+    for layer in layers:
+        p = layer.path
+        torch.testing.assert_close(f_def[p], f_all[p], rtol=0, atol=0)
+        torch.testing.assert_close(b_def[p]["lam_a"], b_all[p]["lam_a"], rtol=0, atol=0)
+        torch.testing.assert_close(l_def[p], l_all[p], rtol=0, atol=0)
+
+
+def test_kronecker_factor_nan_names_the_layer():
+    # a NaN input makes the factors non-finite; the error names the layer
+    model = nn.Sequential(nn.Flatten(), nn.Linear(5, 3)).double()
+    x, _ = data(3, (5,), classes=3)
+    x[1, 2] = float("nan")
+    fm = cv.FunctionalModel(model)
+    with pytest.raises(SolverError, match="non-finite Kronecker factor of layer '1'"):
+        cv.kronecker_factors(fm, cv.kron_layers(model), x)
+
+
+def test_dilated_conv_patches_reconstruct_per_sample_grads():
+    # with dilation, Σ_t dy_t ã_tᵀ (true-label cotangent) is still each example's loss gradient
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 2, 2, dilation=2, padding=1), nn.Tanh(), nn.Flatten(),
+                          nn.Linear(2 * 7 * 7, 3)).double()
+    x, y = data(4, (1, 7, 7), classes=3)
+    fm = cv.FunctionalModel(model)
+    layers = cv.kron_layers(model)
+    grads = cv.layer_pseudo_grads(fm, layers, x, lambda z: (torch.softmax(z, -1) - F.one_hot(y, 3).double())[None])
+    want = cv.per_sample_grads(fm, x, y, "loss")
+    got = torch.zeros_like(want)
+    for layer in layers:
+        a, dy = grads[layer.path]
+        got[:, layer_positions(layer, fm.layout).flatten()] = torch.einsum("nto,ntd->nod", dy[0], a).reshape(4, -1)
+    torch.testing.assert_close(got, want, **TOL)
+
+
+def test_curvature_dispatch_matches_the_products():
+    # curvature="ggn" (default) / "hessian" dispatch to the GGN / Hessian products; anything else is an error
+    model = tiny_mlp()
+    x, y = data(6, (1, 3, 4))
+    fm = cv.FunctionalModel(model)
+    V = torch.randn(2, fm.numel, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(cv.curvature_vector_product(fm, V, x, y), cv.ggn_vector_product(fm, V, x), **TOL)
+    torch.testing.assert_close(cv.curvature_vector_product(fm, V, x, y, "hessian"),
+                               cv.hessian_vector_product(fm, V, x, y), **TOL)
+    torch.testing.assert_close(cv.dense_curvature(fm, x, y), cv.dense_ggn(fm, x), **TOL)
+    for fn in (lambda: cv.curvature_vector_product(fm, V, x, y, "fisher"), lambda: cv.dense_curvature(fm, x, y, "fisher")):
+        with pytest.raises(SolverError, match="curvature must be"):
+            fn()
+
+
+def test_dense_ggn_nan_names_the_example_in_a_later_batch():
+    # the offending example is numbered in the whole data set, not within its batch
+    model = tiny_mlp()
+    x, _ = data(9, (1, 3, 4))
+    x[7, 0, 1, 1] = float("nan")
+    with pytest.raises(SolverError, match="logit Jacobian for example 7 "):
+        cv.dense_ggn(cv.FunctionalModel(model), x, batch_size=5)
+
+
+def test_top_eigenvalue_is_reproducible_from_its_generator_and_zero_iterations():
+    # the start vector comes from `generator` alone (not the global RNG); no iteration estimates 0.0
+    M = torch.diag(torch.tensor([3.0, 2.9, 1.0], dtype=torch.float64))
+    runs = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        runs.append(cv.top_eigenvalue(lambda v: v @ M, 3, iters=2, generator=torch.Generator().manual_seed(0)))
+    assert runs[0] == runs[1] and runs[0] < 3.0
+    assert cv.top_eigenvalue(lambda v: v @ M, 3, iters=0) == 0.0
+
+
+def test_buffers_live_on_the_model_device_not_the_default_device():
+    # accumulators are created on fm.device: an ambient default device (here "meta") changes nothing
+    model = tiny_mlp()
+    x, y = data(5, (1, 3, 4))
+    fm = cv.FunctionalModel(model)
+    layers = cv.kron_layers(model)
+    bases = cv.kronecker_eigenbases(fm, layers, x)
+    want = (cv.kronecker_factors(fm, layers, x), cv.ekfac_eigenvalues(fm, layers, x, bases), cv.per_sample_grads(fm, x, y))
+    with torch.device("meta"):
+        got = (cv.kronecker_factors(fm, layers, x), cv.ekfac_eigenvalues(fm, layers, x, bases), cv.per_sample_grads(fm, x, y))
+    for layer in layers:
+        for g, w in zip(got[0][layer.path] + (got[1][layer.path],), want[0][layer.path] + (want[1][layer.path],)):
+            assert g.device.type == "cpu"
+            torch.testing.assert_close(g, w, **TOL)
+    assert got[2].device.type == "cpu"
+    torch.testing.assert_close(got[2], want[2], **TOL)
+
+
+def test_products_do_not_depend_on_the_chunking():
+    # batch/chunk sizes that don't divide N or P (and one example at a time) only split the same sums
+    model = tiny_mlp()
+    x, y = data(7, (1, 3, 4))
+    fm = cv.FunctionalModel(model)
+    V = torch.randn(3, fm.numel, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    G, H = cv.dense_ggn(fm, x, batch_size=7), cv.dense_hessian(fm, x, y, batch_size=7, chunk_size=fm.numel)
+    for b in (1, 3, 4):
+        torch.testing.assert_close(cv.dense_ggn(fm, x, batch_size=b), G, **TOL)
+        torch.testing.assert_close(cv.dense_hessian(fm, x, y, batch_size=b, chunk_size=13), H, **TOL)
+        torch.testing.assert_close(cv.ggn_vector_product(fm, V, x, batch_size=b), V @ G, **TOL)
+        torch.testing.assert_close(cv.hessian_vector_product(fm, V, x, y, batch_size=b), V @ H, **TOL)
+    torch.testing.assert_close(cv.dense_ggn(fm, x[:1]), explicit_ggn(model, x[:1]), **TOL)  # a single example

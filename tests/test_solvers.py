@@ -561,3 +561,212 @@ def test_scores_many_shares_the_train_pass_and_equals_scoring_one_by_one():
     other = registry.get("identity")().fit(problem("cnn", n=24)[0])
     mixed = scores_many([grid[0], other], qx, qy, x, y)
     torch.testing.assert_close(mixed[1], other.scores(qx, qy, x, y))
+
+
+# ---------------------------------------------------------------- the generic scoring path: blocks, messages, records
+
+class _Recorded:
+    """Wraps the solver module's ``core.chunks``: records (n, size, desc) of every block loop it runs."""
+
+    def __init__(self, monkeypatch):
+        import benchmark.evaluate.solver as solver_module
+
+        self.calls, real = [], cv.chunks
+
+        def chunks(n, size, desc=None):
+            self.calls.append((n, size, desc))
+            return real(n, size, desc)
+
+        monkeypatch.setattr(solver_module.core, "chunks", chunks)
+
+
+def _exact_grid(task, dampings=(1e-2, 1.0)):
+    return [registry.get("exact")(damping=lam).fit(task) for lam in dampings]
+
+
+def test_blocked_scores_equal_one_block_and_the_blocks_are_the_ones_asked_for(monkeypatch):
+    """Scores computed in blocks that do not divide Q or N (and with one query, one train point) equal the dense
+    −(G + λI)⁻¹∇f · ∇L; each block loop uses exactly the chunk sizes given, and the progress text counts passes."""
+    task, x, y = problem("mlp", n=11)
+    g, qx, qy = query_grads(task, n=5)
+    s = registry.get("exact")(damping=0.1).fit(task)
+    gt = cv.per_sample_grads(cv.FunctionalModel(task.model), x, y, "loss")
+    want = -(dense_reference(task, 0.1, g) @ gt.T)  # τ = −∇fᵀ(G + λI)⁻¹∇L, dense
+    rec = _Recorded(monkeypatch)
+    got = s.scores(qx, qy, x, y, query_chunk=2, train_chunk=4)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+    assert rec.calls[0] == (5, 2, None)  # query blocks of the size asked for
+    train_loops = [c for c in rec.calls[1:]]
+    assert [c[:2] for c in train_loops] == [(11, 4)] * 3  # one train pass (blocks of train_chunk) per query block
+    assert [c[2] for c in train_loops] == [f"scores (exact): queries {a}-{b} of 5, pass {p}/3"
+                                           for p, (a, b) in enumerate([(0, 2), (2, 4), (4, 5)], 1)]
+    torch.testing.assert_close(s.scores(qx[:1], qy[:1], x[:1], y[:1], query_chunk=1, train_chunk=1).double(),
+                               want[:1, :1], rtol=1e-5, atol=1e-6)
+    # self-scores: the diagonal of the loss-measurement scores' negation, ∇Lᵀ(G + λI)⁻¹∇L, in blocks of train_chunk
+    rec.calls.clear()
+    selfs = s.self_scores(x, y, train_chunk=3)
+    assert [c[:2] for c in rec.calls if c[2]] == [(11, 3)]  # (the float64 row loops have no desc)
+    torch.testing.assert_close(selfs.double(), (dense_reference(task, 0.1, gt) * gt).sum(1), rtol=1e-5, atol=1e-6)
+
+
+def test_scores_many_makes_one_train_pass_for_the_grid(monkeypatch):
+    """A grid of solvers on one model shares one pass of train features per query block (train_chunk-sized blocks),
+    and the query block is split between the configurations; scores equal scoring one by one."""
+    task, x, y = problem("mlp", n=10)
+    _, qx, qy = query_grads(task, n=5)
+    grid = _exact_grid(task)
+    alone = [s.scores(qx, qy, x, y) for s in grid]
+    sizes = []
+    real = type(grid[0]).train_features
+
+    def counted(self, tx, ty, offset=0):
+        sizes.append(len(ty))
+        return real(self, tx, ty, offset)
+
+    monkeypatch.setattr(type(grid[0]), "train_features", counted)
+    rec = _Recorded(monkeypatch)
+    together = scores_many(grid, qx, qy, x, y, query_chunk=5, train_chunk=4)
+    assert sizes == [4, 4, 2]  # one pass for both configurations, in train_chunk blocks
+    for a, b in zip(together, alone):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    # one solver alone: its own single pass, no "configurations" in its progress text
+    sizes.clear()
+    rec.calls.clear()
+    (one,) = scores_many(grid[:1], qx, qy, x, y, query_chunk=5, train_chunk=4)
+    torch.testing.assert_close(one, alone[0], rtol=1e-6, atol=1e-7)
+    assert sizes == [4, 4, 2] and rec.calls[1][2] == "scores (exact): queries 0-5 of 5, pass 1/1"
+    # default query block (5 rows from the budget) split between 2 configurations: 2 queries a block, 3 passes
+    monkeypatch.setenv("TDABENCH_SCORE_MEMORY_MB", str(5.5 * 2 * 4 * 106 * 4 / 3 / 2**20))
+    assert grid[0].chunk_sizes()[0] == 5
+    rec.calls.clear()
+    scores_many(grid, qx, qy, x, y, train_chunk=4)
+    assert rec.calls[0][:2] == (5, 2)
+    assert [c[2] for c in rec.calls[1:]] == [f"scores (exact, 2 configurations): queries {a}-{b} of 5, pass {p}/3"
+                                             for p, (a, b) in enumerate([(0, 2), (2, 4), (4, 5)], 1)]
+
+
+class _NaNFeatures(Solver):
+    """Identity-like features that turn NaN at a chosen example, without checking them itself (a solver that
+    defines its own features): the generic scoring paths must name the example."""
+    name = "nanfeat"
+    bad_query, bad_train, bad_ihvp = None, None, None
+
+    def ihvp(self, v):
+        return v.clone()
+
+    def query_features(self, qx, qy, offset=0):
+        a = cv.per_sample_grads(self.functional(), qx, qy, self.task.measurement)
+        if self.bad_query is not None and offset <= self.bad_query < offset + len(qy):
+            a[self.bad_query - offset, 0] = float("nan")
+        return a
+
+    def train_features(self, tx, ty, offset=0):
+        b = cv.per_sample_grads(self.functional(), tx, ty, "loss")
+        if self.bad_train is not None and offset <= self.bad_train < offset + len(ty):
+            b[self.bad_train - offset, 0] = float("nan")
+        return b
+
+
+def test_non_finite_features_name_the_example_in_every_scoring_path():
+    """NaN in a solver's own features is a SolverError naming the example (query or train index), not its row in
+    the block."""
+    task, x, y = problem("mlp", n=10)
+    _, qx, qy = query_grads(task, n=5)
+    s = _NaNFeatures().fit(task)
+    s.bad_train = 7
+    with pytest.raises(SolverError, match=r"non-finite feature \(nanfeat\) for example 7 "):
+        s.scores(qx, qy, x, y, train_chunk=3)
+    s.bad_train, s.bad_query = None, 3
+    with pytest.raises(SolverError, match=r"non-finite feature \(nanfeat\) for example 3 "):
+        s.scores(qx, qy, x, y, query_chunk=2)
+    with pytest.raises(SolverError, match=r"non-finite feature \(nanfeat\) for example 3 "):
+        list(s.query_feature_blocks(qx, qy, query_chunk=2))
+
+
+class _NaNIHVP(Solver):
+    """An IHVP that returns NaN in the rows whose input's first entry is marked (exactly 1234.5)."""
+    name = "nanihvp"
+
+    def ihvp(self, v):
+        out = v.clone()
+        out[v[:, 0] == 1234.5] = float("nan")
+        return out
+
+
+def test_non_finite_ihvp_and_gradients_name_the_example(monkeypatch):
+    """The example named by a non-finite gradient or IHVP is its index in the whole set (offset + row), also for
+    the default offset 0 of a direct call; a parameter is not an example; fit names the bad training input."""
+    task, x, y = problem("mlp", n=10)
+    bad_x = x.clone()
+    bad_x[7, 0, 0, 0] = float("inf")
+    s = registry.get("identity")().fit(task)
+    with pytest.raises(SolverError, match="non-finite train loss gradient for example 7 "):
+        s.self_scores(bad_x, y, train_chunk=3)
+    with pytest.raises(SolverError, match="non-finite train loss gradient for example 2 "):
+        s.train_features(bad_x[5:], y[5:])  # default offset 0: row 2 is example 2
+    with pytest.raises(SolverError, match=r"non-finite query gradient \(margin\) for example 2 "):
+        s.query_features(bad_x[5:], y[5:])
+    # IHVP NaN for train point 7 (self-scores) and query 3 (scores): mark their gradients
+    n = _NaNIHVP().fit(task)
+    real = cv.per_sample_grads
+
+    def marked(fm, xx, yy, measurement="loss", chunk=256):
+        g = real(fm, xx, yy, measurement, chunk)
+        g[(xx.reshape(len(xx), -1)[:, 0] == 99.0), 0] = 1234.5
+        return g
+
+    monkeypatch.setattr(cv, "per_sample_grads", marked)
+    mx = x.clone()
+    mx[7, 0, 0, 0] = 99.0
+    with pytest.raises(SolverError, match=r"inverse-curvature product of a train gradient \(nanihvp\) for example 7 "):
+        n.self_scores(mx, y, train_chunk=3)
+    with pytest.raises(SolverError, match=r"inverse-curvature product of a query gradient \(nanihvp\) for example 3 "):
+        n.scores(mx[4:9], y[4:9], x, y, query_chunk=2)
+    monkeypatch.undo()
+    # fit: a NaN weight is named without an example; a NaN training input by its index
+    bad_model = copy.deepcopy(task.model)
+    with torch.no_grad():
+        bad_model[1].weight[0, 0] = float("nan")
+    with pytest.raises(SolverError, match=r"non-finite model parameter '1.weight': 1 NaN") as err:
+        registry.get("identity")().fit(Task(bad_model, x, y, num_classes=4))
+    assert "for example" not in str(err.value)
+    with pytest.raises(SolverError, match="non-finite training input for example 7 "):
+        registry.get("identity")().fit(Task(task.model, bad_x, y, num_classes=4))
+
+
+def test_fit_refuses_a_solver_whose_package_is_missing():
+    """A solver whose optional package is not installed is refused at fit, with its install line."""
+    class Needs(Solver):
+        name = "needs-missing"
+        requires = ("tdabench_no_such_package_xyz",)
+
+    assert Needs.unavailable() is not None
+    with pytest.raises(SolverError, match="solver 'needs-missing' needs tdabench_no_such_package_xyz"):
+        Needs().fit(problem("mlp", n=4)[0])
+
+
+def test_info_records_shared_and_built_seconds_and_cache_hits():
+    """info(): seconds rounded to milliseconds under their documented names; a second fit of the same task takes
+    its curvature from the cache (built 0, shared as the first fit's: a cache hit); parameter counts."""
+    task, _, _ = problem("mlp", n=10)
+    first, second = _exact_grid(task)
+    a, b = first.info(), second.info()
+    assert a["shared_seconds"] > 0 and a["built_seconds"] == a["shared_seconds"] and a["cache_hit"] is False
+    assert b["built_seconds"] == 0 and b["shared_seconds"] == a["shared_seconds"] and b["cache_hit"] is True
+    assert (b["attributed_params"], b["total_params"]) == (106, 106)
+    second._shared_seconds, second._built_seconds = 1.23456, 0.0
+    assert second.info()["shared_seconds"] == 1.235 and second.info()["cache_hit"] is True
+    second._built_seconds = 1.23456
+    assert second.info()["built_seconds"] == 1.235 and second.info()["cache_hit"] is False
+
+
+def test_task_fingerprint_hashes_model_inputs_and_labels_once(monkeypatch):
+    """The fingerprint is the content hash of model, inputs and labels (labels change it), computed once per task."""
+    task, x, y = problem("mlp", n=10)
+    other = Task(task.model, x, (y + 1) % 4, num_classes=4)
+    assert task.fingerprint() == cv.fingerprint(task.model, x, y) != other.fingerprint()
+    calls = []
+    real = cv.fingerprint
+    monkeypatch.setattr(cv, "fingerprint", lambda *a: calls.append(1) or real(*a))
+    fresh = Task(task.model, x, y, num_classes=4)
+    assert fresh.fingerprint() == fresh.fingerprint() == task.fingerprint() and len(calls) == 1

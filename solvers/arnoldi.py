@@ -47,10 +47,10 @@ class Arnoldi(Solver):
         if samples is not None and (isinstance(samples, bool) or not isinstance(samples, int) or samples < 1):
             raise SolverError(f"arnoldi: ggn_samples must be a positive integer or None (all), got {samples!r}")
         try:
-            core.as_dtype(precision)
+            dtype = core.as_dtype(precision)
         except SolverError as exc:
             raise SolverError(f"arnoldi: precision must be a dtype name ({exc})") from None
-        fm = self.functional(precision)
+        fm = self.functional(dtype)
         n, r = min(n, fm.numel), min(r, fm.numel)  # r = P is the whole space
         if r > n:
             raise SolverError(f"arnoldi: rank {r} exceeds the {n} Lanczos iterations (iterations={self.params['iterations']}, "

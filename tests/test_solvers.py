@@ -596,7 +596,7 @@ def test_blocked_scores_equal_one_block_and_the_blocks_are_the_ones_asked_for(mo
     got = s.scores(qx, qy, x, y, query_chunk=2, train_chunk=4)
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
     assert rec.calls[0] == (5, 2, None)  # query blocks of the size asked for
-    train_loops = [c for c in rec.calls[1:]]
+    train_loops = rec.calls[1:]
     assert [c[:2] for c in train_loops] == [(11, 4)] * 3  # one train pass (blocks of train_chunk) per query block
     assert [c[2] for c in train_loops] == [f"scores (exact): queries {a}-{b} of 5, pass {p}/3"
                                            for p, (a, b) in enumerate([(0, 2), (2, 4), (4, 5)], 1)]

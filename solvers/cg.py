@@ -52,7 +52,7 @@ class ConjugateGradient(Solver):
         p, rs = r.clone(), (r * r).sum(1)
         bnorm = b.norm(dim=1)
         active = bnorm > 0
-        iters = torch.zeros(len(b), dtype=torch.long)
+        iters = torch.zeros(len(b), dtype=torch.long, device=b.device)  # indexed by idx, on b's device
         for _ in range(int(self.params["max_iter"])):
             idx = active.nonzero().flatten()
             if len(idx) == 0:
@@ -86,6 +86,7 @@ class ConjugateGradient(Solver):
         out = {**super().info(), "ihvp_calls": len(calls)}
         if calls:
             out.update(iterations_max=max(c["iterations_max"] for c in calls),
+                       iterations_mean=sum(c["iterations_mean"] * c["vectors"] for c in calls) / sum(c["vectors"] for c in calls),
                        final_residual_max=max(c["residual_max"] for c in calls),
                        final_residual_mean=sum(c["residual_mean"] * c["vectors"] for c in calls) / sum(c["vectors"] for c in calls),
                        converged_fraction=sum(c["converged"] for c in calls) / sum(c["vectors"] for c in calls))

@@ -57,7 +57,7 @@ class DataInf(Solver):
         """Per parameter tensor l: (1/(N d_l)) Σᵢ ‖∇_l L(zᵢ)‖²."""
         t = self._require_fit()
         total = {name: 0.0 for name in self.blocks}
-        for ts, g in self._train_grads("DataInf: layer damping"):
+        for _, g in self._train_grads(desc="DataInf: layer damping"):
             for name, sl in self.blocks.items():
                 total[name] += float((g[:, sl].double() ** 2).sum())
         return {name: total[name] / (len(t.train_y) * (sl.stop - sl.start)) for name, sl in self.blocks.items()}
@@ -74,7 +74,7 @@ class DataInf(Solver):
         t = self._require_fit()
         v = vectors.to(self.fm.device, torch.float64)
         acc = torch.zeros_like(v)
-        for _, g in self._train_grads(f"DataInf: sweep of the training set for {len(v)} vectors"):
+        for _, g in self._train_grads(desc=f"DataInf: sweep of the training set for {len(v)} vectors"):
             for name, sl in self.blocks.items():
                 gb = g[:, sl].double()
                 coeff = (v[:, sl] @ gb.T) / (self.lam[name] + (gb * gb).sum(1))  # (B, n): gᵢᵀv / (λ_l + ‖gᵢ‖²)

@@ -559,6 +559,18 @@ def test_top_eigenvalue_is_reproducible_from_its_generator_and_zero_iterations()
     assert cv.top_eigenvalue(lambda v: v @ M, 3, iters=0) == 0.0
 
 
+def test_loss_gradient_sum_is_the_summed_per_example_gradient_in_any_chunk():
+    # against autograd one example at a time; chunks of 1, of sizes that divide nothing, and the default (one chunk)
+    model = tiny_mlp()
+    x, y = data(7, (1, 3, 4))
+    fm = cv.FunctionalModel(model)
+    want = sum(flat_grad(model, F.cross_entropy(model(x[i:i + 1]), y[i:i + 1])) for i in range(len(y)))
+    for kw in ({}, {"chunk": 1}, {"chunk": 3}, {"chunk": 4}):
+        got = cv.loss_gradient_sum(fm, x, y, **kw)
+        assert got.dtype == fm.dtype == torch.float64 and got.shape == (fm.numel,)
+        torch.testing.assert_close(got, want, **TOL)
+
+
 def test_buffers_live_on_the_model_device_not_the_default_device():
     # accumulators are created on fm.device: an ambient default device (here "meta") changes nothing
     model = tiny_mlp()

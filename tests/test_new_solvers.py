@@ -98,6 +98,58 @@ def test_arnoldi_on_a_subset_is_the_exact_inverse_of_that_subsets_G_and_float32_
             registry.get("arnoldi")(**bad).fit(task)
 
 
+def test_arnoldi_rank_one_keeps_the_top_eigenpair_and_info_reports_the_spectrum():
+    """rank = 1 is the top eigenpair alone: (G + λI)⁻¹v ≈ u₁(u₁ᵀv)/(λ₁ + λ) with u₁, λ₁ from a dense eigh of G;
+    one iteration is one Ritz pair, the Rayleigh quotient of its unit vector. info() reports the rank, the
+    iterations actually run (capped at P) and the first and r-th kept eigenvalues."""
+    task, _, _ = problem("mlp")
+    V, _, _ = query_grads(task)
+    P = sum(p.numel() for p in task.model.parameters())
+    G = cv.dense_ggn(cv.FunctionalModel(task.model, torch.float64), task.train_x)
+    evals, evecs = torch.linalg.eigh(G)
+    u, lam1 = evecs[:, -1], float(evals[-1])
+    one = registry.get("arnoldi")(rank=1, iterations=40, damping=0.1).fit(task)
+    torch.testing.assert_close(one.ihvp(V), torch.outer(V @ u, u) / (lam1 + 0.1), rtol=1e-8, atol=1e-12)
+    single = registry.get("arnoldi")(rank=1, iterations=1, damping=0.1).fit(task)
+    q = single.eigenvectors[0]
+    assert abs(float(q.norm()) - 1) < 1e-12
+    torch.testing.assert_close(single.eigenvalues[0], q @ G @ q, rtol=1e-10, atol=0)
+    assert single.info()["iterations"] == 1 and single.info()["rank"] == 1
+    four = registry.get("arnoldi")(rank=4, iterations=40, damping=0.1).fit(task).info()
+    assert (four["rank"], four["iterations"]) == (4, 40)
+    assert four["eigenvalue_top"] == pytest.approx(lam1, rel=1e-8)
+    assert four["eigenvalue_r"] == pytest.approx(float(evals[-4]), rel=1e-8)
+    capped = registry.get("arnoldi")(rank=8, iterations=5 * P, damping=0.1).fit(task).info()
+    assert (capped["rank"], capped["iterations"]) == (8, P)  # a Krylov space has at most P directions
+    for bad, match in (({"rank": 0}, "rank must be a positive integer, got 0"),
+                       ({"iterations": 0}, "iterations must be a positive integer, got 0"),
+                       ({"iterations": True}, "iterations must be a positive integer, got True")):
+        with pytest.raises(SolverError, match=match):
+            registry.get("arnoldi")(**bad).fit(task)
+
+
+def test_arnoldi_products_run_in_the_requested_precision_and_the_memo_keeps_precisions_apart():
+    """A float32 model: the default float64 products make the inverse exact to float64 round-off (G of the float32
+    weights, formed densely in float64), float32 products only to float32 round-off — and a float64 fit after a
+    float32 one on the same task's cache must not reuse the float32 spectrum. ihvp answers in the vectors' dtype:
+    float32 gradients of the model come back float32 (computed in float64, then rounded)."""
+    task, _, _ = problem("mlp")
+    model = copy.deepcopy(task.model).float()
+    t32 = Task(model, task.train_x.float(), task.train_y, num_classes=4, seed=task.seed)
+    V32, _, _ = query_grads(t32)
+    assert V32.dtype == torch.float32
+    P = sum(p.numel() for p in model.parameters())
+    G = cv.dense_ggn(cv.FunctionalModel(model, torch.float64), t32.train_x)
+    want = torch.linalg.solve(G + 0.1 * torch.eye(P, dtype=torch.float64), V32.double().T).T
+    lo = registry.get("arnoldi")(rank=P, iterations=P, damping=0.1, precision="float32").fit(t32)
+    hi = registry.get("arnoldi")(rank=P, iterations=P, damping=0.1).fit(t32)  # same task, same cache
+    assert rel_err(hi.ihvp(V32.double()), want) < 1e-10
+    assert 1e-9 < rel_err(lo.ihvp(V32.double()), want) < 1e-3
+    out = hi.ihvp(V32)
+    assert out.dtype == torch.float32
+    assert torch.equal(out, hi.ihvp(V32.double()).float())
+
+
 # ---------------------------------------------------------------- datainf
 
 def test_datainf_equals_its_closed_form_written_independently():
@@ -136,6 +188,52 @@ def test_datainf_is_exact_for_one_training_example():
         start += p.numel()
         F_l = torch.outer(g[sl], g[sl]) + s.lam[name] * torch.eye(p.numel(), dtype=g.dtype)
         torch.testing.assert_close(s.ihvp(V)[:, sl], torch.linalg.solve(F_l, V[:, sl].T).T, **TIGHT)
+
+
+def test_datainf_reports_each_layers_damping_and_answers_in_the_vectors_dtype():
+    """info()["layer_damping"] is λ_l = c · mean of the layer's squared loss-gradient entries (plain autograd
+    loop), per parameter tensor; on a float32 model, float32 vectors come back float32: the float64 result rounded."""
+    task, x, y = problem("mlp")
+    gt = loop_grads(task.model, x, y, "loss")
+    c = 0.3
+    info = registry.get("datainf")(damping=c).fit(task).info()
+    want, start = {}, 0
+    for name, p in task.model.named_parameters():
+        want[name] = c * float((gt[:, start:start + p.numel()] ** 2).mean())
+        start += p.numel()
+    assert info["layer_damping"].keys() == want.keys()
+    for name in want:
+        assert info["layer_damping"][name] == pytest.approx(want[name], rel=1e-10), name
+    t32 = Task(copy.deepcopy(task.model).float(), x.float(), y, num_classes=4, seed=task.seed)
+    V32, _, _ = query_grads(t32)
+    s = registry.get("datainf")(damping=c).fit(t32)
+    out = s.ihvp(V32)
+    assert out.dtype == torch.float32
+    assert torch.equal(out, s.ihvp(V32.double()).float())
+
+
+def test_datainf_names_the_training_example_whose_gradient_is_not_finite(monkeypatch):
+    """A NaN loss gradient of training example 7 (as an overflowing model would give; marked here by an input
+    value) is named by its index in the whole set, in blocks of 3, both in fit's damping pass and in an ihvp's sweep."""
+    task, x, y = problem("mlp", n=10)
+    mx = x.clone()
+    mx[7, 0, 0, 0] = 99.0
+    marked_task = Task(task.model, mx, y, num_classes=4, seed=task.seed)
+    real = cv.per_sample_grads
+
+    def marked(fm, xx, yy, measurement="loss", chunk=256):
+        g = real(fm, xx, yy, measurement, chunk)
+        g[(xx.reshape(len(xx), -1)[:, 0] == 99.0), 0] = float("nan")
+        return g
+
+    monkeypatch.setenv("TDABENCH_SCORE_MEMORY_MB", "0.01")  # train blocks of 3 rows of the 106 parameters
+    assert registry.get("datainf")().fit(task).chunk_sizes()[1] == 3
+    s = registry.get("datainf")().fit(marked_task)  # finite gradients until they are marked
+    monkeypatch.setattr(cv, "per_sample_grads", marked)
+    with pytest.raises(SolverError, match="non-finite train loss gradient for example 7 "):
+        s.ihvp(torch.ones(1, 106, dtype=torch.float64))
+    with pytest.raises(SolverError, match="non-finite train loss gradient for example 7 "):
+        registry.get("datainf")().fit(dataclasses.replace(marked_task, cache=cv.CurvatureCache()))
 
 
 # ---------------------------------------------------------------- trak
@@ -198,6 +296,141 @@ def test_random_projection_in_blocks_equals_the_matrix_and_keeps_norms():
     assert not torch.equal(cv.RandomProjection(50, 30, seed=1).matrix(), cv.RandomProjection(50, 30, seed=2).matrix())
 
 
+def trak_kernel_formula(task, k, damping, seed):
+    """R written out as a float64 matrix, the kernel ΦᵀΦ/N of the projected margin gradients (plain autograd loop,
+    φᵢ = Rᵀ∇f(zᵢ)) and λ̃ = damping · tr(ΦᵀΦ/N)/k (damping times its mean eigenvalue)."""
+    R = cv.RandomProjection(sum(p.numel() for p in task.model.parameters()), k, seed).matrix().double()
+    phi = loop_grads(task.model, task.train_x, task.train_y, "margin").double() @ R
+    K = phi.T @ phi / len(task.train_y)
+    return R, K, damping * float(K.trace()) / k
+
+
+def test_trak_ihvp_is_the_implicit_inverse_and_info_reports_its_kernel_ridge_and_projection():
+    """ihvp(v) = R(ΦᵀΦ/N + λ̃I)⁻¹Rᵀv with R written out. With λ̃ = the kernel's mean eigenvalue (damping 1) the kernel
+    is well conditioned, so the match is to float64 round-off (λ̃ rounded to float32 would be off by ~1e-8). A fit
+    with another seed on the same task's cache gets the kernel of its own projection. info() reports k, λ̃, the mean
+    eigenvalue tr(ΦᵀΦ/N)/k, the smallest Cholesky pivot and R's 4·P·k bytes in MiB. Float32 vectors come back
+    float32, the float64 product rounded: at damping 1e-4 the kernel's condition number is ~1e4, so a projection
+    in float32 would lose two digits. A float32 model's query features are float64 solves of its float32 gradients."""
+    task, _, _ = problem("mlp")
+    V, qx, qy = query_grads(task)
+    k = 40
+    for seed in (3, 4):
+        t = dataclasses.replace(task, seed=seed)  # the same cache: the kernel must be keyed by the seed
+        s = registry.get("trak")(proj_dim=k, damping=1.0).fit(t)
+        R, K, ridge = trak_kernel_formula(t, k, 1.0, seed)
+        A = K + ridge * torch.eye(k, dtype=K.dtype)
+        assert rel_err(s.ihvp(V), (R @ torch.linalg.solve(A, (V @ R).T)).T) < 1e-10
+        info = s.info()
+        assert info["proj_dim"] == k
+        assert info["kernel_mean_eigenvalue"] == pytest.approx(float(K.trace()) / k, rel=1e-12)
+        assert info["ridge"] == pytest.approx(ridge, rel=1e-12)
+        pivots = torch.linalg.cholesky(A).diagonal() ** 2
+        assert info["cholesky_pivot_min"] == pytest.approx(float(pivots.min()), rel=1e-10)
+        assert info["projection_held_mb"] == 4 * 106 * k / 2**20
+    s = registry.get("trak")(proj_dim=k, damping=1e-4).fit(task)
+    R, K, ridge = trak_kernel_formula(task, k, 1e-4, task.seed)
+    A = K + ridge * torch.eye(k, dtype=K.dtype)
+    assert float(torch.linalg.cond(A)) > 1e3
+    V32 = V.float()
+    out = s.ihvp(V32)
+    assert out.dtype == torch.float32
+    assert rel_err(out.double(), (R @ torch.linalg.solve(A, (V32.double() @ R).T)).T) < 3e-7
+    assert torch.equal(out, s.ihvp(V32.double()).float())
+    m32 = copy.deepcopy(task.model).float()
+    t32 = Task(m32, task.train_x.float(), task.train_y, num_classes=4, seed=task.seed)
+    R, K, ridge = trak_kernel_formula(t32, k, 1.0, t32.seed)
+    a = registry.get("trak")(proj_dim=k, damping=1.0).fit(t32).query_features(qx.float(), qy)
+    want = torch.linalg.solve(K + ridge * torch.eye(k, dtype=K.dtype),
+                              (loop_grads(m32, qx.float(), qy, "margin").double() @ R).T).T
+    assert a.dtype == torch.float64 and rel_err(a, want) < 1e-5  # kernel from float32 products: float32 round-off
+
+
+def test_trak_self_influence_with_and_without_the_reweighting():
+    """self(i) = ∇L(zᵢ)ᵀR(ΦᵀΦ/N + λ̃I)⁻¹Rᵀ∇L(zᵢ) = (1 − pᵢ)² φᵢᵀ(ΦᵀΦ/N + λ̃I)⁻¹φᵢ with the reweighting
+    (∇L = −(1 − p)∇f); without it the train features are −φᵢ and self(i) = (1 − pᵢ) φᵢᵀ(ΦᵀΦ/N + λ̃I)⁻¹φᵢ, in blocks
+    that split the set."""
+    task, x, y = problem("mlp")
+    k, damping = 40, 1e-2
+    R, K, ridge = trak_kernel_formula(task, k, damping, task.seed)
+    phi = loop_grads(task.model, x, y, "margin") @ R
+    quad = (torch.linalg.solve(K + ridge * torch.eye(k, dtype=K.dtype), phi.T).T * phi).sum(1)
+    p = torch.softmax(task.model(x), -1).gather(1, y[:, None]).squeeze(1).detach()
+    for reweight, want in ((True, (1 - p) ** 2 * quad), (False, (1 - p) * quad)):
+        s = registry.get("trak")(proj_dim=k, damping=damping, reweight=reweight).fit(task)
+        torch.testing.assert_close(s.self_scores(x, y, train_chunk=7).double(), want, rtol=1e-5, atol=1e-8)
+
+
+def test_trak_refuses_a_bad_proj_dim_and_a_ridge_below_the_kernels_float64_resolution():
+    """proj_dim must be a positive integer. A ridge of 1e-14 × the mean eigenvalue on a rank-48 kernel of dimension
+    106: Cholesky succeeds (its smallest pivots are about the ridge, positive) but they are below what float64
+    resolves in the kernel (k·eps·its largest diagonal entry), so the kernel is refused as singular."""
+    task, _, _ = problem("mlp")
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(SolverError, match="trak: proj_dim must be a positive integer"):
+            registry.get("trak")(proj_dim=bad).fit(task)
+    with pytest.raises(SolverError, match=r"kernel .* \(k = 106\) is singular with damping=1e-14"):
+        registry.get("trak")(proj_dim=106, damping=1e-14).fit(task)
+
+
+def test_trak_and_tracin_name_the_example_whose_gradient_is_not_finite(monkeypatch):
+    """Direct calls of the features count rows from 0 (the default offset); self-influence in blocks names the
+    example by its index in the whole set — for TRAK without reweighting also when only its margin gradient is
+    non-finite (its loss gradients are checked first and pass)."""
+    task, x, y = problem("mlp", n=10)
+    bad_x = x.clone()
+    bad_x[7, 0, 0, 0] = float("inf")
+    plain = registry.get("trak")(proj_dim=8, damping=0.1, reweight=False).fit(task)
+    for s in (registry.get("trak")(proj_dim=8, damping=0.1).fit(task), plain, registry.get("tracin")().fit(task)):
+        with pytest.raises(SolverError, match="non-finite train (loss|margin) gradient for example 2 "):
+            s.train_features(bad_x[5:], y[5:])
+        with pytest.raises(SolverError, match=r"non-finite query gradient \(margin\) for example 2 "):
+            s.query_features(bad_x[5:], y[5:])
+        with pytest.raises(SolverError, match="non-finite train loss gradient for example 7 "):
+            s.self_scores(bad_x, y, train_chunk=3)
+    real = cv.per_sample_grads
+
+    def nan_margin(fm, xx, yy, measurement="loss", chunk=256):
+        g = real(fm, xx, yy, measurement, chunk)
+        if measurement == "margin":
+            g[xx.reshape(len(xx), -1)[:, 0] == 99.0, 0] = float("nan")
+        return g
+
+    monkeypatch.setattr(cv, "per_sample_grads", nan_margin)
+    mx = x.clone()
+    mx[7, 0, 0, 0] = 99.0
+    with pytest.raises(SolverError, match="non-finite train margin gradient for example 7 "):
+        plain.self_scores(mx, y, train_chunk=3)
+
+
+def test_trak_and_tracin_feature_keys_are_equal_exactly_when_their_train_features_are():
+    """feature_key decides which configurations of one model share a pass over the training set (scores_many,
+    train_subset_sums): equal keys must mean equal train features, different train features different keys.
+    TRAK's damping is not in its train features, nor is a proj_dim above P (capped) or TracIn's checkpoints above
+    the run's 2 epochs; the seed (R), the reweighting, the attributed parameters and the checkpoints are."""
+    task, x, y = problem("mlp")
+
+    def fitted(name, t=task, **kw):
+        return registry.get(name)(**kw).fit(t)
+
+    groups = [[fitted("trak", proj_dim=40), fitted("trak", proj_dim=40, damping=0.1)],
+              [fitted("trak", proj_dim=200), fitted("trak", proj_dim=1000)],
+              [fitted("trak", proj_dim=40, reweight=False)],
+              [fitted("trak", dataclasses.replace(task, seed=4), proj_dim=40)],
+              [fitted("trak", proj_dim=40, last_blocks=1)],
+              [fitted("tracin"), fitted("tracin", checkpoints=5)],
+              [fitted("tracin", checkpoints=1)],
+              [fitted("tracin", last_blocks=1)]]
+    keys = [[s.feature_key() for s in g] for g in groups]
+    feats = [[s.train_features(x[:6], y[:6]) for s in g] for g in groups]
+    for kk, ff in zip(keys, feats):
+        assert all(k == kk[0] for k in kk) and all(torch.equal(f, ff[0]) for f in ff)
+    for i in range(len(groups)):
+        for j in range(i + 1, len(groups)):
+            assert keys[i][0] != keys[j][0]
+            assert feats[i][0].shape != feats[j][0].shape or not torch.allclose(feats[i][0], feats[j][0])
+
+
 # ---------------------------------------------------------------- tracin
 
 def trained_with_trajectory(epochs=2):
@@ -254,6 +487,36 @@ def test_tracin_needs_the_models_own_training_run():
     with pytest.raises(SolverError, match="checkpoints must be a positive integer or 'all'"):
         registry.get("tracin")(checkpoints=0).fit(task)
     assert registry.get("tracin")(checkpoints=5).fit(task).epochs == [1, 2]  # capped at the run's epochs
+
+
+def test_tracin_features_dimension_info_head_only_attribution_and_the_trajectorys_shape():
+    """The features are the c checkpoints' √η_c-scaled gradients over the attributed parameters: their length is
+    feature_dim() = c·P, and with last_blocks=1 P counts the head (28 of 106 parameters) in every checkpoint and the
+    scores are the formula over the head's gradients. info() names the checkpoints and the run's epochs. The
+    trajectory needs one row of step learning rates per epoch and at least one step an epoch; one step an epoch
+    (full-batch training) is valid: with each epoch's mean rate as its only step, the weights η_c are unchanged."""
+    task, x, y = problem("mlp")  # toy trajectory: 2 epochs of 3 steps
+    rates = task.trajectory.learning_rates
+    s = registry.get("tracin")().fit(task)
+    assert s.feature_dim() == 2 * 106 == s.train_features(x[:3], y[:3]).shape[1]
+    assert s.query_features(x[:3], y[:3]).shape[1] == 2 * 106
+    assert s.info()["epochs"] == 2 and s.info()["checkpoint_epochs"] == [1, 2]
+    head = registry.get("tracin")(last_blocks=1).fit(task)
+    assert head.feature_dim() == 2 * 28 == head.train_features(x[:3], y[:3]).shape[1]
+    qx, qy = data(4, (1, 3, 4), seed=9)
+    want = 0
+    for e in (1, 2):  # the head's parameters (3.weight, 3.bias) are the last 28 of the flat gradient
+        m = task.trajectory.checkpoint(e)
+        gq, gl = loop_grads(m, qx, qy, "margin")[:, -28:], loop_grads(m, x, y, "loss")[:, -28:]
+        want = want - rates[e - 1].mean() * gq @ gl.T
+    torch.testing.assert_close(head.scores(qx, qy, x, y).double(), want, rtol=1e-6, atol=1e-8)
+    one_step = Trajectory(2, task.trajectory.checkpoint, rates.mean(1, keepdims=True))
+    full_batch = registry.get("tracin")().fit(dataclasses.replace(task, trajectory=one_step))
+    assert full_batch.etas == pytest.approx(rates.mean(1).tolist(), rel=1e-12)
+    for bad in (rates[:1], np.vstack([rates, rates[:1]]), rates[:, :0], rates.reshape(-1)):
+        with pytest.raises(SolverError, match="need one row of step learning rates per epoch"):
+            registry.get("tracin")().fit(dataclasses.replace(task, trajectory=Trajectory(2, task.trajectory.checkpoint,
+                                                                                         bad)))
 
 
 # ---------------------------------------------------------------- K-FAC / EK-FAC damping

@@ -404,37 +404,6 @@ def test_cost_reported_without_cache_discount():
     assert json.dumps(records._clean({"a": float("nan"), "b": np.float32(1.5)})) == '{"a": null, "b": 1.5}'
 
 
-def test_subset_predictions_equal_summed_scores_with_one_train_pass_per_model(monkeypatch):
-    """LDS needs Σ_{i∈S} τ(q, i) only: the engine sums the train gradients per subset once per model and run, and
-    every configuration and query set reuses them — the predictions equal the full scores summed over each subset."""
-    from benchmark import core
-
-    torch.manual_seed(0)
-    x, y = torch.randn(30, 5), torch.randint(0, 3, (30,))
-    qx, qy, vx, vy = torch.randn(4, 5), torch.randint(0, 3, (4,)), torch.randn(3, 5), torch.randint(0, 3, (3,))
-    masks = torch.rand(7, 30) < 0.5
-    models = [torch.nn.Sequential(torch.nn.Linear(5, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3)).eval()
-              for _ in range(2)]
-    ekfac, identity = registry.get("ekfac"), registry.get("identity")
-    cache = core.CurvatureCache()
-    # interleaved, as the gap study asks: the benchmark's model, a study's model, the benchmark's again
-    fitted = [ekfac(damping=1e-2).fit(Task(models[0], x, y, 3, cache=cache)),
-              ekfac(damping=1e-2).fit(Task(models[1], x, y, 3, cache=cache)),
-              identity().fit(Task(models[0], x, y, 3, cache=cache)),
-              ekfac(damping=1.0).fit(Task(models[0], x, y, 3, measurement="loss", cache=cache))]
-    passes, real = [], core.per_sample_grads
-    monkeypatch.setattr(core, "per_sample_grads", lambda fm, xb, yb, m="loss", **k: passes.append(
-        (m, len(yb))) or real(fm, xb, yb, m, **k))
-    for queries in ((qx, qy), (vx, vy)):  # two query sets, as validation and reported queries
-        got = engine.ensemble_predictions([[f] for f in fitted], *queries, x, y, masks, Cost("cpu"), "score")
-        for s, g in zip(fitted, got):
-            want = masks.double() @ s.scores(*queries, x, y).double().T  # float32 scores: float32 accuracy
-            torch.testing.assert_close(g, want, rtol=1e-5, atol=1e-6 * float(want.abs().max()))
-    train_passes = [n for m, n in passes if n == 30 and m == "loss"]
-    # one summed pass per distinct model over both query sets (+ the full scores computed above for checking)
-    assert len(train_passes) == 2 + 2 * len(fitted)
-
-
 def test_ensemble_predictions_average_the_ensemble(toy, store):
     gt = _gt(store)
     data = S.data()

@@ -239,6 +239,169 @@ def test_stochastic_lissa_is_unbiased_and_averages_down():
     assert rel_err(many, ref) < rel_err(one, ref)
 
 
+# ---------------------------------------------------------------- cg, lissa and exact: diagnostics, options, guards
+
+def test_cg_scale_is_a_rayleigh_quotient_of_the_damped_matrix_drawn_from_the_task_seed():
+    """fit's scale for recognising a singular direction is the Rayleigh quotient zᵀ(G + λI)z/zᵀz of one random z
+    (module docstring): it lies in [λ_min + λ, λ_max + λ], of relative width λ_max(G)/λ ≈ 4e-4 at λ = 1e3, which
+    zᵀAz over another normaliser (e.g. P instead of ‖z‖², off by ~15% for P = 106) misses; and z comes from the
+    task's seed, not the global RNG."""
+    task, x, y = problem()
+    eig = torch.linalg.eigvalsh(cv.dense_ggn(cv.FunctionalModel(task.model, torch.float64), x))
+    damping = 1e3
+    for seed in range(3):
+        t = Task(task.model, x, y, num_classes=4, seed=seed)
+        scales = []
+        for global_seed in (100 + seed, 999):
+            torch.manual_seed(global_seed)
+            scales.append(registry.get("cg")(damping=damping).fit(t).scale)
+        assert scales[0] == scales[1], (seed, scales)
+        assert float(eig[0]) + damping <= scales[0] * (1 + 1e-12), (seed, scales[0])
+        assert scales[0] <= (float(eig[-1]) + damping) * (1 + 1e-12), (seed, scales[0])
+
+
+def test_cg_solves_each_vector_of_a_block_on_its_own_scale():
+    """The vectors of one block get their own CG coefficients, singularity test and stopping rule: vectors 1e8
+    apart in norm, solved together, each equal the dense (G + λI)⁻¹v (the problem is linear, so scale must not
+    matter), and a float32 block is solved in the solver's float64, equal to solving the same values as float64."""
+    task, _, _ = problem()
+    V, _, _ = query_grads(task)
+    cg = registry.get("cg")(damping=0.1, tol=1e-12, max_iter=300).fit(task)
+    scaled = V * torch.tensor([1e-4, 1e4, 1.0, 1e-4, 1e4, 1.0], dtype=V.dtype)[:, None]
+    assert rel_err(cg.ihvp(scaled), dense_reference(task, 0.1, scaled)) < 1e-8
+    V32 = V.float()
+    out = cg.ihvp(V32)
+    assert out.dtype == torch.float32
+    assert torch.equal(out, cg.ihvp(V32.double()).float())
+    assert cg.info()["converged_fraction"] == 1.0
+
+
+def test_cg_info_reports_its_calls_against_their_definitions():
+    """info() over two ihvp calls: 3 iterations of 6 vectors (tol out of reach: none converge) and 2 zero vectors
+    (solved by x = 0 at once: 0 iterations, converged, residual 0). Residuals are ‖v − (G + λI)x‖/‖v‖ recomputed
+    here with the dense matrix; the mean is over all 8 vectors, the maxima over both calls."""
+    task, _, _ = problem()
+    V, _, _ = query_grads(task)
+    cg = registry.get("cg")(damping=0.1, tol=1e-14, max_iter=3).fit(task)
+    X = cg.ihvp(V)
+    assert torch.equal(cg.ihvp(torch.zeros(2, V.shape[1], dtype=V.dtype)), torch.zeros(2, V.shape[1], dtype=V.dtype))
+    G = cv.dense_ggn(cv.FunctionalModel(task.model, torch.float64), task.train_x)
+    res = (V - X @ (G + 0.1 * torch.eye(len(G), dtype=G.dtype))).norm(dim=1) / V.norm(dim=1)
+    info = cg.info()
+    assert info["ihvp_calls"] == 2
+    assert info["iterations_max"] == 3
+    assert info["iterations_mean"] == 3 * 6 / 8
+    assert info["converged_fraction"] == 2 / 8
+    assert info["final_residual_max"] == pytest.approx(float(res.max()), rel=1e-9)
+    assert info["final_residual_mean"] == pytest.approx(float(res.sum()) / 8, rel=1e-9)
+    assert float(res.min()) > 1e-3  # (3 iterations on 106 parameters are far from converged)
+
+
+def test_non_finite_curvature_at_fit_names_no_example(monkeypatch):
+    """A non-finite curvature product (cg's scale) or dense matrix (exact) is a SolverError that names no example:
+    its rows are parameters or a single scalar, not training examples."""
+    task, x, y = problem("mlp", n=10)
+
+    def nan_product(fm, p, *a, **k):
+        return torch.full_like(p, float("nan"))
+
+    def nan_matrix(fm, *a, **k):
+        m = torch.eye(fm.numel, dtype=torch.float64)
+        m[5, 5] = float("nan")
+        return m
+
+    monkeypatch.setattr(cv, "curvature_vector_product", nan_product)
+    with pytest.raises(SolverError, match="non-finite curvature-vector product") as err:
+        registry.get("cg")(damping=0.1).fit(task)
+    assert "for example" not in str(err.value)
+    monkeypatch.setattr(cv, "dense_curvature", nan_matrix)
+    with pytest.raises(SolverError, match="non-finite dense ggn matrix") as err:
+        registry.get("exact")(damping=0.1).fit(Task(task.model, x, y, num_classes=4))
+    assert "for example" not in str(err.value)
+
+
+class _ThirdLogitPinned(nn.Module):
+    """Linear(5, 3) whose third logit is replaced by 0: that row's weights and bias never reach the output (exact
+    zero rows and columns of G), and with one logit fixed the other parameters have no softmax null direction."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.linear = nn.Linear(5, 3).double()
+
+    def forward(self, x):
+        z = self.linear(x.flatten(1))
+        return torch.cat([z[:, :2], torch.zeros_like(z[:, 2:])], 1)
+
+
+def test_exact_refuses_a_rounding_level_pivot_that_cholesky_accepts():
+    """Parameters that never reach the output make G singular; with λ = 1e-30 Cholesky succeeds (its pivot there is
+    exactly λ > 0) but G + λI is singular to rounding, which fit must refuse. With λ = 1e-3 the other parameters'
+    block is well conditioned and exact equals linalg.solve."""
+    model = _ThirdLogitPinned().eval()
+    x, y = data(30, (5,), classes=3)
+    G = cv.dense_ggn(cv.FunctionalModel(model, torch.float64), x)
+    dead = [10, 11, 12, 13, 14, 17]  # linear.weight[2, :] and linear.bias[2]
+    live = [i for i in range(18) if i not in dead]
+    assert torch.equal(G[dead], torch.zeros(6, 18, dtype=G.dtype))
+    assert float(torch.linalg.eigvalsh(G[live][:, live])[0]) > 1e-4
+    with pytest.raises(SolverError, match="singular with damping=1e-30"):
+        registry.get("exact")(damping=1e-30).fit(Task(model, x, y, num_classes=3))
+    V = torch.randn(3, 18, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    got = registry.get("exact")(damping=1e-3).fit(Task(model, x, y, num_classes=3)).ihvp(V)
+    torch.testing.assert_close(got, torch.linalg.solve(G + 1e-3 * torch.eye(18, dtype=G.dtype), V.T).T, **TIGHT)
+
+
+def test_lissa_with_a_given_alpha_is_the_truncated_neumann_series():
+    """With α given and the whole training set as the mini-batch, α·r_J = Σ_{k≤J} α(I − αA)^k v, A = G + λI; in A's
+    eigenbasis the factor (1 − (1 − αμ)^{J+1})/μ (closed form of the geometric sum). J = 0 is αv; averaging identical
+    repeats changes nothing. α ≤ 0 is refused; info reports α as given and no eigenvalue estimate."""
+    task, x, y = problem()
+    V, _, _ = query_grads(task, n=3)
+    damping = 0.1
+    G = cv.dense_ggn(cv.FunctionalModel(task.model, torch.float64), x)
+    mu, Q = torch.linalg.eigh(G + damping * torch.eye(len(G), dtype=G.dtype))
+    alpha = 0.7 / float(mu[-1])
+    lissa = registry.get("lissa")(damping=damping, batch_size=len(y), alpha=alpha, repeats=2, depth=30).fit(task)
+    path = lissa.ihvp_path(V, [0, 1, 7, 30])
+    for J, got in path.items():
+        want = ((V @ Q) * (1 - (1 - alpha * mu) ** (J + 1)) / mu) @ Q.T
+        assert rel_err(got, want) < 1e-10, J
+    assert torch.equal(lissa.ihvp(V), path[30])
+    info = lissa.info()
+    assert info["alpha"] == alpha and info["top_eigenvalue_estimate"] is None
+    assert info["bound_factor"] == pytest.approx((1 - alpha * damping) ** 31 / damping, rel=1e-12)
+    for bad in (0.0, -1.0):
+        with pytest.raises(SolverError, match="alpha must be > 0"):
+            registry.get("lissa")(damping=damping, alpha=bad).fit(task)
+
+
+def test_lissa_stops_a_diverging_recursion_at_its_first_check_whatever_the_scale_of_v():
+    """α(G + λI) with eigenvalue 3 (above 2): along that eigenvector r_J = (1 − (−2)^{J+1})/3·v grows without bound.
+    The guard (every 10th step and the last, ‖r_j‖ > 2(j+1)‖v‖) stops it at step 10, where ‖r_10‖ = 683‖v‖ — for
+    ‖v‖ = 1 and ‖v‖ = 1e-9 alike (the recursion is linear in v, so the guard must be relative to ‖v‖)."""
+    task, x, y = problem()
+    damping = 0.1
+    G = cv.dense_ggn(cv.FunctionalModel(task.model, torch.float64), x)
+    mu, Q = torch.linalg.eigh(G + damping * torch.eye(len(G), dtype=G.dtype))
+    lissa = registry.get("lissa")(damping=damping, batch_size=len(y), alpha=3 / float(mu[-1]), depth=1000).fit(task)
+    for scale in (1.0, 1e-9):
+        with pytest.raises(SolverError, match="lissa diverged at step 10 "):
+            lissa.ihvp(scale * Q[:, -1][None])
+
+
+def test_lissa_eigenvalue_estimate_in_a_shared_cache_belongs_to_its_seed():
+    """The mini-batches that estimate α's top eigenvalue come from the task's seed, so fits on one cache (a grid
+    search shares one) with another seed must not reuse the estimate: each equals the fit on a fresh cache."""
+    task, x, y = problem("mlp", n=24)
+    cache = cv.CurvatureCache()
+    lissa = registry.get("lissa")
+    fits = {s: lissa(damping=0.1, batch_size=4).fit(Task(task.model, x, y, 4, seed=s, cache=cache)) for s in (3, 4)}
+    fresh = lissa(damping=0.1, batch_size=4).fit(Task(task.model, x, y, 4, seed=4))
+    assert fits[3].top != fits[4].top
+    assert fits[4].top == fresh.top and fits[4].alpha == fresh.alpha
+
+
 def single_linear(n, zero_weights=False):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(5, 3)).double().eval()
@@ -328,6 +491,54 @@ def test_sampled_pseudo_label_factors_average_to_the_all_label_factors():
         mean_y = sum(d[path]["y"] for d in draws) / seeds
         torch.testing.assert_close(mean_y, f["y"], rtol=0, atol=0.05 * float(f["y"].abs().max()))
         torch.testing.assert_close(draws[0][path]["a"], f["a"], **TIGHT)
+
+
+@pytest.mark.parametrize("name", ["kfac", "ekfac"])
+def test_sampled_kfac_and_ekfac_at_one_example_invert_the_fisher_of_the_label_the_seed_draws(name):
+    """One Linear layer, one example, sampled pseudo-labels: the curvature fitted is the Fisher g_c g_cᵀ of the one
+    label c drawn from the model (g_c = ∇L at label c), exactly Kronecker, so K-FAC and EK-FAC are the dense
+    (g_c g_cᵀ + λI)⁻¹ of one class c — for EK-FAC only if the same draw fits its basis and its eigenvalues (the
+    task's seed for both). The seeds here draw more than one class, so a draw that ignored the seed would show."""
+    base = single_linear(1)
+    fm = cv.FunctionalModel(base.model)
+    fishers = [g[:, None] * g[None, :] for g in
+               (cv.per_sample_grads(fm, base.train_x, torch.tensor([c]), "loss")[0] for c in range(3))]
+    V = torch.randn(4, 18, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    drawn = []
+    for seed in range(6):
+        task = Task(base.model, base.train_x, base.train_y, num_classes=3, seed=seed)
+        R = registry.get(name)(damping=0.1, pseudo_labels="sampled").fit(task).ihvp(V)
+        errs = [rel_err(R, torch.linalg.solve(F + 0.1 * torch.eye(18, dtype=F.dtype), V.T).T) for F in fishers]
+        assert min(errs) < 1e-8, (seed, errs)
+        drawn.append(int(np.argmin(errs)))
+    assert len(set(drawn)) > 1, drawn
+
+
+def test_kfac_and_ekfac_share_the_kronecker_eigenbasis_and_refit_what_their_options_change(monkeypatch):
+    """The Kronecker eigenbasis depends on neither λ nor the solver: on one cache it is built once for K-FAC and
+    EK-FAC together (whichever is fitted first), EK-FAC's eigenvalues once for its damping grid. Other pseudo-labels
+    or another task seed (another draw) build both anew, and every fit equals the same fit on a fresh cache."""
+    task, _, _ = problem("mlp", n=20)
+    V, _, _ = query_grads(task)
+    builds = []
+    for fn in ("kronecker_eigenbases", "ekfac_eigenvalues"):
+        monkeypatch.setattr(cv, fn, lambda *a, _fn=fn, _real=getattr(cv, fn), **k: builds.append(_fn) or _real(*a, **k))
+    cache = cv.CurvatureCache()
+
+    def fit(name, damping=0.1, labels="sampled", seed=3, on=cache):
+        t = Task(task.model, task.train_x, task.train_y, num_classes=4, seed=seed, cache=on)
+        return registry.get(name)(damping=damping, pseudo_labels=labels).fit(t)
+
+    grid = [fit("ekfac"), fit("kfac"), fit("ekfac", damping=1.0), fit("kfac", damping=1.0)]
+    assert builds == ["kronecker_eigenbases", "ekfac_eigenvalues"]
+    assert grid[1].info()["cache_hit"] and grid[3].info()["cache_hit"]
+    for options in ({"labels": "all"}, {"seed": 4}):
+        builds.clear()
+        shared = fit("ekfac", **options)
+        assert builds == ["kronecker_eigenbases", "ekfac_eigenvalues"], options
+        assert torch.equal(shared.ihvp(V), fit("ekfac", on=cv.CurvatureCache(), **options).ihvp(V)), options
+    for s, (name, damping) in zip(grid, [("ekfac", 0.1), ("kfac", 0.1), ("ekfac", 1.0), ("kfac", 1.0)]):
+        assert torch.equal(s.ihvp(V), fit(name, damping=damping, on=cv.CurvatureCache()).ihvp(V)), (name, damping)
 
 
 def test_identity_is_the_gradient_dot_product():
@@ -496,6 +707,7 @@ def test_unsupported_layers_for_kfac(name):
     s = registry.get(name)(damping=0.1).fit(Task(model, x, y, num_classes=4))
     info = s.info()
     assert info["excluded"] == {"normalisation layer (LayerNorm)": ["2.weight", "2.bias"]}
+    assert info["layers"] == ["1", "3"]  # the Kronecker-factored layers: both Linears, not the LayerNorm
     assert (info["attributed_params"], info["total_params"]) == (12 * 6 + 6 + 6 * 4 + 4, 12 * 6 + 6 + 12 + 6 * 4 + 4)
     assert s.scores(x[:2], y[:2], x, y).shape == (2, 10)
 
@@ -561,6 +773,69 @@ def test_scores_many_shares_the_train_pass_and_equals_scoring_one_by_one():
     other = registry.get("identity")().fit(problem("cnn", n=24)[0])
     mixed = scores_many([grid[0], other], qx, qy, x, y)
     torch.testing.assert_close(mixed[1], other.scores(qx, qy, x, y))
+
+
+class _OwnScores(Solver):
+    """A solver that computes its scores itself and has no IHVP (as unrolled differentiation and the peer adapters
+    do): the gradient dot products −∇f(z_q)·∇L(zᵢ), from a plain autograd loop."""
+    name = "ownscores"
+
+    def scores(self, query_x, query_y, train_x, train_y, *, query_chunk=None, train_chunk=None):
+        model = self._require_fit().model
+        gq = loop_grads(model, query_x, query_y, self.task.measurement)
+        return -(gq @ loop_grads(model, train_x, train_y, "loss").T)
+
+
+def test_subset_predictions_equal_summed_scores_with_one_train_pass_per_model(monkeypatch):
+    """LDS needs Σ_{i∈S} τ(q, i) only: subset_predictions sums the train features per subset once per model (in
+    train_chunk blocks, memoised in the run's cache by the membership's content and the train data), and every
+    configuration and query set reuses them; the (M, Q) float64 predictions equal the full scores summed over each
+    subset. A solver that computes its own scores is scored in full and summed in float64."""
+    from benchmark.evaluate.solver import subset_predictions
+
+    torch.manual_seed(0)
+    x, y = torch.randn(30, 5), torch.randint(0, 3, (30,))
+    qx, qy = torch.randn(4, 5), torch.randint(0, 3, (4,))
+    vx, vy = torch.randn(260, 5), torch.randint(0, 3, (260,))  # more queries than one float64 block (256)
+    masks = torch.rand(7, 30) < 0.5
+    models = [nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).eval() for _ in range(2)]
+    ekfac, identity = registry.get("ekfac"), registry.get("identity")
+    cache = cv.CurvatureCache()
+    # interleaved, as the gap study asks: the benchmark's model, a study's model, the benchmark's again
+    fitted = [ekfac(damping=1e-2).fit(Task(models[0], x, y, 3, cache=cache)),
+              ekfac(damping=1e-2).fit(Task(models[1], x, y, 3, cache=cache)),
+              identity().fit(Task(models[0], x, y, 3, cache=cache)),
+              ekfac(damping=1.0).fit(Task(models[0], x, y, 3, measurement="loss", cache=cache)),
+              _OwnScores().fit(Task(models[0], x, y, 3, cache=cache))]
+    blocks, real = [], Solver.train_features
+    monkeypatch.setattr(Solver, "train_features",
+                        lambda self, tx, ty, offset=0: blocks.append((len(ty), offset)) or real(self, tx, ty, offset))
+    queries = [(qx, qy), (vx, vy)]  # two query sets, as validation and reported queries
+    preds = [subset_predictions(fitted, qx_, qy_, x, y, masks, train_chunk=7) for qx_, qy_ in queries]
+    # one pass per distinct model for every configuration and both query sets, in blocks of 7 (dividing nothing)
+    one_pass = [(7, 0), (7, 7), (7, 14), (7, 21), (2, 28)]
+    assert blocks == one_pass * 2
+    # memoised by content: the same membership in another tensor reuses the sums; another membership or other
+    # train labels is a pass of its own
+    blocks.clear()
+    assert torch.equal(subset_predictions(fitted[:1], qx, qy, x, y, masks.clone(), train_chunk=7)[0], preds[0][0])
+    assert blocks == []
+    others = []
+    for m, labels in ((~masks, y), (masks, (y + 1) % 3)):
+        blocks.clear()
+        others.append((m, labels, subset_predictions(fitted[:1], qx, qy, x, labels, m, train_chunk=7)[0]))
+        assert blocks == one_pass
+    for m, labels, got in others:
+        want = m.double() @ fitted[0].scores(qx, qy, x, labels).double().T
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6 * float(want.abs().max()))
+    for (qx_, qy_), got in zip(queries, preds):
+        for s, g in zip(fitted, got):
+            want = masks.double() @ s.scores(qx_, qy_, x, y).double().T
+            assert g.dtype == torch.float64 and g.shape == (7, len(qy_))
+            if isinstance(s, _OwnScores):  # the same float32 scores summed in float64: only the sums' rounding
+                torch.testing.assert_close(g, want, rtol=1e-12, atol=1e-12 * float(want.abs().max()))
+            else:  # float32 scores: float32 accuracy
+                torch.testing.assert_close(g, want, rtol=1e-5, atol=1e-6 * float(want.abs().max()))
 
 
 # ---------------------------------------------------------------- the generic scoring path: blocks, messages, records

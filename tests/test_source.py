@@ -22,7 +22,7 @@ from torch import nn
 
 from benchmark import core
 from benchmark.core.measurements import MEASUREMENTS
-from benchmark.evaluate import SolverError, Task, Trajectory, engine, record_trajectory, records, registry
+from benchmark.evaluate import SolverError, Task, Trajectory, engine, record_trajectory, records, registry, scores_many
 from benchmark.evaluate.engine import RunError
 from benchmark.setup import settings
 from benchmark.setup.config import TrainRecipe
@@ -103,6 +103,66 @@ def test_unrolled_refuses_a_run_it_cannot_replay():
         registry.get("unrolled")(epochs=4).fit(Task(model, x, y, 3, trajectory=trajectory))
 
 
+def test_unrolled_refuses_window_counts_that_are_not_integers_and_schedules_off_in_the_tenth_digit():
+    """The window is a whole number of epochs (True and 2.0 are not); the recorded learning rates must be the
+    replayed ones to 1e-12 relative, so a schedule that differs by 1e-10 (3e-10 relative at lr 0.3) is not the
+    recipe's and is refused, even though it is within numpy's default absolute tolerance."""
+    init, x, y, _, _ = tiny_problem()
+    model, trajectory = record_trajectory(init, x, y, RECIPE, seed=5)
+    for window in (True, 2.0):
+        with pytest.raises(SolverError, match="epochs must be None"):
+            registry.get("unrolled")(epochs=window).fit(Task(model, x, y, 3, trajectory=trajectory))
+    rates = trajectory.learning_rates.copy()
+    rates[0, 0] += 1e-10
+    off = Trajectory(trajectory.epochs, trajectory.checkpoint, rates, RECIPE, trajectory.seed)
+    with pytest.raises(SolverError, match="replayed learning rates of epoch 1 differ"):
+        registry.get("unrolled")().fit(Task(model, x, y, 3, trajectory=off))
+
+
+def test_unrolled_replays_a_float32_run_at_the_explained_models_float64_precision():
+    """Checkpoints saved in float32, the model explained in float64: the run is replayed in float64 from the
+    (exactly representable) float32 initial weights, so its steps are those of the float64 run from the same start
+    — the scores equal, bit for bit, those of a solver given that float64 run's own trajectory — and the recorded
+    deviation from the float32 checkpoints is float32 rounding: above 0, within the tolerance."""
+    init, x, y, qx, qy = tiny_problem()
+    init32, x64 = copy.deepcopy(init).float(), x.float().double()
+    _, saved32 = record_trajectory(init32, x64.float(), y, RECIPE, seed=5)
+    explained, run64 = record_trajectory(copy.deepcopy(init32).double(), x64, y, RECIPE, seed=5)
+    from32 = registry.get("unrolled")().fit(Task(explained, x64, y, 3, trajectory=saved32))
+    from64 = registry.get("unrolled")().fit(Task(explained, x64, y, 3, trajectory=run64))
+    assert torch.equal(from32.scores(qx, qy, x64, y), from64.scores(qx, qy, x64, y))
+    assert 0 < from32.info()["replay_max_relative_deviation"] <= 1e-5
+    assert from64.info()["replay_max_relative_deviation"] == 0.0
+
+
+def test_unrolled_self_scores_in_blocks_are_the_diagonal_of_the_loss_scores():
+    """self_scores = −τ_loss(i, i): with blocks of 16 queries (42 points: blocks 0-15, 16-31, 32-41) each block's
+    diagonal is taken at its own rows and columns. The score matrix does not depend on the query blocks either."""
+    init, x, y, _, _ = tiny_problem()
+    model, trajectory = record_trajectory(init, x, y, RECIPE, seed=5)
+    solver = registry.get("unrolled")().fit(Task(model, x, y, 3, measurement="loss", trajectory=trajectory))
+    full = solver.scores(x, y, x, y)
+    torch.testing.assert_close(solver.scores(x, y, x, y, query_chunk=16), full, rtol=1e-6, atol=1e-7)
+    solver.ihvp_block = 16  # the query block self_scores uses
+    torch.testing.assert_close(solver.self_scores(x, y), -full.diagonal(), rtol=1e-6, atol=1e-7)
+
+
+def test_unrolled_info_records_the_replay_window_and_its_duration_in_milliseconds(monkeypatch):
+    """A fake clock (the replay takes 2.3456789 s by it): replay_seconds is that, to the millisecond."""
+    import sys
+    import types
+
+    init, x, y, _, _ = tiny_problem()
+    model, trajectory = record_trajectory(init, x, y, RECIPE, seed=5)
+    unrolled = registry.get("unrolled")
+    clock = iter([100.0, 102.3456789])
+    fake_time = types.SimpleNamespace(perf_counter=lambda: next(clock))
+    monkeypatch.setattr(sys.modules[unrolled.__module__], "time", fake_time)
+    info = unrolled(epochs=2).fit(Task(model, x, y, 3, trajectory=trajectory)).info()
+    assert info["replay_seconds"] == 2.346
+    assert info["epochs_unrolled"] == 2 and info["steps_unrolled"] == 12  # 6 steps an epoch (5 batches of 8, 1 of 2)
+
+
 @pytest.mark.parametrize("name", ["source", "unrolled"])
 def test_refused_without_a_trajectory(name):
     init, x, y, _, _ = tiny_problem()
@@ -168,6 +228,84 @@ def test_source_equals_the_dense_segment_formula_where_ekfac_is_exact(gradients,
     # the wrong propagation order (S applied to the segment's own response) is far from it
     wrong = dense_source(checkpoint, rates, recipe, [(0, 2), (2, 4)][::-1], damping, gradients, x, y, qx, qy)
     assert not torch.allclose(wrong, want, rtol=1e-3)
+
+
+FLAT_RATES = np.array([[0.5, 0.4, 0.3], [0.3, 0.25, 0.2], [0.2, 0.1, 0.1], [0.05, 0.05, 0.02]])
+FLAT_RECIPE = TrainRecipe(epochs=4, batch_size=10, lr=0.5, momentum=0.5, weight_decay=0.05)
+
+
+def test_source_takes_float32_checkpoints_at_the_explained_models_float64_precision():
+    """Checkpoints saved in float32, the model explained in float64: gradients and curvature are computed in
+    float64 from the float32 weights, so the dense formula (float64) holds to 1e-9 — float32 arithmetic would
+    be off by ~1e-7."""
+    checkpoint, x, y, qx, qy = flat_linear_checkpoints()
+    saved = lambda e: checkpoint(e).float()  # noqa: E731
+    as64 = lambda e: saved(e).double()  # noqa: E731
+    task = Task(as64(4), x, y, 3, trajectory=Trajectory(4, saved, FLAT_RATES, FLAT_RECIPE, seed=0))
+    s = registry.get("source")(segments=2, pseudo_labels="all").fit(task)
+    b = s.train_features(x, y)
+    want = dense_source(as64, FLAT_RATES, FLAT_RECIPE, [(0, 2), (2, 4)], 0.0, "end", x, y, qx, qy)
+    torch.testing.assert_close(-(s.query_features(qx, qy).double() @ b.double().T), want, rtol=1e-9,
+                               atol=1e-10 * float(want.abs().max()))
+    assert b.dtype == torch.float64
+
+
+def test_source_info_and_feature_layout_follow_the_segments():
+    """info() names each segment's epochs (1-based, inclusive), its closing checkpoint and its time Σ η / (1 − β),
+    and the recipe's momentum and weight decay. Every segment count and gradient estimator has the same train
+    features (the loss gradients at every epoch, E·P numbers), hence one feature_key and one shared pass; a run
+    with another number of epochs, or another solver's features, has another key."""
+    checkpoint, x, y, qx, qy = flat_linear_checkpoints()
+    task = Task(checkpoint(4), x, y, 3, trajectory=Trajectory(4, checkpoint, FLAT_RATES, FLAT_RECIPE, seed=0))
+    source = registry.get("source")
+    fitted = [source(segments=2, pseudo_labels="all").fit(task), source(segments=4, gradients="mean").fit(task)]
+    info = [s.info() for s in fitted]
+    assert info[0]["segments"] == [{"epochs": [1, 2], "checkpoint": 2, "time": 3.9},
+                                   {"epochs": [3, 4], "checkpoint": 4, "time": 1.04}]
+    assert info[1]["segments"] == [{"epochs": [e, e], "checkpoint": e, "time": t}
+                                   for e, t in zip(range(1, 5), [2.4, 1.5, 0.8, 0.24])]
+    assert [(i["pseudo_labels"], i["gradients"], i["momentum"], i["weight_decay"], i["layers"]) for i in info] == [
+        ("all", "end", 0.5, 0.05, ["1"]), ("sampled", "mean", 0.5, 0.05, ["1"])]
+    b = [s.train_features(x, y) for s in fitted]
+    assert b[0].shape == (30, 4 * 18) and all(s.feature_dim() == 4 * 18 for s in fitted)  # P = 5·3 + 3
+    assert torch.equal(b[0], b[1]) and fitted[0].feature_key() == fitted[1].feature_key()
+    for got, alone in zip(scores_many(fitted, qx, qy, x, y), [s.scores(qx, qy, x, y) for s in fitted]):
+        torch.testing.assert_close(got, alone, rtol=1e-6, atol=1e-7)
+    three = Trajectory(3, checkpoint, FLAT_RATES[:3], FLAT_RECIPE, seed=0)
+    shorter = source().fit(Task(checkpoint(4), x, y, 3, trajectory=three))
+    assert shorter.feature_dim() == 3 * 18 and shorter.feature_key() != fitted[0].feature_key()
+    assert registry.get("ekfac")().fit(task).feature_key() != fitted[0].feature_key()
+
+
+def test_source_fits_from_a_shared_cache_as_from_a_fresh_one_whatever_the_seed():
+    """Sampled pseudo-labels depend on the task's seed: a fit for seed 1 after one for seed 0 on the same cache
+    must not reuse seed 0's EK-FAC (it equals a fit for seed 1 on a fresh cache, and differs from seed 0's)."""
+    checkpoint, x, y, qx, qy = flat_linear_checkpoints()
+    trajectory = Trajectory(4, checkpoint, FLAT_RATES, FLAT_RECIPE, seed=0)
+    shared = Task(checkpoint(4), x, y, 3, trajectory=trajectory).cache
+
+    def features(seed, cache):
+        task = Task(checkpoint(4), x, y, 3, seed=seed, cache=cache, trajectory=trajectory)
+        return registry.get("source")(pseudo_labels="sampled").fit(task).query_features(qx, qy)
+
+    seed0 = features(0, shared)
+    fresh1 = features(1, Task(checkpoint(4), x, y, 3).cache)
+    assert torch.equal(features(1, shared), fresh1)
+    assert not torch.allclose(seed0, fresh1, rtol=1e-3)
+
+
+def test_source_names_the_example_with_non_finite_gradients_by_its_index():
+    checkpoint, x, y, qx, qy = flat_linear_checkpoints()
+    task = Task(checkpoint(4), x, y, 3, trajectory=Trajectory(4, checkpoint, FLAT_RATES, FLAT_RECIPE, seed=0))
+    s = registry.get("source")().fit(task)
+    bad_x, bad_qx = x.clone(), qx.clone()
+    bad_x[5, 0], bad_qx[2, 1] = float("nan"), float("inf")
+    with pytest.raises(SolverError, match=r"train loss gradient for example 5 \(rows 0\.\.29 checked\)"):
+        s.train_features(bad_x, y)
+    with pytest.raises(SolverError, match=r"for example 2 \(rows 0\.\.3 checked\)"):
+        s.query_features(bad_qx, qy)
+    with pytest.raises(SolverError, match=r"for example 5 \(rows 3\.\.9 checked\)"):
+        s.train_features(bad_x[3:10], y[3:10], 3)
 
 
 def trained_cnn_task(rates_scale):

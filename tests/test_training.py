@@ -211,3 +211,138 @@ def test_evaluate_is_margin_loss_and_correctness_in_any_chunk():
         for k in ("margin", "loss"):
             assert got[k].dtype == torch.float32 and got[k].shape == (len(d.test_y),)
             torch.testing.assert_close(got[k], want[k], rtol=1e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------- edge cases of the inputs
+
+def test_one_example_is_one_sgd_step_an_epoch_and_no_example_is_an_error():
+    # a single example is a valid training set (one full batch of one); an empty one has nothing to train on
+    s = settings.get("synthetic-mlp")
+    d = s.data()
+    recipe = dataclasses.replace(s.recipe, epochs=1, lr=0.5, weight_decay=0.1)
+    idx = torch.tensor([17])
+    want = _one_step_by_hand(s.model(5), d.train_x[idx], d.train_y[idx], recipe.lr, recipe.weight_decay)
+    got = dict(train(s.model(5), d.train_x, d.train_y, recipe, 5, idx).named_parameters())
+    for name, expect in want.items():
+        torch.testing.assert_close(got[name].detach(), expect, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="empty"):
+        train(s.model(5), d.train_x, d.train_y, recipe, 5, torch.arange(0))
+
+
+def test_batched_needs_as_many_seeds_and_index_sets_as_models():
+    s = settings.get("synthetic-mlp")
+    d = s.data()
+    idx = torch.arange(10)
+    for models, seeds, indices in (([s.model(0), s.model(1)], [0, 1, 2], [idx, idx]),
+                                   ([s.model(0), s.model(1)], [0, 1], [idx, idx, idx]),
+                                   ([], [], [])):
+        with pytest.raises(ValueError, match="equal length"):
+            train_batched(models, d.train_x, d.train_y, s.recipe, seeds, indices)
+
+
+def test_every_64_bit_seed_trains_and_both_trainers_agree_at_the_ends_of_the_range():
+    # torch seeds generators with -2**63 .. 2**64-1; the data-order stream is the seed shifted by an offset, which
+    # must stay in that range for every seed a caller may pass (seeds near either end included)
+    s = settings.get("synthetic-mlp")
+    d = s.data()
+    recipe = dataclasses.replace(s.recipe, epochs=1)
+    idx = torch.arange(64)
+    for seed in (2**64 - 1, -(2**63)):
+        loop = train(s.model(0), d.train_x, d.train_y, recipe, seed, idx).state_dict()
+        batched = train_batched([s.model(0)], d.train_x, d.train_y, recipe, [seed], [idx])[0]
+        for k in loop:
+            torch.testing.assert_close(batched[k], loop[k], rtol=1e-4, atol=1e-5)
+
+
+def test_both_trainers_train_on_the_device_of_the_data():
+    # "meta" stands in for a GPU on the CPU-only test machines: models built on the CPU must move to the data
+    s = settings.get("synthetic-mlp")
+    d = s.data()
+    recipe = dataclasses.replace(s.recipe, epochs=1)
+    x, y = d.train_x[:40].to("meta"), d.train_y[:40].to("meta")
+    model = train(s.model(0), x, y, recipe, 0)
+    assert all(p.device.type == "meta" for p in model.parameters())
+    states = train_batched([s.model(0), s.model(1)], x, y, recipe, [0, 1], [torch.arange(40)] * 2)
+    assert all(v.device.type == "meta" for state in states for v in state.values())
+
+
+def test_channels_last_for_image_batches_is_a_speed_choice_that_changes_no_model(monkeypatch):
+    # _memory_format picks channels_last for 4-D inputs only because it is faster; the same CNN trained with the
+    # default (contiguous) layout must come out the same up to float32 round-off
+    from benchmark.setup import training
+
+    s = settings.get("synthetic-cnn")
+    d = s.data()
+    recipe = dataclasses.replace(s.recipe, epochs=1)
+    idx = _subset(len(d.train_y), 96, 0)
+    fast = train(s.model(3), d.train_x, d.train_y, recipe, 3, idx).state_dict()
+    monkeypatch.setattr(training, "_memory_format", lambda x: torch.contiguous_format)
+    plain = train(s.model(3), d.train_x, d.train_y, recipe, 3, idx).state_dict()
+    for k in plain:
+        torch.testing.assert_close(fast[k], plain[k], rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------- choosing the trainer
+
+def _clocked_trainers(monkeypatch, loop_s, vmap_s):
+    """A clock that only the trainers move: every model of the plain loop costs ``loop_s`` seconds, every model of
+    a vmap batch ``vmap_s``. Both trainers still run for real; their calls are recorded as
+    (trainer, x, y, epochs, seeds, the indices actually trained on)."""
+    import time
+
+    from benchmark.setup import training
+
+    clock, calls = [0.0], []
+    real_train, real_batched = training.train, training.train_batched
+
+    def loop(model, x, y, recipe, seed, indices=None, **kw):
+        calls.append(("loop", x, y, recipe, [seed], [torch.arange(len(y)) if indices is None else indices]))
+        out = real_train(model, x, y, recipe, seed, indices, **kw)
+        clock[0] += loop_s
+        return out
+
+    def batched(models, x, y, recipe, seeds, indices):
+        calls.append(("vmap", x, y, recipe, list(seeds), list(indices)))
+        out = real_batched(models, x, y, recipe, seeds, indices)
+        clock[0] += vmap_s * len(models)
+        return out
+
+    monkeypatch.setattr(training, "train", loop)
+    monkeypatch.setattr(training, "train_batched", batched)
+    monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
+    return calls
+
+
+def test_choose_trainer_needs_no_timing_for_one_model_or_a_gpu(monkeypatch):
+    from benchmark.setup.training import choose_trainer
+
+    s = settings.get("synthetic-mlp")
+    calls = _clocked_trainers(monkeypatch, 1.0, 1.0)
+    assert choose_trainer(s, torch.device("cpu"), 1) == ("loop", {})  # nothing to batch
+    assert choose_trainer(s, torch.device("cuda"), 50) == ("vmap", {})  # vmap always wins on a GPU
+    assert calls == []
+
+
+@pytest.mark.parametrize("loop_s,vmap_s,want", [(0.5, 0.125, "vmap"), (0.25, 0.75, "loop")])
+def test_choose_trainer_picks_the_faster_trainer_per_model_on_equal_work(monkeypatch, loop_s, vmap_s, want):
+    # the seconds reported are per model (a batch of vmap models costs vmap_s each), for any number of timed models;
+    # the two trainers are timed on the same work: the same seeds, the first steps*batch_size examples, one epoch
+    from benchmark.setup.training import choose_trainer
+
+    s = settings.get("synthetic-mlp")
+    d = s.data()
+    for kw in ({}, {"models": 3, "steps": 2}):
+        calls = _clocked_trainers(monkeypatch, loop_s, vmap_s)
+        choice, timing = choose_trainer(s, torch.device("cpu"), 10, **kw)
+        assert choice == want
+        assert timing == {"loop_s_per_model": loop_s, "vmap_s_per_model": vmap_s}
+        n = min(len(d.train_y), kw.get("steps", 4) * s.recipe.batch_size)
+        assert n < len(d.train_y) and [c[0] for c in calls][-1] == "vmap"
+        loops, vmap = [c for c in calls if c[0] == "loop"], calls[-1]
+        assert [sd for c in loops[-len(vmap[4]):] for sd in c[4]] == vmap[4]
+        if "models" in kw:
+            assert len(vmap[4]) == kw["models"]
+        for trainer, x, y, recipe, seeds, indices in calls:
+            assert recipe == dataclasses.replace(s.recipe, epochs=1)
+            assert torch.equal(x, d.train_x[:n]) and torch.equal(y, d.train_y[:n])
+            assert all(torch.equal(i, torch.arange(n)) for i in indices)

@@ -279,9 +279,11 @@ def test_cg_solves_each_vector_of_a_block_on_its_own_scale():
 def test_cg_info_reports_its_calls_against_their_definitions():
     """info() over two ihvp calls: 3 iterations of 6 vectors (tol out of reach: none converge) and 2 zero vectors
     (solved by x = 0 at once: 0 iterations, converged, residual 0). Residuals are ‖v − (G + λI)x‖/‖v‖ recomputed
-    here with the dense matrix; the mean is over all 8 vectors, the maxima over both calls."""
+    here with the dense matrix; the mean is over all 8 vectors, the maxima over both calls, and the mean iteration
+    count is 3 · 6 / 8."""
     task, _, _ = problem()
-    V, _, _ = query_grads(task)
+    V = query_grads(task)[0] * 1e-3  # norms below 1: the residuals are relative to ‖v‖, whatever its scale
+    assert float(V.norm(dim=1).max()) < 1
     cg = registry.get("cg")(damping=0.1, tol=1e-14, max_iter=3).fit(task)
     X = cg.ihvp(V)
     assert torch.equal(cg.ihvp(torch.zeros(2, V.shape[1], dtype=V.dtype)), torch.zeros(2, V.shape[1], dtype=V.dtype))
@@ -295,6 +297,32 @@ def test_cg_info_reports_its_calls_against_their_definitions():
     assert info["final_residual_max"] == pytest.approx(float(res.max()), rel=1e-9)
     assert info["final_residual_mean"] == pytest.approx(float(res.sum()) / 8, rel=1e-9)
     assert float(res.min()) > 1e-3  # (3 iterations on 106 parameters are far from converged)
+
+
+class _Silenced(nn.Module):
+    """A Linear layer whose output is multiplied by 0: no parameter reaches the loss, so G = 0 exactly."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(12, 4).double()
+
+    def forward(self, x):
+        return 0 * self.linear(x.flatten(1))
+
+
+def test_cg_refuses_a_matrix_without_curvature_along_its_search_direction():
+    """CG divides by pᵀAp: a direction with none is refused, not divided by. G + λI with G = 0 and λ = 0 has none
+    anywhere (the scale is 0 too, so the test is pᵀAp/pᵀp ≤ 0); the true Hessian shifted by half its most negative
+    eigenvalue has negative curvature along that eigenvector, which CG meets at its first step."""
+    task, x, y = problem()
+    silent = Task(_Silenced().eval(), x, y, num_classes=4, seed=3)
+    with pytest.raises(SolverError, match=r"cg: the matrix is singular along a search direction .* Use damping > 0\.$"):
+        registry.get("cg")(damping=0.0).fit(silent).ihvp(torch.ones(2, 52, dtype=torch.float64))
+    H = cv.dense_hessian(cv.FunctionalModel(task.model), x, y)
+    low, vecs = torch.linalg.eigh(H)
+    assert float(low[0]) < 0  # an untrained MLP is not at a minimum
+    with pytest.raises(SolverError, match="cg: the matrix is not positive definite along a search direction"):
+        registry.get("cg")(damping=-float(low[0]) / 2, curvature="hessian").fit(task).ihvp(vecs[:, :1].T)
 
 
 def test_non_finite_curvature_at_fit_names_no_example(monkeypatch):

@@ -88,8 +88,9 @@ class Unrolled(Solver):
         before = torch.get_num_threads()
         torch.set_num_threads(1)  # as the zoo trains: another thread count sums in another order, and SGD amplifies it
         try:
-            start = traj.checkpoint(0).to(task.device, next(task.model.parameters()).dtype)
-            train(start, task.train_x, task.train_y, traj.recipe, traj.seed, on_epoch=verify, on_step=record)
+            dtype = next(task.model.parameters()).dtype  # replayed in the explained model's precision, data too
+            start = traj.checkpoint(0).to(task.device, dtype)
+            train(start, task.train_x.to(dtype), task.train_y, traj.recipe, traj.seed, on_epoch=verify, on_step=record)
         finally:
             torch.set_num_threads(before)
         off = [e for e, d in enumerate(deviations) if not d <= self.params["tolerance"]]

@@ -135,6 +135,18 @@ def test_unrolled_replays_a_float32_run_at_the_explained_models_float64_precisio
     assert from64.info()["replay_max_relative_deviation"] == 0.0
 
 
+def test_unrolled_replays_a_float32_model_of_float64_data_in_the_models_precision():
+    """The replay runs in the explained model's precision, its training data too: a float32 model given float64 data
+    replays exactly the steps it replays given that data rounded to float32 (no dtype clash mid-training)."""
+    init, x, y, qx, qy = tiny_problem()
+    model, trajectory = record_trajectory(init, x, y, RECIPE, seed=5)
+    m32 = copy.deepcopy(model).float()
+    given64 = registry.get("unrolled")().fit(Task(m32, x, y, 3, trajectory=trajectory))
+    given32 = registry.get("unrolled")().fit(Task(m32, x.float(), y, 3, trajectory=trajectory))
+    assert given64.states.dtype == torch.float32 and torch.equal(given64.states, given32.states)
+    assert torch.equal(given64.scores(qx, qy, x, y), given32.scores(qx, qy, x, y))
+
+
 def test_unrolled_self_scores_in_blocks_are_the_diagonal_of_the_loss_scores():
     """self_scores = −τ_loss(i, i): with blocks of 16 queries (42 points: blocks 0-15, 16-31, 32-41) each block's
     diagonal is taken at its own rows and columns. The score matrix does not depend on the query blocks either."""

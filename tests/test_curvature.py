@@ -589,6 +589,20 @@ def test_buffers_live_on_the_model_device_not_the_default_device():
     torch.testing.assert_close(got[2], want[2], **TOL)
 
 
+def test_products_move_cpu_vectors_inputs_and_labels_to_the_model_device():
+    # "meta" stands in for a GPU on the CPU-only test machines (shapes and dtypes, no data): a model there with
+    # vectors, inputs and labels on the CPU (float32 vectors, too) must answer on the model's device in its dtype
+    model = tiny_mlp().to("meta")
+    x, y = data(5, (1, 3, 4))
+    fm = cv.FunctionalModel(model)
+    V = torch.randn(2, fm.numel, dtype=torch.float32, generator=torch.Generator().manual_seed(0))
+    got = {"ggn": cv.ggn_vector_product(fm, V, x), "hessian": cv.hessian_vector_product(fm, V, x, y),
+           "grads": cv.per_sample_grads(fm, x, y), "margin grads": cv.per_sample_grads(fm, x, y, "margin")}
+    for what, out in got.items():
+        rows = len(V) if what in ("ggn", "hessian") else len(y)
+        assert (out.device.type, out.shape, out.dtype) == ("meta", (rows, fm.numel), torch.float64), what
+
+
 def test_products_do_not_depend_on_the_chunking():
     # batch/chunk sizes that don't divide N or P (and one example at a time) only split the same sums
     model = tiny_mlp()

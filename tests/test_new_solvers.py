@@ -236,6 +236,20 @@ def test_datainf_names_the_training_example_whose_gradient_is_not_finite(monkeyp
         registry.get("datainf")().fit(dataclasses.replace(marked_task, cache=cv.CurvatureCache()))
 
 
+def test_datainf_moves_cpu_vectors_to_the_model_device(monkeypatch):
+    """"meta" stands in for a GPU on the CPU-only test machines (shapes and dtypes, no data): fitted on the CPU (the
+    layer damping reads values, which meta tensors do not have), then given the model on meta as if fitted there,
+    CPU vectors (float32, too) must be moved to the model's device: the answer is on meta in the vectors' dtype.
+    The finiteness check of the train gradients reads values too, so it is switched off."""
+    task, _, _ = problem("mlp", n=10)
+    s = registry.get("datainf")(damping=0.3).fit(task)
+    s.fm = cv.FunctionalModel(copy.deepcopy(task.model).to("meta"))
+    monkeypatch.setattr(cv, "check_finite", lambda *args, **kwargs: None)
+    V = torch.ones(2, s.fm.numel, dtype=torch.float32)
+    got = s.ihvp(V)
+    assert (got.device.type, got.shape, got.dtype) == ("meta", V.shape, torch.float32)
+
+
 # ---------------------------------------------------------------- trak
 
 def tanh_output_model(seed=0):

@@ -404,6 +404,20 @@ def test_lissa_with_a_given_alpha_is_the_truncated_neumann_series():
             registry.get("lissa")(damping=damping, alpha=bad).fit(task)
 
 
+def test_lissa_moves_cpu_vectors_to_the_model_device(monkeypatch):
+    """"meta" stands in for a GPU on the CPU-only test machines (shapes and dtypes, no data): with the model there and
+    CPU vectors (float32, too), α·r_0 = α·v comes back on the model's device, in the vectors' dtype. Only depth 0 is
+    reachable: the divergence guard and the finiteness checks read values, which meta tensors do not have (the latter
+    are switched off here; the given α skips the eigenvalue estimate, which reads values too)."""
+    task, x, y = problem()
+    monkeypatch.setattr(cv, "check_finite", lambda *args, **kwargs: None)
+    meta = Task(copy.deepcopy(task.model).to("meta"), x, y, num_classes=4, seed=task.seed)
+    lissa = registry.get("lissa")(damping=0.1, alpha=0.5).fit(meta)
+    V = torch.ones(3, lissa.fm.numel, dtype=torch.float32)
+    got = lissa.ihvp_path(V, [0])[0]
+    assert (got.device.type, got.shape, got.dtype) == ("meta", V.shape, torch.float32)
+
+
 def test_lissa_stops_a_diverging_recursion_at_its_first_check_whatever_the_scale_of_v():
     """α(G + λI) with eigenvalue 3 (above 2): along that eigenvector r_J = (1 − (−2)^{J+1})/3·v grows without bound.
     The guard (every 10th step and the last, ‖r_j‖ > 2(j+1)‖v‖) stops it at step 10, where ‖r_10‖ = 683‖v‖ — for

@@ -85,9 +85,10 @@ class ConjugateGradient(Solver):
         calls = self.calls
         out = {**super().info(), "ihvp_calls": len(calls)}
         if calls:
+            vectors = sum(c["vectors"] for c in calls)
             out.update(iterations_max=max(c["iterations_max"] for c in calls),
-                       iterations_mean=sum(c["iterations_mean"] * c["vectors"] for c in calls) / sum(c["vectors"] for c in calls),
+                       iterations_mean=sum(c["iterations_mean"] * c["vectors"] for c in calls) / vectors,
                        final_residual_max=max(c["residual_max"] for c in calls),
-                       final_residual_mean=sum(c["residual_mean"] * c["vectors"] for c in calls) / sum(c["vectors"] for c in calls),
-                       converged_fraction=sum(c["converged"] for c in calls) / sum(c["vectors"] for c in calls))
+                       final_residual_mean=sum(c["residual_mean"] * c["vectors"] for c in calls) / vectors,
+                       converged_fraction=sum(c["converged"] for c in calls) / vectors)
         return out

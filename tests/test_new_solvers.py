@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 from eval_helpers import synthetic_store
-from test_solvers import data, dense_reference, loop_grads, problem, query_grads, rel_err, tiny_mlp
+from test_solvers import (MARK, data, dense_reference, loop_grads, mark_gradients, problem, query_grads, rel_err,
+                         tiny_mlp)
 from torch import nn
 
 from benchmark import core as cv
@@ -217,19 +218,12 @@ def test_datainf_names_the_training_example_whose_gradient_is_not_finite(monkeyp
     value) is named by its index in the whole set, in blocks of 3, both in fit's damping pass and in an ihvp's sweep."""
     task, x, y = problem("mlp", n=10)
     mx = x.clone()
-    mx[7, 0, 0, 0] = 99.0
+    mx[7, 0, 0, 0] = MARK
     marked_task = Task(task.model, mx, y, num_classes=4, seed=task.seed)
-    real = cv.per_sample_grads
-
-    def marked(fm, xx, yy, measurement="loss", chunk=256):
-        g = real(fm, xx, yy, measurement, chunk)
-        g[(xx.reshape(len(xx), -1)[:, 0] == 99.0), 0] = float("nan")
-        return g
-
     monkeypatch.setenv("TDABENCH_SCORE_MEMORY_MB", "0.01")  # train blocks of 3 rows of the 106 parameters
     assert registry.get("datainf")().fit(task).chunk_sizes()[1] == 3
     s = registry.get("datainf")().fit(marked_task)  # finite gradients until they are marked
-    monkeypatch.setattr(cv, "per_sample_grads", marked)
+    mark_gradients(monkeypatch, float("nan"))
     with pytest.raises(SolverError, match="non-finite train loss gradient for example 7 "):
         s.ihvp(torch.ones(1, 106, dtype=torch.float64))
     with pytest.raises(SolverError, match="non-finite train loss gradient for example 7 "):
@@ -402,17 +396,9 @@ def test_trak_and_tracin_name_the_example_whose_gradient_is_not_finite(monkeypat
             s.query_features(bad_x[5:], y[5:])
         with pytest.raises(SolverError, match="non-finite train loss gradient for example 7 "):
             s.self_scores(bad_x, y, train_chunk=3)
-    real = cv.per_sample_grads
-
-    def nan_margin(fm, xx, yy, measurement="loss", chunk=256):
-        g = real(fm, xx, yy, measurement, chunk)
-        if measurement == "margin":
-            g[xx.reshape(len(xx), -1)[:, 0] == 99.0, 0] = float("nan")
-        return g
-
-    monkeypatch.setattr(cv, "per_sample_grads", nan_margin)
+    mark_gradients(monkeypatch, float("nan"), "margin")
     mx = x.clone()
-    mx[7, 0, 0, 0] = 99.0
+    mx[7, 0, 0, 0] = MARK
     with pytest.raises(SolverError, match="non-finite train margin gradient for example 7 "):
         plain.self_scores(mx, y, train_chunk=3)
 

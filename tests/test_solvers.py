@@ -111,6 +111,24 @@ def rel_err(a, b):
     return float(((a - b).norm(dim=1) / b.norm(dim=1)).max())
 
 
+MARK = 99.0  # an input value that marks an example whose gradient a test replaces
+
+
+def mark_gradients(monkeypatch, value, only=None):
+    """Per-example gradients (of the measurement ``only``, if given) whose first entry is ``value`` for the examples
+    whose first input entry is MARK: a chosen example's gradient turns non-finite (or recognisable) wherever a
+    solver computes it, as an overflowing model would make it."""
+    real = cv.per_sample_grads
+
+    def marked(fm, xx, yy, measurement="loss", chunk=256):
+        g = real(fm, xx, yy, measurement, chunk)
+        if only in (None, measurement):
+            g[xx.reshape(len(xx), -1)[:, 0] == MARK, 0] = value
+        return g
+
+    monkeypatch.setattr(cv, "per_sample_grads", marked)
+
+
 def query_grads(task, n=6):
     x, y = data(n, tuple(task.train_x.shape[1:]), seed=99)
     return cv.per_sample_grads(cv.FunctionalModel(task.model), x, y, "margin"), x, y
@@ -1025,16 +1043,9 @@ def test_non_finite_ihvp_and_gradients_name_the_example(monkeypatch):
         s.query_features(bad_x[5:], y[5:])
     # IHVP NaN for train point 7 (self-scores) and query 3 (scores): mark their gradients
     n = _NaNIHVP().fit(task)
-    real = cv.per_sample_grads
-
-    def marked(fm, xx, yy, measurement="loss", chunk=256):
-        g = real(fm, xx, yy, measurement, chunk)
-        g[(xx.reshape(len(xx), -1)[:, 0] == 99.0), 0] = 1234.5
-        return g
-
-    monkeypatch.setattr(cv, "per_sample_grads", marked)
+    mark_gradients(monkeypatch, 1234.5)
     mx = x.clone()
-    mx[7, 0, 0, 0] = 99.0
+    mx[7, 0, 0, 0] = MARK
     with pytest.raises(SolverError, match=r"inverse-curvature product of a train gradient \(nanihvp\) for example 7 "):
         n.self_scores(mx, y, train_chunk=3)
     with pytest.raises(SolverError, match=r"inverse-curvature product of a query gradient \(nanihvp\) for example 3 "):

@@ -22,29 +22,8 @@ SETTINGS   ?=
 LB_ARGS     = $(foreach s,$(SETTINGS),--setting $(s)) \
               $(if $(filter command line environment,$(origin SOLVERS)),$(SOLVER_ARGS))
 
-help:
-	@echo "make lds-mnist    Table 1, MNIST row: RECOMPUTED from the committed ground truth, beside the record and the paper"
-	@echo "make table1       Table 1 from the committed records only (no recomputation; stale records are marked)"
-	@echo "make test         run the test suite (what CI runs)"
-	@echo "make data         fetch and verify MNIST and FashionMNIST"
-	@echo "make leaderboard  rerun missing/stale rows, write results/leaderboard.{csv,md} and figures"
-	@echo "                  (make leaderboard SETTINGS='mnist-lr mnist-mlp-small' SOLVERS=mysolver: only those rows)"
-	@echo "make report       the results site results/report/index.html from the committed results (seconds)"
-	@echo "make gt-mnist     build/resume/repair the mnist-cnn ground truth (hours on CPU; resumable)"
-	@echo "make gt-verify    verify every committed ground-truth artifact (checksums, pinned root hash, consistency)"
-	@echo "make gt-reproduce retrain a few committed CNN ground-truth units here and compare them (minutes on 2 cores)"
-	@echo "make zoo          the explained-model zoo: full-data models by seed with per-epoch checkpoints"
-	@echo "make regress      CI check: attribution quality against results/baselines.json"
-	@echo "make gap-mnist    Table 1 gap study: LDS vs replicas, ensemble, measurement, damping (validation queries)"
-	@echo "make bench        cost benchmarks (pytest-benchmark): every stage's time, peak memory and flop floor,"
-	@echo "                  saved under results/perf/<device>/ (make bench-train / bench-solvers: a part, not saved)"
-	@echo "make bench-compare  the same, compared with the committed run: fails on a slowdown beyond BENCH_FAIL"
-	@echo "make bench-peers  our EK-FAC vs Kronfluence's on mnist-cnn (installs the peers extra): results/perf/peers-*.json"
-	@echo "make mutate       mutation testing of the modules that compute numbers (~30 min; not CI; docs/testing.md)"
-	@echo "make counterfactual-mnist  remove-top-k vs retraining, mnist-lr and mnist-cnn (CPU hours; resumable)"
-	@echo "make unlearning-mnist      Newton unlearning / label repair vs retraining, mnist-lr and mnist-cnn (resumable)"
-	@echo "make mislabel-mnist / figures-mnist / ihvp-error / gt-studies-mnist"
-	@echo "make gpu-runbook  GPU: ground truth + EK-FAC for the timm settings (docs/large-settings.md)"
+help: ## this list, read from the Makefile's own target comments
+	@awk -f scripts/make_help.awk $(MAKEFILE_LIST)
 
 $(STAMP):
 	@test -x $(PY) || $(PYTHON_SYS) -m venv $(VENV)
@@ -52,35 +31,35 @@ $(STAMP):
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
-venv: $(STAMP)
+venv: $(STAMP) ## .venv with the project and its test, vision and distributed extras (about 7 min the first time)
 
-data: venv
+data: venv ## fetch and verify MNIST and FashionMNIST (seconds; FashionMNIST needs Debian's dataset-fashion-mnist)
 	$(TDABENCH) data mnist-cnn fmnist-cnn
 
-test: venv
+test: venv ## run the test suite (what CI runs; about 10 min on 2 idle cores)
 	$(PY) -m pytest -q
 
-test-fast: venv
+test-fast: venv ## the test suite without the tests marked slow
 	$(PY) -m pytest -q -m "not slow"
 
-lds-mnist: venv
+lds-mnist: venv ## Table 1, MNIST row: RECOMPUTED from the committed ground truth, beside the record and the paper
 	$(TDABENCH) data mnist-cnn
 	$(TDABENCH) lds mnist-cnn $(SOLVER_ARGS)
 
-lds-fmnist: venv
+lds-fmnist: venv ## Table 1, FashionMNIST row, recomputed the same way
 	$(TDABENCH) data fmnist-cnn
 	$(TDABENCH) lds fmnist-cnn $(SOLVER_ARGS)
 
-table1: venv
+table1: venv ## Table 1 from the committed records only (no recomputation; stale records are marked)
 	$(TDABENCH) table1 mnist-cnn $(SOLVER_ARGS)
 	$(TDABENCH) table1 fmnist-cnn $(SOLVER_ARGS)
 
-mislabel-mnist: venv
+mislabel-mnist: venv ## mislabel detection on mnist-cnn's corrupted-label model (recall@k, AUC)
 	$(TDABENCH) data mnist-cnn
 	$(TDABENCH) mislabel mnist-cnn $(SOLVER_ARGS)
 
 # Six queries: the seeded choice the report's gallery shows for every solver (results/qualitative/)
-figures-mnist: venv
+figures-mnist: venv ## the images each solver blames for six seeded mnist-cnn queries (results/qualitative/)
 	$(TDABENCH) data mnist-cnn
 	$(TDABENCH) figures mnist-cnn $(SOLVER_ARGS) --n-queries 6
 
@@ -88,33 +67,34 @@ figures-mnist: venv
 # solvers' grid (its smallest value, 1e-4, won on mnist-cnn), and then reports the protocol chosen on
 # validation on the reported queries.
 GAP_ARGS   ?= --damping 1e-8 --damping 1e-6 --damping 1e-5 --report
-gap-mnist: venv
+gap-mnist: venv ## Table 1 gap study: LDS vs replicas, ensemble, measurement, damping (validation queries)
 	$(TDABENCH) gap mnist-cnn $(SOLVER_ARGS) $(GAP_ARGS)
 
-gap-fmnist: venv
+gap-fmnist: venv ## the same gap study on fmnist-cnn
 	$(TDABENCH) gap fmnist-cnn $(SOLVER_ARGS) $(GAP_ARGS)
 
-leaderboard: venv
+leaderboard: venv ## rerun missing/stale rows, write results/leaderboard.{csv,md}, figures and the report
+##|   make leaderboard SETTINGS='mnist-lr mnist-mlp-small' SOLVERS=mysolver: only those rows
 	$(TDABENCH) leaderboard $(LB_ARGS)
 
 # `make leaderboard` rebuilds it too; this only redraws it from what is committed
-report: venv
+report: venv ## the results site results/report/index.html from the committed results (no recomputation)
 	$(TDABENCH) report
 
-regress: venv
+regress: venv ## CI check: attribution quality against results/baselines.json
 	$(TDABENCH) regress
 
-gt-mnist: venv
+gt-mnist: venv ## build/resume/repair the mnist-cnn ground truth (hours on CPU; resumable)
 	$(TDABENCH) gt mnist-cnn
 
-gt-fmnist: venv
+gt-fmnist: venv ## build/resume/repair the fmnist-cnn ground truth (hours on CPU; resumable)
 	$(TDABENCH) gt fmnist-cnn
 
-gt-small: venv
+gt-small: venv ## build/resume the mnist-lr and mnist-mlp-small ground truths
 	$(TDABENCH) gt mnist-lr
 	$(TDABENCH) gt mnist-mlp-small
 
-gt-verify: venv
+gt-verify: venv ## verify every committed ground-truth artifact (checksums, pinned root hash, consistency)
 	@for s in $$(ls results/gt); do $(TDABENCH) gt $$s --verify > /dev/null && echo "$$s: ok" || exit 1; done
 	@for s in $$(ls results/gt-studies 2>/dev/null); do \
 	  $(TDABENCH) gt "$$s" --study --verify > /dev/null && echo "$$s (study): ok" || exit 1; done
@@ -123,12 +103,12 @@ gt-verify: venv
 # recorded seeds, beside seed noise (docs/ground-truth.md); fails only when a unit is not reproduced.
 REPRODUCE_UNITS ?= 4
 REPRODUCE_FULL  ?= 1
-gt-reproduce: venv
+gt-reproduce: venv ## retrain a few committed CNN ground-truth units here and compare them (minutes on 2 cores)
 	@rc=0; for s in mnist-cnn fmnist-cnn; do \
 	  $(TDABENCH) gt $$s --reproduce $(REPRODUCE_UNITS) --reproduce-full $(REPRODUCE_FULL) || rc=1; done; exit $$rc
 
 # The explained-model zoo (results/models/): 16 models for the small settings, 8 for the CNNs; it only grows.
-zoo: venv
+zoo: venv ## the explained-model zoo: full-data models by seed with per-epoch checkpoints
 	$(TDABENCH) zoo mnist-lr --models 16
 	$(TDABENCH) zoo mnist-mlp-small --models 16
 	$(TDABENCH) zoo mnist-cnn --models 8
@@ -139,7 +119,7 @@ zoo: venv
 # STUDY_EPOCHS epochs. About 50 + 20 + 100 CPU-minutes on 2 cores; minutes on a GPU. Then `make gap-mnist`.
 STUDY_ARGS   ?= --subsets 50 --seeds 2 --full-models 1
 STUDY_EPOCHS ?= 3 16
-gt-studies-mnist: venv
+gt-studies-mnist: venv ## study ground truths for the gap study (seed policy, training length; CPU hours)
 	$(TDABENCH) gt mnist-cnn --study --seed-policy varied $(STUDY_ARGS)
 	@for e in $(STUDY_EPOCHS); do $(TDABENCH) gt "mnist-cnn@epochs=$$e" $(STUDY_ARGS) || exit 1; done
 
@@ -148,20 +128,20 @@ gt-studies-mnist: venv
 # mnist-lr models train in seconds; mnist-cnn's 122 + 30 models took 59 + 10 min on 2 cores (2 workers), minutes on a GPU.
 CF_LR_SOLVERS  ?= exact cg lissa kfac ekfac identity
 CF_CNN_SOLVERS ?= kfac ekfac identity
-counterfactual-mnist: venv
+counterfactual-mnist: venv ## remove-top-k vs retraining, mnist-lr and mnist-cnn (CPU hours; resumable)
 	$(TDABENCH) counterfactual mnist-lr $(foreach s,$(CF_LR_SOLVERS),--solver $(s)) --queries 20 --seeds 3 \
 	  --units-per-job 20
 	$(TDABENCH) counterfactual mnist-cnn $(foreach s,$(CF_CNN_SOLVERS),--solver $(s)) --queries 5 --k 10 --k 100 \
 	  --k 1000 --seeds 2
 
 UL_LR_SOLVERS  ?= exact kfac ekfac identity
-unlearning-mnist: venv
+unlearning-mnist: venv ## Newton unlearning / label repair vs retraining, mnist-lr and mnist-cnn (resumable)
 	$(TDABENCH) unlearning mnist-lr $(foreach s,$(UL_LR_SOLVERS),--solver $(s)) --rank-by exact --seeds 5 \
 	  --units-per-job 5
 	$(TDABENCH) unlearning mnist-cnn $(foreach s,$(CF_CNN_SOLVERS),--solver $(s)) --rank-by ekfac --size 0.001 \
 	  --size 0.01 --size 0.05 --seeds 2
 
-ihvp-error: venv
+ihvp-error: venv ## each solver's IHVP error against the exact inverse (results/ihvp_error.csv)
 	$(TDABENCH) ihvp-error
 
 # Cost benchmarks: benchmarks/ (pytest-benchmark), never part of `make test`. `make bench` saves a run under
@@ -176,22 +156,22 @@ BENCH_SELECT  ?=
 BENCH_SLOWDOWN ?= 1
 BENCH_ARGS     = -p no:cacheprovider --benchmark-enable --benchmark-only --benchmark-sort=name \
                  --benchmark-storage=file://results/perf/$(BENCH_DEVICE) $(BENCH_SELECT)
-bench: venv
+bench: venv ## cost benchmarks: every stage's time, peak memory and flop floor, saved under results/perf/<device>/
 	$(PY) -m pytest benchmarks $(BENCH_ARGS) --benchmark-save=$(shell git rev-parse --short HEAD)
 
-bench-compare: venv
+bench-compare: venv ## the cost benchmarks compared with the committed run: fails on a slowdown beyond BENCH_FAIL
 	TDABENCH_BENCH_SLOWDOWN=$(BENCH_SLOWDOWN) $(PY) -m pytest benchmarks $(BENCH_ARGS) \
 	  --benchmark-compare=$$($(PY) -m benchmarks baseline) --benchmark-compare-fail=$(BENCH_FAIL)
 
-bench-train: venv
+bench-train: venv ## the training part of the cost benchmarks (not saved)
 	$(PY) -m pytest benchmarks/test_train.py $(BENCH_ARGS)
 
-bench-solvers: venv
+bench-solvers: venv ## the solver part of the cost benchmarks (not saved)
 	$(PY) -m pytest benchmarks/test_solvers.py $(BENCH_ARGS)
 
 # Our EK-FAC against Kronfluence's on mnist-cnn's explained model, each in its own process (about 15 min on 2
 # idle cores): results/perf/peers-<device>.json. Installs the peers extra into the venv first.
-bench-peers: venv
+bench-peers: venv ## our EK-FAC vs Kronfluence's on mnist-cnn (installs the peers extra): results/perf/peers-*.json
 	@$(PY) -c "import kronfluence, trak" 2>/dev/null || $(PY) -m pip install -q -e '.[peers]'
 	$(PY) -m benchmarks.bench_peers
 
@@ -217,7 +197,7 @@ $(MUTATION_STAMP): $(STAMP)
 	@rm -f $(VENV)/.mutation-*
 	@touch $@
 
-mutate: venv $(MUTATION_STAMP)
+mutate: venv $(MUTATION_STAMP) ## mutation testing of the modules that compute numbers (~30 min; not CI; docs/testing.md)
 	rm -rf mutants
 	@start=$$(date +%s); TDABENCH_RESULTS=$(CURDIR)/results $(PY) -m mutmut run --max-children 2 $(foreach m,$(MUTATE),"$(m)") || exit 1; \
 	  $(PY) scripts/mutation_report.py --seconds $$(( $$(date +%s) - start )) --covered $(foreach m,$(MUTATE),"$(m)")
@@ -226,8 +206,8 @@ mutate: venv $(MUTATION_STAMP)
 # (docs/large-settings.md). e.g. make gpu-runbook BUDGET_S=3600 RUNBOOK_SETTINGS="fmnist-resnet mnist-vit"
 .PHONY: gpu-runbook
 BUDGET_S ?= 14400
-gpu-runbook: venv
+gpu-runbook: venv ## GPU: ground truth + EK-FAC for the timm settings (docs/large-settings.md)
 	PY=$(PY) BUDGET_S=$(BUDGET_S) scripts/gpu_runbook.sh $(RUNBOOK_SETTINGS)
 
-clean-venv:
+clean-venv: ## delete .venv
 	rm -rf $(VENV)

@@ -1,9 +1,12 @@
 """The shape of the house: every module of ``benchmark/`` sits in a floor, imports run only downward, there are no
 import circles, and names become objects only in the command line and the registries. Checked by reading the
-source with ``ast`` (no imports run), so a planted violation is caught too."""
+source with ``ast`` (no imports run), so a planted violation is caught too. And the project stands alone: nothing
+cites a file a clone of the repository lacks, and every relative Markdown link in README.md and docs/ resolves."""
 
 import ast
+import re
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -126,3 +129,124 @@ def test_a_planted_name_lookup_is_caught(tmp_path):
     (package / "studies" / "planted.py").write_text("from ..setup import settings\n\n"
                                                     "def f():\n    return settings.get('mnist-cnn')\n")
     assert name_lookups(package) == ["studies/planted.py:4: settings.get(...)"]
+
+
+# ---------------------------------------------------------------- the project stands alone
+# A clone holds only the repository: the team's notes beside it (the design file, the seed paper's text, the
+# shared folder next to the checkout) are not there, so nothing in the project may send a reader to them. The
+# pattern is assembled from pieces so that this file does not match it.
+FOREIGN = re.compile("|".join([r"\b" + "DESIGN" + r"\.md", r"\.\./" + "shared" + r"\b", "seed" + r"-paper\.txt"]))
+STANDALONE = ("benchmark", "solvers", "datasets", "docs", "tests", "scripts", ".ci", "README.md", "Makefile")
+
+
+def foreign_citations(root: Path) -> list[str]:
+    """``path:line: text`` for each line under ``STANDALONE`` that names a file a clone of the repository lacks."""
+    found = []
+    for name in STANDALONE:
+        top = root / name
+        for path in sorted([top] if top.is_file() else top.rglob("*")):
+            if not path.is_file() or "__pycache__" in path.parts:
+                continue
+            text = path.read_bytes().decode("utf-8", errors="replace")
+            found += [f"{path.relative_to(root)}:{n}: {line.strip()}"
+                      for n, line in enumerate(text.splitlines(), 1) if FOREIGN.search(line)]
+    return found
+
+
+def test_nothing_cites_a_file_outside_the_repository():
+    assert foreign_citations(REPO_ROOT) == []
+
+
+def test_a_planted_foreign_citation_is_caught(tmp_path):
+    design, shared = "DESIGN" + ".md", ".." + "/shared"
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.md").write_text(f"fine\nthe sign of {design}\n")
+    (tmp_path / "benchmark" / "core").mkdir(parents=True)
+    (tmp_path / "benchmark" / "core" / "m.py").write_text(f"# sources in {shared}/notes.txt\n")
+    (tmp_path / "README.md").write_text("a README that cites nothing\n")
+    assert foreign_citations(tmp_path) == [f"benchmark/core/m.py:1: # sources in {shared}/notes.txt",
+                                           f"docs/a.md:2: the sign of {design}"]
+
+
+MD_LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
+
+
+def _prose(text: str) -> str:
+    """Markdown without fenced code blocks and inline code, where brackets are code, not links."""
+    return re.sub(r"`[^`\n]*`", "", re.sub(r"^```.*?^```", "", text, flags=re.S | re.M))
+
+
+def anchors(path: Path) -> set[str]:
+    """The heading anchors GitHub renders for a Markdown file: lower case, punctuation dropped, spaces to hyphens,
+    repeats numbered."""
+    seen: dict[str, int] = {}
+    out = set()
+    for m in re.finditer(r"^#{1,6}\s+(.+?)\s*#*$", re.sub(r"^```.*?^```", "", path.read_text(), flags=re.S | re.M),
+                         re.M):
+        text = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", m.group(1))  # a link in a heading anchors by its text
+        slug = re.sub(r"[^\w\- ]", "", text.strip().lower()).replace(" ", "-")
+        n = seen.get(slug, 0)
+        seen[slug] = n + 1
+        out.add(slug if n == 0 else f"{slug}-{n}")
+    return out
+
+
+def _ignored(root: Path, paths: list[Path]) -> set[Path]:
+    """Those of ``paths`` git ignores (a clone never has them); none where git cannot say."""
+    try:
+        res = subprocess.run(["git", "check-ignore", "--stdin"], cwd=root, capture_output=True, text=True,
+                             input="\n".join(str(p.relative_to(root)) for p in paths), timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return set()
+    return {root / line for line in res.stdout.splitlines()} if res.returncode in (0, 1) else set()
+
+
+def broken_links(root: Path) -> list[str]:
+    """Every relative link in README.md and docs/*.md whose file or folder is not in the repository, or whose
+    ``#anchor`` is no heading of the Markdown file it points into."""
+    problems, targets = [], []
+    for doc in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
+        for target in MD_LINK.findall(_prose(doc.read_text())):
+            if re.match(r"[a-z][a-z0-9+.-]*:", target, re.I):
+                continue  # a URL (https:, mailto:), not a file of the repository
+            where = f"{doc.relative_to(root)}: ({target})"
+            file, _, anchor = target.partition("#")
+            path = (doc.parent / file).resolve() if file else doc
+            if root.resolve() not in [path, *path.parents] or not path.exists():
+                problems.append(f"{where} points to no file or folder of the repository")
+                continue
+            targets.append((where, path))
+            if anchor and path.suffix == ".md" and anchor not in anchors(path):
+                problems.append(f"{where}: {path.name} has no heading #{anchor}")
+    ignored = _ignored(root.resolve(), [p for _, p in targets])
+    problems += [f"{where} points to a file git ignores, which a clone lacks" for where, p in targets if p in ignored]
+    return problems
+
+
+def test_every_relative_markdown_link_resolves():
+    docs = [REPO_ROOT / "README.md", *(REPO_ROOT / "docs").glob("*.md")]
+    assert sum(len(MD_LINK.findall(_prose(d.read_text()))) for d in docs) > 20  # the scan sees the links
+    assert broken_links(REPO_ROOT) == []
+
+
+def test_a_planted_broken_link_is_caught(tmp_path):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "b.md").write_text("# B\n\n## Two words\n")
+    (tmp_path / "README.md").write_text(
+        "[ok](docs/b.md) [ok](docs/b.md#two-words) [ok](#a-readme) [web](https://example.org/x.md)\n"
+        "# A README\n[gone](docs/missing.md) [bad anchor](docs/b.md#three) [outside](../elsewhere.md)\n"
+        "```\n[in code](docs/missing.md)\n```\n`[inline](docs/missing.md)`\n")
+    assert broken_links(tmp_path) == ["README.md: (docs/missing.md) points to no file or folder of the repository",
+                                      "README.md: (docs/b.md#three): b.md has no heading #three",
+                                      "README.md: (../elsewhere.md) points to no file or folder of the repository"]
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git to say what a clone lacks")
+def test_a_link_to_an_ignored_file_is_caught(tmp_path):
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    (tmp_path / ".gitignore").write_text("build/\n")
+    (tmp_path / "build").mkdir()
+    (tmp_path / "build" / "out.html").write_text("made here, never committed\n")
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "README.md").write_text("[docs](docs) [ours](build/out.html)\n")
+    assert broken_links(tmp_path) == ["README.md: (build/out.html) points to a file git ignores, which a clone lacks"]

@@ -28,3 +28,18 @@ def test_venv_is_reinstalled_on_content_changes_only(tmp_path):
     assert "pip install" not in _dry_run(venv, "-W", "pyproject.toml")
     (venv / f".installed-{digest}").rename(venv / ".installed-000000000000")  # installed from another content
     assert "pip install" in _dry_run(venv)
+
+
+def test_make_help_lists_every_target():
+    """`make help` is generated from the Makefile's target comments: every phony target is listed with its text."""
+    text = (REPO_ROOT / "Makefile").read_text()
+    phony = {t for line in text.splitlines() if line.startswith(".PHONY:") for t in line.split(":", 1)[1].split()}
+    out = subprocess.run(["make", "-s", "help"], cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout
+    listed = {}
+    for line in out.splitlines():
+        words = line.split(None, 2)
+        if len(words) == 3 and words[0] == "make":
+            listed[words[1]] = words[2]
+    assert phony, "no .PHONY targets found"
+    assert sorted(phony - set(listed)) == []
+    assert all(len(help_text) > 10 for help_text in listed.values())

@@ -28,8 +28,7 @@ import torch
 from torch import nn
 
 from benchmark import core
-from benchmark.evaluate import Solver, SolverError
-from benchmark.setup.training import train
+from benchmark.evaluate import Solver, SolverError, train
 
 # Modules whose output differs between training and evaluation: the adjoint evaluates every step in one mode.
 _MODE_DEPENDENT = (nn.modules.batchnorm._NormBase, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,

@@ -1112,11 +1112,7 @@ def test_task_fingerprint_hashes_model_inputs_and_labels_once(monkeypatch):
 SOLVER_IMPORTS = ("benchmark.core", "benchmark.evaluate")
 # Imports outside the rule that a solver file still has, each with why. Exact: a new one fails, and so does fixing
 # one without removing it here.
-SOLVER_IMPORT_EXCEPTIONS = {
-    # replays the zoo's SGD run with setup's own train() (bit-identical replay); benchmark.evaluate does not
-    # re-export it yet
-    "unrolled": {"benchmark.setup.training"},
-}
+SOLVER_IMPORT_EXCEPTIONS: dict[str, set[str]] = {}  # none: every solver keeps the rule
 
 
 def benchmark_imports(source: str) -> set[str]:

@@ -13,5 +13,7 @@ A solver file needs only this and :mod:`benchmark.core`::
 - :mod:`.campaign`: rerunning the records that are missing or stale.
 """
 
+# A solver that replays a training run (unrolled) trains with the harness's own SGD, bit for bit.
+from ..setup.training import train
 from .solver import (COMMON_OPTIONS, DAMPING_GRID, Solver, SolverError, Task, Trajectory, record_trajectory,
                      score_memory_budget_mb, scores_many)

@@ -5,8 +5,8 @@ Data Influence by Tracing Gradient Descent", NeurIPS 2020; TracInCP, their Eq. 4
 
 with θ_c the model after epoch e_c (checkpoint c) and η_c the learning rate of the period it ends, from the
 trajectory: the mean learning rate of each epoch since the previous checkpoint, summed over those epochs (with a
-checkpoint every epoch, the mean learning rate of that epoch, as in the paper). The sign follows DESIGN.md: an SGD
-step on zᵢ moves θ by −η∇L(zᵢ) and the query's measurement by −η∇f·∇L(zᵢ), so positive = helpful. There is no
+checkpoint every epoch, the mean learning rate of that epoch, as in the paper). The sign follows docs/protocol.md: an
+SGD step on zᵢ moves θ by −η∇L(zᵢ) and the query's measurement by −η∇f·∇L(zᵢ), so positive = helpful. There is no
 curvature and no inverse: TracIn has no IHVP. Momentum and weight decay are ignored, as in the paper (momentum
 0.9 scales every η_c alike, which no ranking sees).
 

@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from ..evaluate import registry
 from ..setup import settings as settings_mod
-from ..setup.store import ResultsStore
+from ..setup.store import RESULTS_ENV, ResultsStore
 
 
-def store(args) -> ResultsStore:
-    return ResultsStore(Path(args.results).expanduser()) if getattr(args, "results", None) else ResultsStore.default()
+def store(args, reading: bool = False) -> ResultsStore:
+    """``--results``, else $TDABENCH_RESULTS, else the repository's results/. A command that only reads (``reading``)
+    refuses a root that does not exist; one that writes creates it."""
+    given = getattr(args, "results", None)
+    chosen = ResultsStore(Path(given).expanduser()) if given else ResultsStore.default()
+    if reading:
+        chosen.check_exists("--results" if given else "$" + RESULTS_ENV if os.environ.get(RESULTS_ENV)
+                            else "the repository's default")
+    return chosen
 
 
 def setting(name: str) -> settings_mod.Setting:

@@ -1,4 +1,4 @@
-"""Floor 1: the two query functions f a score can be about (DESIGN.md: the margin by default)."""
+"""Floor 1: the two query functions f a score can be about (docs/protocol.md: the margin by default)."""
 
 from __future__ import annotations
 

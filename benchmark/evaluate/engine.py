@@ -31,7 +31,7 @@ from ..groundtruth.mislabel import MislabelArtifact
 from ..setup.artifacts import ArtifactError, environment
 from . import metrics
 from .cost import Cost, machine_load
-from .solver import Solver, SolverError, Task
+from .solver import Solver, SolverContractError, SolverError, Task
 
 # Bump when what an evaluation's numbers mean changes (selection rule, averaging): every record goes stale.
 ENGINE_VERSION = 2
@@ -353,11 +353,15 @@ def _grid_search(cls, candidates, explained, tx, ty, num_classes, measurement, d
         try:
             fits.append((cand, fit(cls, cand, models, tx, ty, num_classes, measurement, device, trial_cost, "fit",
                                    cache, trajectories), trial_cost))
+        except SolverContractError:  # a bug in the solver file fails every configuration alike: stop at it
+            raise
         except (SolverError, ValueError, torch.linalg.LinAlgError) as exc:
             trials.append({"params": cand, "validation_lds": None, "error": f"{type(exc).__name__}: {exc}"})
     shared_cost = Cost(device)
     try:
         val_preds = ensemble_predictions([f for _, f, _ in fits], vx, vy, tx, ty, membership, shared_cost, "score")
+    except SolverContractError:
+        raise
     except (SolverError, ValueError, torch.linalg.LinAlgError):
         val_preds = None  # one configuration failed while scoring: score them one by one to find it
     for i, (cand, fitted, trial_cost) in enumerate(fits):
@@ -371,6 +375,8 @@ def _grid_search(cls, candidates, explained, tx, ty, num_classes, measurement, d
             trial = {"params": cand, "validation_lds": val["mean"], "validation_lds_se": val["se"],
                      "fit_s": fit_seconds(trial_cost, infos(fitted)), "fit_measured_s": trial_cost.seconds("fit"),
                      "score_s": score_s, "fit_peak_mb": trial_cost.peak_mb("fit")}
+        except SolverContractError:
+            raise
         except (SolverError, ValueError, torch.linalg.LinAlgError) as exc:
             fitted, trial = None, {"params": cand, "validation_lds": None, "error": f"{type(exc).__name__}: {exc}"}
         trials.append(trial)

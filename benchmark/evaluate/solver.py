@@ -2,7 +2,7 @@
 
 A solver approximates v = (G + λI)⁻¹ g, where G is the Gauss-Newton matrix of the *mean* training loss
 (G = (1/N) Σᵢ Jᵢᵀ Hᵢ Jᵢ, Hᵢ the Hessian of the cross-entropy in the logits) of the explained model, and
-turns it into influence scores with the sign convention of DESIGN.md:
+turns it into influence scores with the sign convention of docs/protocol.md ("Conventions"):
 
     τ(q, i) = −∇f(z_q)ᵀ (G + λI)⁻¹ ∇L(z_i)      (positive = up-weighting i helps the query's measurement f)
     self(i) =  ∇L(z_i)ᵀ (G + λI)⁻¹ ∇L(z_i)       (rank descending to find mislabeled points)
@@ -18,8 +18,11 @@ Kronecker factors) lives in :mod:`benchmark.core`; solver files stay thin.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Callable, ClassVar
 
@@ -32,8 +35,8 @@ from ..core import CurvatureCache, SolverError  # SolverError is raised by the m
 from ..setup import deps
 from ..setup.config import TrainRecipe
 
-__all__ = ["Task", "Trajectory", "Solver", "SolverError", "DAMPING_GRID", "scores_many", "subset_predictions",
-           "record_trajectory"]
+__all__ = ["Task", "Trajectory", "Solver", "SolverError", "SolverContractError", "DAMPING_GRID", "scores_many",
+           "subset_predictions", "record_trajectory"]
 
 # Memory the generic chunked scores may use for gradient blocks (query and train chunks together). Every
 # block of queries costs one pass over the training set, so a large model on a large GPU wants a larger
@@ -126,6 +129,78 @@ class Task:
         return self._fingerprint
 
 
+class SolverContractError(SolverError):
+    """A solver's hook returned something of the wrong shape or kind: a bug in the solver file, the same for every
+    hyper-parameter, so a grid search stops at it instead of trying the next configuration."""
+
+
+# The hooks a solver file may override, and the shape each must return, read off its arguments. Every override is
+# checked where it returns, whoever calls it (the engine, a study, a test): a block one row short would otherwise
+# be scored silently (a query's column of subset predictions left as uninitialised memory) or fail as a raw
+# torch traceback.
+HOOKS = ("ihvp", "train_features", "query_features", "scores", "self_scores")
+
+
+def _solver_file(cls) -> str:
+    path = getattr(sys.modules.get(cls.__module__), "__file__", None)
+    return f" ({path})" if path else ""
+
+
+def _describe(out) -> str:
+    if not isinstance(out, torch.Tensor):
+        return f"a {type(out).__name__}, not a torch.Tensor"
+    return f"shape {tuple(out.shape)}" + ("" if out.is_floating_point() else f" of dtype {out.dtype}")
+
+
+def contract_error(solver, hook: str, got: str, want: str) -> SolverContractError:
+    """The one-line error for a hook that broke its contract, naming the solver, its file and the hook."""
+    return SolverContractError(f"solver {solver.name!r}{_solver_file(type(solver))}: {hook}() returned {got}, "
+                               f"expected {want}; fix {hook} in the solver's file")
+
+
+def _check_hook(solver, hook: str, out, values: list) -> None:
+    """Raise a SolverContractError when ``out``, returned by ``hook`` called with ``values`` (its arguments after
+    self, in order), is not a floating tensor of the shape the hook's contract gives."""
+    if hook == "ihvp":
+        if not isinstance(values[0], torch.Tensor):
+            return
+        want, why = tuple(values[0].shape), "the shape of its input vectors: one (G + λI)⁻¹v per vector"
+    elif hook in ("train_features", "query_features"):
+        n, offset = len(values[1]), values[2]
+        what, one = ("training examples", "example") if hook == "train_features" else ("queries", "query")
+        if not (isinstance(out, torch.Tensor) and out.dim() == 2 and len(out) == n and out.is_floating_point()):
+            raise contract_error(solver, hook, f"{_describe(out)} for {n} {what} ({offset}..{offset + n - 1})",
+                                 f"({n}, D): one feature row per {one}")
+        return
+    elif hook == "scores":
+        want, why = (len(values[1]), len(values[3])), "(queries, training examples)"
+    else:  # self_scores
+        want, why = (len(values[1]),), "one self-influence score per training example"
+    if not (isinstance(out, torch.Tensor) and tuple(out.shape) == want and out.is_floating_point()):
+        raise contract_error(solver, hook, _describe(out), f"shape {want} ({why})")
+    if hook == "self_scores":  # (N,) is cheap to check; NaN would sink silently into the mislabel ranking
+        core.check_finite(out, f"self-influence score ({solver.name})", 0)
+
+
+def _checked_hook(hook: str, method):
+    """``method`` (a subclass's override of ``hook``), returning what it returns once :func:`_check_hook` passes."""
+    signature = inspect.signature(method)
+    needed = {"ihvp": 1, "train_features": 3, "query_features": 3, "scores": 4, "self_scores": 2}[hook]
+
+    @functools.wraps(method)
+    def checked(self, *args, **kwargs):
+        out = method(self, *args, **kwargs)
+        bound = signature.bind(self, *args, **kwargs)  # it ran, so its arguments bind
+        bound.apply_defaults()
+        values = list(bound.args[1:])  # the positional arguments after self, defaults (a block's offset) filled in
+        if len(values) >= needed:  # an override with an unusual signature is left unchecked rather than broken
+            _check_hook(self, hook, out, values)
+        return out
+
+    checked.__tdabench_checked__ = True
+    return checked
+
+
 # Options every solver takes on top of its own ``defaults`` (recorded in a run's params only when given).
 # last_blocks: attribute through the parameters of the model's last k blocks and its head only (what most
 # users of large models do); None = every parameter. See core.last_blocks_parameters.
@@ -169,6 +244,13 @@ class Solver:
     # says False and the evaluations leave that part out instead of failing. (Whether it has an ``ihvp``:
     # :meth:`has_ihvp`.)
     has_self_influence: ClassVar[bool] = True
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        for hook in HOOKS:  # the overrides this class defines (inherited ones were wrapped where they were defined)
+            method = cls.__dict__.get(hook)
+            if inspect.isfunction(method) and not getattr(method, "__tdabench_checked__", False):
+                setattr(cls, hook, _checked_hook(hook, method))
 
     @classmethod
     def unavailable(cls) -> str | None:
@@ -424,12 +506,15 @@ def _scores_in_one_pass(solvers: list[Solver], query_x, query_y, train_x, train_
     passes = -(-len(query_y) // qc)
     configs = f", {len(solvers)} configurations" if len(solvers) > 1 else ""
     for p, qs in enumerate(core.chunks(len(query_y), qc)):
-        stacked = torch.cat([_checked(s.query_features(query_x[qs], query_y[qs], qs.start), s, qs.start)
-                             for s in solvers])
+        features = [_checked(s.query_features(query_x[qs], query_y[qs], qs.start), s, qs.start) for s in solvers]
+        for s, a in zip(solvers, features):
+            _check_widths(s, a, features[0].shape[1], "another configuration's query_features()")
+        stacked = torch.cat(features)
         rows = qs.stop - qs.start
         desc = f"scores ({first.name}{configs}): queries {qs.start}-{qs.stop} of {len(query_y)}, pass {p + 1}/{passes}"
         for ts in core.chunks(len(train_y), tc, desc=desc):
             b = _checked(first.train_features(train_x[ts], train_y[ts], ts.start), first, ts.start)
+            _check_widths(first, stacked, b.shape[1], "train_features()")
             block = -(stacked @ b.to(stacked.dtype).T).float().cpu()
             for j, out in enumerate(outs):
                 out[qs, ts] = block[j * rows:(j + 1) * rows]
@@ -451,6 +536,13 @@ def _rowwise_dot64(g: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     for sl, g64 in _double_rows(g):
         out[sl] = (g64 * r[sl].double()).sum(-1)
     return out
+
+
+def _check_widths(solver: Solver, query_features: torch.Tensor, width: int, other: str) -> None:
+    """A score is −⟨query feature, train feature⟩: both must have the same length D (else a raw matmul error)."""
+    if query_features.shape[1] != width:
+        raise contract_error(solver, "query_features", f"rows of {query_features.shape[1]} values",
+                             f"{width}, the length of {other} rows: a score is −⟨query feature, train feature⟩")
 
 
 def _checked(features: torch.Tensor, solver: Solver, offset: int) -> torch.Tensor:
@@ -517,9 +609,19 @@ def subset_predictions(solvers: list[Solver], query_x: torch.Tensor, query_y: to
             continue
         sums = train_subset_sums(s, train_x, train_y, weights, train_chunk=train_chunk)
         pred = torch.empty(len(weights), len(query_y), dtype=torch.float64)
+        filled = 0  # every query's column must be written: an unwritten one is uninitialised memory
         for qs, a in s.query_feature_blocks(query_x, query_y, query_chunk=query_chunk,
                                             desc=f"query features of {len(query_y):,} queries ({s.name})"):
+            if len(a) != qs.stop - qs.start or qs.start != filled:
+                raise contract_error(s, "query_feature_blocks", f"{len(a)} feature rows for queries "
+                                     f"{qs.start}..{qs.stop - 1} after {filled} queries",
+                                     "consecutive blocks with one row per query")
+            _check_widths(s, a, sums.shape[1], "train_features()")
+            filled = qs.stop
             for sub, a64 in _double_rows(a.cpu()):  # block by block: Q × D features (D = L·P for SOURCE)
                 pred[:, qs.start + sub.start:qs.start + sub.stop] = -(sums @ a64.T)
+        if filled != len(query_y):
+            raise contract_error(s, "query_feature_blocks", f"blocks for {filled} queries",
+                                 f"blocks covering all {len(query_y)}")
         out.append(pred)
     return out

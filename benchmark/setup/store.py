@@ -106,6 +106,24 @@ class ResultsStore:
         """The pinned root hash of every committed artifact."""
         return self.root / "index.json"
 
+    def is_default(self) -> bool:
+        """Whether this is the repository's own ``results/``."""
+        return self.root.resolve() == (REPO_ROOT / "results").resolve()
+
+    def command_words(self) -> list[str]:
+        """What a printed ``tdabench`` command needs to reach this store: nothing for the repository's results/, else
+        ``--results ROOT`` (a resume hint must find the same folder, whatever the shell it is pasted into)."""
+        return [] if self.is_default() else ["--results", str(self.root.resolve())]
+
+    def check_exists(self, origin: str) -> None:
+        """For commands that read results: a root that does not exist is a mistyped path (``origin`` says where it
+        was set), never an empty benchmark that prints "no committed record"."""
+        if not self.root.is_dir():
+            what = "is not a folder" if self.root.exists() else "does not exist"
+            raise StoreError(f"results folder {self.root} (from {origin}) {what}; point --results DIR or "
+                             f"${RESULTS_ENV} at an existing results folder, or unset both to read the repository's "
+                             f"results/")
+
     def relative(self, path: Path | str) -> str:
         """``path`` as it is recorded in records: relative to the store's root (``gt/mnist-cnn/v1``)."""
         path = Path(path).resolve()

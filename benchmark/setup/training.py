@@ -5,7 +5,7 @@ data order. Both trainers consume randomness the same way, so the same seed give
 to floating-point summation order (checked by tests/test_training.py).
 
 Which trainer is faster depends on the device: batching many small models with vmap wins on a GPU
-(DESIGN.md: 0.32 s a model on an H200), while on 2 CPU cores a plain loop measured 1.7-2.7x faster per
+(docs/results.md: 0.32 s a model on an H200), while on 2 CPU cores a plain loop measured 1.7-2.7x faster per
 model, yet tiny models (logistic regression) are per-step overhead that vmap amortises even on a CPU.
 ``choose_trainer`` therefore times a few steps of each; ``make bench-train`` measures them properly.
 """

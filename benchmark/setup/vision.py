@@ -9,7 +9,7 @@ quarter of float32: Food101 at 224 px is 15 GB instead of 61 GB); the model's fi
    ``$TDABENCH_DATA``, else the XDG cache), whose ``meta.json`` holds each array's sha256;
 2. a local copy of the dataset saved with ``DatasetDict.save_to_disk`` in ``<cache>/<name>/hf/``;
 3. the hub, through ``datasets.load_dataset`` (which reuses the Hugging Face cache under ``$HF_HOME``).
-   Skipped when ``TDABENCH_OFFLINE`` is set (unless ``HF_HUB_OFFLINE=1`` says to read the HF cache
+   Skipped when ``TDABENCH_OFFLINE`` is 1/true/yes/on (unless ``HF_HUB_OFFLINE=1`` says to read the HF cache
    offline), and after a 5-second probe when the endpoint cannot be reached: never a long hang.
 
 Models. :class:`TimmModel` builds a timm model (timm is imported only then, so settings register and list
@@ -36,7 +36,7 @@ from torch import nn
 
 from .config import stable_hash
 from .artifacts import atomic_write_bytes, sha256_file
-from .data import DataError, ImageData, cache_dir
+from .data import DataError, ImageData, cache_dir, offline_mode
 from .deps import require
 
 PREPARED_FORMAT = 1  # bump when the prepared arrays change meaning (layout, transform semantics)
@@ -53,7 +53,7 @@ def _truthy(name: str) -> bool:
 
 
 def tdabench_offline() -> bool:
-    return bool(os.environ.get("TDABENCH_OFFLINE"))
+    return offline_mode()  # 0/false/no/off mean online, as for the IDX datasets
 
 
 def hf_offline() -> bool:

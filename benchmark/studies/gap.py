@@ -325,8 +325,8 @@ def best_protocol(rec: dict) -> dict:
     if "damping" in params:
         # the grid search's trials were scored on the same queries and model: candidates too
         params["damping"] = best("damping", params["damping"], [{**g, "factor": "damping"} for g in grid_rows(rec)])
-    # explained models that share no seed with the target, where the zoo has them (DESIGN.md: an explained model is
-    # independent of its target); the coupling rows measure what the ground truth's own models would add
+    # explained models that share no seed with the target, where the zoo has them (docs/protocol.md: an explained
+    # model is independent of its target); the coupling rows measure what the ground truth's own models would add
     explain = "zoo" if any(r["factor"] == "explained model's seed" for r in rec["rows"]) else "ground truth"
     return {"params": params, "ensemble": best("ensemble", 1), "measurement": best("measurement", "margin"),
             "explain": explain,

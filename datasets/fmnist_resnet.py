@@ -5,14 +5,16 @@ A fixed, seeded 10,000-image training subset (subset models train on 5,000), Bas
 per stage, widths 16-32-64-128, 1 input channel (319,594 parameters). Needs timm (the ``vision`` extra).
 """
 
+from pathlib import Path
+
 from benchmark.setup.config import DataSpec, Protocol, TrainRecipe
 from benchmark.setup.data import load_idx_dataset
-from benchmark.setup.plugins import REPO_ROOT, load_plugin_file
+from benchmark.setup.plugins import load_plugin_file
 from benchmark.setup.settings import Setting, fixed_subset, register
 from benchmark.setup.vision import TimmModel
 
 # The verified FashionMNIST files are declared once, in fashion_mnist.py.
-FASHION_MNIST = load_plugin_file(REPO_ROOT / "datasets" / "fashion_mnist.py", "datasets").FASHION_MNIST
+FASHION_MNIST = load_plugin_file(Path(__file__).with_name("fashion_mnist.py"), "datasets").FASHION_MNIST
 TRAIN_SIZE, SUBSET_SEED = 10000, 2024
 MODEL = TimmModel("resnet18", 10, options={"in_chans": 1, "layers": (1, 1, 1, 1), "channels": (16, 32, 64, 128),
                                            "stem_width": 16})

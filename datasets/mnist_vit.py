@@ -6,14 +6,16 @@ A fixed, seeded 10,000-image training subset (subset models train on 5,000); ViT
 (16 tokens), width 64, depth 4, 4 heads, MLP ratio 2, average-pooled tokens, 1 input channel. Needs timm.
 """
 
+from pathlib import Path
+
 from benchmark.setup.config import DataSpec, Protocol, TrainRecipe
 from benchmark.setup.data import load_idx_dataset
-from benchmark.setup.plugins import REPO_ROOT, load_plugin_file
+from benchmark.setup.plugins import load_plugin_file
 from benchmark.setup.settings import Setting, fixed_subset, register
 from benchmark.setup.vision import TimmModel
 
 # The verified MNIST files are declared once, in mnist.py.
-MNIST = load_plugin_file(REPO_ROOT / "datasets" / "mnist.py", "datasets").MNIST
+MNIST = load_plugin_file(Path(__file__).with_name("mnist.py"), "datasets").MNIST
 TRAIN_SIZE, SUBSET_SEED = 10000, 2024
 MODEL = TimmModel("vit_tiny_patch16_224", 10, options={
     "in_chans": 1, "img_size": 28, "patch_size": 7, "embed_dim": 64, "depth": 4, "num_heads": 4, "mlp_ratio": 2.0,

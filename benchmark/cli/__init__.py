@@ -12,7 +12,7 @@ import argparse
 import sys
 import warnings
 
-from . import counterfactual, evaluation, groundtruth, info, report, studies
+from . import counterfactual, evaluation, groundtruth, info, report, share, studies
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the results folder to read and write (default: $TDABENCH_RESULTS, else the repository's "
                         "results/)")
     sub = p.add_subparsers(dest="command", required=True)
-    for module in (info, groundtruth, evaluation, studies, counterfactual, report):
+    for module in (info, groundtruth, evaluation, studies, counterfactual, report, share):
         module.add_commands(sub)
     return p
 
@@ -34,6 +34,7 @@ def main(argv=None) -> int:
     from ..setup.artifacts import ArtifactError
     from ..setup.data import DataError
     from ..setup.deps import MissingDependency
+    from ..setup.plugins import EmptyRegistry
     from ..setup.store import StoreError, describe_os_error
     from ..studies.regress import RegressionError
 
@@ -44,7 +45,7 @@ def main(argv=None) -> int:
     try:
         return args.func(args)
     except (ArtifactError, DataError, KeyError, ValueError, RunError, RegressionError, SolverError,
-            FileNotFoundError, MissingDependency, ExecutorError, StoreError) as exc:
+            FileNotFoundError, MissingDependency, ExecutorError, StoreError, EmptyRegistry) as exc:
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"tdabench: error: {msg}", file=sys.stderr)
         return 2

@@ -17,7 +17,7 @@ def store(args, reading: bool = False) -> ResultsStore:
     chosen = ResultsStore(Path(given).expanduser()) if given else ResultsStore.default()
     if reading:
         chosen.check_exists("--results" if given else "$" + RESULTS_ENV if os.environ.get(RESULTS_ENV)
-                            else "the repository's default")
+                            else "the default")
     return chosen
 
 

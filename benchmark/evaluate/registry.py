@@ -8,7 +8,7 @@ claim the same name (which one a record belongs to would be a guess): both are l
 from __future__ import annotations
 
 from ..setup.plugins import broken as broken_plugins
-from ..setup.plugins import load_plugins
+from ..setup.plugins import empty_registry_error, load_plugins
 from .solver import Solver, SolverError
 
 
@@ -34,8 +34,12 @@ def _ambiguity(name: str, files: list[str]) -> str:
 
 
 def available() -> dict[str, type[Solver]]:
-    """Every Solver subclass defined in a solver file that imports, by name (a name two classes claim: neither)."""
-    return _found()[0]
+    """Every Solver subclass defined in a solver file that imports, by name (a name two classes claim: neither).
+    None at all is an incomplete installation: an error saying which folders were searched."""
+    solvers, ambiguous = _found()
+    if not solvers and not ambiguous:
+        raise empty_registry_error("solvers")
+    return solvers
 
 
 def broken() -> dict[str, str]:
@@ -50,6 +54,8 @@ def broken() -> dict[str, str]:
 
 def get(name: str) -> type[Solver]:
     solvers, ambiguous = _found()
+    if not solvers and not ambiguous:
+        raise empty_registry_error("solvers")
     if name in ambiguous:
         raise SolverError(_ambiguity(name, ambiguous[name]))
     if name not in solvers:

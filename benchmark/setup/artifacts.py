@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .store import REPO_ROOT
+from .store import IN_CLONE, REPO_ROOT
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -123,7 +123,15 @@ def verify_files(root: Path, files: dict[str, str], regenerate_hint: str) -> Non
 
 
 def code_version() -> str:
-    """The git commit of the code (with '+dirty' for uncommitted changes), or 'unknown'."""
+    """The git commit of the code (with '+dirty' for uncommitted changes); an installed package's version outside a
+    clone; else 'unknown'."""
+    if not IN_CLONE:
+        from importlib import metadata
+
+        try:
+            return f"tdabench {metadata.version('tdabench')} (installed package)"
+        except metadata.PackageNotFoundError:
+            return "unknown"
     try:
         rev = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO_ROOT, capture_output=True,
                              text=True, timeout=10)

@@ -21,16 +21,24 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
-from .store import REPO_ROOT
+from .store import IN_CLONE, REPO_ROOT
 
 PACKAGE = "benchmark._plugins"
 KINDS = ("datasets", "solvers")
 _BROKEN: dict[str, dict[str, str]] = {kind: {} for kind in KINDS}
 
 
+def builtin_dir(kind: str) -> Path:
+    """The project's own ``solvers/`` or ``datasets/``: at the top of a clone, inside the package of an installed
+    wheel (pyproject.toml maps them to ``benchmark/_builtin/``)."""
+    if kind not in KINDS:
+        raise ValueError(f"plugin kinds are {KINDS}, not {kind!r}")
+    return REPO_ROOT / kind if IN_CLONE else Path(__file__).resolve().parents[1] / "_builtin" / kind
+
+
 def plugin_dirs(kind: str) -> list[Path]:
     """The built-in folder for ``kind`` plus any in ``$TDABENCH_<KIND>_PATH`` (os.pathsep-separated)."""
-    dirs = [REPO_ROOT / kind]
+    dirs = [builtin_dir(kind)]
     extra = os.environ.get(f"TDABENCH_{kind.upper()}_PATH", "")
     dirs += [Path(p).expanduser().resolve() for p in extra.split(os.pathsep) if p]
     return dirs
@@ -38,7 +46,7 @@ def plugin_dirs(kind: str) -> list[Path]:
 
 def folder_key(kind: str, folder: Path) -> str:
     folder = Path(folder).resolve()
-    if folder == (REPO_ROOT / kind).resolve():
+    if folder == builtin_dir(kind).resolve():
         return "builtin"
     return "d" + hashlib.sha256(str(folder).encode()).hexdigest()[:12]
 
@@ -140,3 +148,17 @@ def load_plugins(kind: str) -> list[ModuleType]:
 def broken(kind: str) -> dict[str, str]:
     """``{file: error}`` of the plugin files of ``kind`` that failed to import."""
     return dict(_BROKEN[kind])
+
+
+class EmptyRegistry(LookupError):
+    """No plugin of a kind could be found: the installation is incomplete, never an empty benchmark."""
+
+
+def empty_registry_error(kind: str) -> EmptyRegistry:
+    """Why no plugin of ``kind`` was found: which folders were searched, which exist, which files failed."""
+    searched = "; ".join(f"{d} ({'no *.py files' if d.is_dir() else 'missing'})" for d in plugin_dirs(kind))
+    trouble = broken(kind)
+    failed = ("; files that failed to import: " + "; ".join(f"{f}: {e}" for f, e in trouble.items())) if trouble else ""
+    return EmptyRegistry(f"no {kind} found: searched {searched}{failed}. Reinstall tdabench (a clone: `make venv`; "
+                         f"a wheel must carry benchmark/_builtin/{kind}/), or name a folder of your own with "
+                         f"$TDABENCH_{kind.upper()}_PATH")

@@ -137,7 +137,12 @@ def _ensure_loaded() -> None:
 
 
 def available() -> dict[str, Setting]:
+    """Every registered setting by name; none at all is an incomplete installation (an error saying why)."""
+    from .plugins import empty_registry_error
+
     _ensure_loaded()
+    if not _REGISTRY:
+        raise empty_registry_error("datasets")
     return dict(sorted(_REGISTRY.items()))
 
 

@@ -15,6 +15,20 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RESULTS_ENV = "TDABENCH_RESULTS"
+# A clone holds the project's files beside the package; an installed wheel holds only the package (and its
+# site-packages folder has a Hugging Face ``datasets/`` beside it, so the plugin folders alone prove nothing).
+IN_CLONE = (REPO_ROOT / "pyproject.toml").is_file() and (REPO_ROOT / "solvers").is_dir()
+
+
+def default_root() -> Path:
+    """$TDABENCH_RESULTS, else a clone's ``results/``, else (an installed package) a user cache folder that
+    ``tdabench fetch`` fills with a setting's precomputed results."""
+    if os.environ.get(RESULTS_ENV):
+        return Path(os.environ[RESULTS_ENV]).expanduser()
+    if IN_CLONE:
+        return REPO_ROOT / "results"
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache).expanduser() / "tdabench" / "results"
 
 
 class StoreError(RuntimeError):
@@ -39,7 +53,7 @@ class ResultsStore:
 
     @classmethod
     def default(cls) -> "ResultsStore":
-        return cls(Path(os.environ.get(RESULTS_ENV) or REPO_ROOT / "results").expanduser())
+        return cls(default_root())
 
     # -- the folders ---------------------------------------------------------------------------
     @property
@@ -107,8 +121,9 @@ class ResultsStore:
         return self.root / "index.json"
 
     def is_default(self) -> bool:
-        """Whether this is the repository's own ``results/``."""
-        return self.root.resolve() == (REPO_ROOT / "results").resolve()
+        """Whether this is the root a command reaches without --results (a clone's ``results/``, or an installed
+        package's cache folder)."""
+        return self.root.resolve() == default_root().resolve()
 
     def command_words(self) -> list[str]:
         """What a printed ``tdabench`` command needs to reach this store: nothing for the repository's results/, else
@@ -120,9 +135,11 @@ class ResultsStore:
         was set), never an empty benchmark that prints "no committed record"."""
         if not self.root.is_dir():
             what = "is not a folder" if self.root.exists() else "does not exist"
+            fix = ("unset both to read the repository's results/" if IN_CLONE else
+                   f"fill {default_root()} with a setting's precomputed results: `tdabench fetch SETTING --from "
+                   f"BUNDLE`")
             raise StoreError(f"results folder {self.root} (from {origin}) {what}; point --results DIR or "
-                             f"${RESULTS_ENV} at an existing results folder, or unset both to read the repository's "
-                             f"results/")
+                             f"${RESULTS_ENV} at an existing results folder, or {fix}")
 
     def relative(self, path: Path | str) -> str:
         """``path`` as it is recorded in records: relative to the store's root (``gt/mnist-cnn/v1``)."""

@@ -293,6 +293,7 @@ def test_a_rerun_keeps_the_options_its_record_fixed(store, monkeypatch):
     assert campaign.kept_options(cls, {"lds": {"params": fixed}}) == {"precision": "float32"}  # searched ones go
     assert campaign.kept_options(cls, {"lds": {"params": cls.defaults}}) == campaign.kept_options(cls, None) == {}
     write_json(records.run_path(store, SETTING, cls.name), {"lds": {"params": fixed}})
+    monkeypatch.setattr(records, "record_problems", lambda *a, **k: [])  # a hand-made record: only its params count
     monkeypatch.setattr(records, "stale_reasons", lambda *a, **k: {"lds": ["the solver computes something else"]})
     calls = {}
     monkeypatch.setattr(records, "run", lambda store, setting, method, **kw: calls.setdefault(method.name, kw))
@@ -348,11 +349,12 @@ def test_table1_recomputes_and_compares_with_the_committed_record(toy, store):
     assert set(result["stages"]) >= {"verify_s", "fit_s", "score_s", "total_s"}
     text = tables.table1_recomputed(S, result)
     assert "RECOMPUTED" in text and "AGREE" in text and f"{rec['lds']['mean']:.3f}" in text
-    # a committed record with another number disagrees, and says so
+    # a committed record with other numbers (whole and sealed, as another machine's would be) disagrees, and says so
     on_disk = read_json(records.run_path(store, SETTING, "toy-exact"))
-    on_disk["lds"]["mean"] += 5 * on_disk["lds"]["se"]
-    on_disk["lds"]["per_query"] = [v + 0.1 for v in on_disk["lds"]["per_query"]]
-    write_json(records.run_path(store, SETTING, "toy-exact"), on_disk)
+    halved = [None if v is None else v / 2 for v in on_disk["lds"]["per_query"]]
+    on_disk["lds"].update(metrics.lds_summary([np.nan if v is None else v for v in halved], on_disk["lds"]["ceiling"]))
+    on_disk["lds"]["per_query"] = halved
+    write_json(records.run_path(store, SETTING, "toy-exact"), records.seal(records._clean(on_disk)))
     result = table1.recompute(store, S, cls, device="cpu", log=lambda *a: None)
     assert not result["comparison"]["agree"] and "DISAGREE" in tables.table1_recomputed(S, result)
     # the fast path shows committed records as they are, never as current when they are not
@@ -685,7 +687,8 @@ def test_compare_pairs_rows_that_explain_the_same_model_and_queries(toy, store, 
     legacy = {k: v for k, v in a.items() if k != "explained"}  # records from before `explained` was written
     assert a["explained"]["source"] == "ground truth" and records.unpaired_reasons(a, legacy) == []
     assert records.explained_label(legacy) == records.explained_label(a) == "gt 0"
-    items = records.compare_rows(store, S, ["toy-exact", "toy-broken", "toy-exact-ens2"])
+    items = records.compare_rows(store, S, ["toy-exact", "toy-broken", "toy-exact-ens2"],
+                                 {"toy-exact": good, "toy-broken": bad})
     d = np.array(b["per_query"], dtype=float) - np.array(a["per_query"], dtype=float)
     assert items[1]["paired"] and items[1]["difference"] == pytest.approx(np.nanmean(d), abs=1e-12)
     assert items[1]["difference"] < 0 and items[1]["wins"] < 0.5  # the anti-correlated solver loses
@@ -694,4 +697,4 @@ def test_compare_pairs_rows_that_explain_the_same_model_and_queries(toy, store, 
     text = tables.compare_table(S, items)
     assert "not paired" in text and f"{items[1]['difference']:+.4f}" in text
     with pytest.raises(RunError, match="no LDS for 'toy-missing'"):
-        records.compare_rows(store, S, ["toy-exact", "toy-missing"])
+        records.compare_rows(store, S, ["toy-exact", "toy-missing"], {"toy-exact": good})

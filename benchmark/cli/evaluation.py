@@ -12,8 +12,11 @@ def _cmd_run(args) -> int:
 
     store = resolve.store(args)
     setting, method = resolve.setting(args.setting), resolve.method(args.solver)
-    explain = EXPLAIN[args.explain] if args.explain else campaign.default_explain(
-        store, setting, method, records.read_record(store, setting.name, method.name, args.ensemble))
+    try:
+        old = records.read_record(store, setting.name, method.name, args.ensemble)
+    except records.RecordError:
+        old = None  # a refused record is what this run replaces (records.run says so)
+    explain = EXPLAIN[args.explain] if args.explain else campaign.default_explain(store, setting, method, old)
     rec = records.run(store, setting, method, resolve.params(args.param), tasks=args.task, search=not args.no_search,
                       search_queries=args.search_queries, ensemble=args.ensemble, explain=explain,
                       measurement=args.measurement, version=args.version, device=args.device)
@@ -39,7 +42,7 @@ def _cmd_lds(args) -> int:
     from ..report import tables
     from ..studies import table1
 
-    store, setting = resolve.store(args), resolve.setting(args.setting)
+    store, setting = resolve.store(args, reading=True), resolve.setting(args.setting)
     exit_code = 0
     for name in args.solver or ["ekfac"]:
         result = table1.recompute(store, setting, resolve.solver(name), explain=EXPLAIN.get(args.explain),
@@ -55,7 +58,7 @@ def _cmd_table1(args) -> int:
     from ..report import tables
     from ..studies import table1
 
-    store, setting = resolve.store(args), resolve.setting(args.setting)
+    store, setting = resolve.store(args, reading=True), resolve.setting(args.setting)
     methods = [resolve.solver(n) for n in args.solver or ["ekfac"]]
     print(tables.table1_committed(setting, table1.committed(store, setting, methods),
                                   table1.gap_reported(store, setting, methods)))
@@ -66,7 +69,7 @@ def _cmd_leaderboard(args) -> int:
     from ..evaluate import campaign, registry
     from ..report import figures, leaderboard
 
-    store = resolve.store(args)
+    store = resolve.store(args, reading=args.dry_run or args.no_rerun)  # those only read the records
     chosen = resolve.settings(args.setting)
     methods = [resolve.method(n) for n in args.solver] if args.solver else campaign.leaderboard_methods(
         registry.available())
@@ -94,15 +97,16 @@ def _cmd_compare(args) -> int:
     from ..evaluate import records
     from ..report import tables
 
-    store, setting = resolve.store(args), resolve.setting(args.setting)
-    print(tables.compare_table(setting, records.compare_rows(store, setting, args.rows)))
+    store, setting = resolve.store(args, reading=True), resolve.setting(args.setting)
+    methods = {name: resolve.method(name) for name in {records.parse_row_name(r)[0] for r in args.rows}}
+    print(tables.compare_table(setting, records.compare_rows(store, setting, args.rows, methods)))
     return 0
 
 
 def _cmd_regress(args) -> int:
     from ..studies import regress
 
-    store = resolve.store(args)
+    store = resolve.store(args, reading=not args.update)
     settings = [resolve.setting(n) for n in args.setting or regress.REGRESS_SETTINGS]
     if args.update:
         default = "left out of the CI check to keep it within its time budget"

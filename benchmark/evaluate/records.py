@@ -11,6 +11,12 @@ and a ``mislabel`` section (:mod:`.engine`). Each section records what produced 
 A section is *stale* (:func:`stale_reasons`) when any of these no longer holds: the artifact the benchmark would
 use now is another one or has another root hash or recipe, the target differs, or the solver or metric code
 computes something else. A stale number is never printed as current.
+
+A record is also checked against itself whenever it is read (:func:`read_record`, :func:`record_problems`): its
+LDS summary (mean, se, bootstrap interval, fraction of the ceiling) must be what :mod:`.metrics` computes from its
+own per-query values, its mislabel numbers must follow from its recall curve, and its ``content_sha256`` (over the
+canonical JSON of the rest, written by :func:`run`) must match. One that does not is refused
+(:class:`RecordError`), never shown.
 """
 
 from __future__ import annotations
@@ -122,7 +128,8 @@ def _fingerprint_reasons(recorded: dict | None, method, params: dict | None) -> 
     if missing:
         why.append(f"cannot be re-checked here: the solver {missing}")
     elif not isinstance(method, Baseline):
-        diff = fingerprint.compare(recorded.get("solver"), solver_fingerprint(method, params), fingerprint.SOLVER_RTOL)
+        diff = fingerprint.compare_solver(recorded.get("solver"), solver_fingerprint(method, params), method,
+                                          {**method.defaults, **(params or {})})
         if diff:
             why.append(f"the solver computes something else now (probe: {diff})")
     diff = fingerprint.compare(recorded.get("metrics"), fingerprint.metric_probe(), fingerprint.METRIC_RTOL)
@@ -157,9 +164,189 @@ def run_path(store: ResultsStore, setting_name: str, method_name: str, ensemble:
     return store.runs / setting_name / f"{row_name(method_name, ensemble)}.json"
 
 
+# ---------------------------------------------------------------- a record checked against itself
+
+class RecordError(ArtifactError):
+    """A run record that does not check against itself (edited by hand, truncated, a field deleted, or written
+    without its content hash): refused before any of its numbers is used."""
+
+
+CONTENT_HASH = "content_sha256"
+# Per-query LDS values are stored rounded to 6 decimals (engine.evaluate_lds) while the summary was computed before
+# rounding: a mean, standard error or bootstrap quantile recomputed from them moves by at most 5e-7.
+SUMMARY_ATOL = 1e-6
+LDS_SUMMARY = ("mean", "se", "ci_low", "ci_high", "ci_level", "n", "n_undefined")
+MISLABEL_KEYS = ("n", "n_flipped", "auc", "auc_se", "recall_curve", "recall_curve_area") + tuple(
+    k for f in metrics.FRACTIONS for k in (f"recall_{round(100 * f)}", f"recall_{round(100 * f)}_se"))
+_CHECKED: dict[str, list[str]] = {}  # content hash -> problems of its numbers (a hash fixes the content)
+
+
+def content_hash(record: dict) -> str:
+    """sha256 of the canonical JSON (sorted keys) of ``record`` without its own content hash."""
+    return stable_hash({k: v for k, v in record.items() if k != CONTENT_HASH}, length=64)
+
+
+def seal(record: dict) -> dict:
+    """``record`` with its content hash as the last field, as :func:`run` writes it."""
+    body = {k: v for k, v in record.items() if k != CONTENT_HASH}
+    return {**body, CONTENT_HASH: content_hash(body)}
+
+
+def _close(stored, want, atol: float) -> bool:
+    """``stored`` (a JSON number or null) equals ``want`` (NaN stored as null) within ``atol``."""
+    if want is None or (isinstance(want, float) and not math.isfinite(want)):
+        return stored is None
+    if isinstance(stored, bool) or not isinstance(stored, (int, float)):
+        return False
+    return abs(stored - want) <= atol
+
+
+def _lds_problems(lds: dict, random: bool) -> list[str]:
+    """What in an ``lds`` section is not what its own per-query values give (metrics.lds_summary, bootstrap
+    included: same seed, same resamples)."""
+    missing = [k for k in LDS_SUMMARY if k not in lds]
+    if missing:
+        return [f"lds has no {', '.join(missing)}"]
+    per_query = lds.get("per_query")
+    if per_query is None:
+        if not random:  # only the random baseline stores no per-query values (engine.evaluate_random_lds)
+            return ["lds has no per_query values to check its summary against"]
+        ceiling = lds.get("ceiling")
+        if ceiling and lds["mean"] is not None and not _close(lds.get("of_ceiling"), lds["mean"] / ceiling, 1e-12):
+            return [f"lds.of_ceiling {lds.get('of_ceiling')!r} is not lds.mean / lds.ceiling"]
+        return []
+    if not isinstance(per_query, list) or any(v is not None and (isinstance(v, bool) or not isinstance(
+            v, (int, float)) or abs(v) > 1) for v in per_query):
+        return ["lds.per_query holds something other than correlations in [-1, 1] (or null)"]
+    if lds.get("queries") is not None and lds["queries"] != len(per_query):
+        return [f"lds.queries is {lds['queries']} but lds.per_query holds {len(per_query)} values"]
+    ceiling = lds.get("ceiling")
+    if ceiling is not None and (lds.get("noise_ceiling") or {}).get("lds_ceiling", ceiling) != ceiling:
+        return ["lds.ceiling is not lds.noise_ceiling.lds_ceiling"]
+    want = metrics.lds_summary(np.array([np.nan if v is None else v for v in per_query], dtype=np.float64),
+                               ceiling)
+    problems = []
+    for key in LDS_SUMMARY + ("of_ceiling", "of_ceiling_se"):
+        atol = SUMMARY_ATOL / ceiling if key.startswith("of_ceiling") and ceiling else SUMMARY_ATOL
+        if not _close(lds.get(key), want[key], atol):
+            problems.append(f"lds.{key} is {lds.get(key)!r} but its {len(per_query)} per-query values give "
+                            f"{want[key]:.6g}")
+    return problems
+
+
+def _mislabel_problems(mis: dict, random: bool) -> list[str]:
+    """What in a ``mislabel`` section does not follow from the rest of it. Recall at 10..50% must be read off the
+    stored recall curve, each standard error must be its formula's, the curve's area its trapezoid, and the AUC
+    must match that area: without ties, the area under the exact recall curve is p/2 + (1 − p)·AUC (p the flipped
+    share), and the curve sampled at 1% steps of a non-decreasing recall lies within 0.005 of it. The AUC itself
+    needs the scores, which a record does not keep (the content hash covers it)."""
+    missing = [k for k in MISLABEL_KEYS if k not in mis]
+    if missing:
+        return [f"mislabel has no {', '.join(missing)}"]
+    n, n_flipped = mis["n"], mis["n_flipped"]
+    if not (isinstance(n, int) and isinstance(n_flipped, int) and 0 < n_flipped < n):
+        return [f"mislabel.n {n!r} and n_flipped {n_flipped!r} are not two counts with 0 < n_flipped < n"]
+    if random:  # the expected random order is exact: all of it recomputes
+        want = metrics.random_baseline(n, n_flipped)
+        return [f"mislabel.{k} is not the random order's expectation" for k, v in want.items()
+                if (mis.get(k) != v if isinstance(v, dict) else not _close(mis.get(k), v, 1e-12))]
+    curve = mis["recall_curve"]
+    fractions, recall = curve.get("fractions"), curve.get("recall")
+    if fractions != list(metrics.CURVE_FRACTIONS) or not isinstance(recall, list) or len(recall) != len(fractions):
+        return [f"mislabel.recall_curve is not sampled at the {len(metrics.CURVE_FRACTIONS)} fractions 0, 0.01, …, 1"]
+    r = np.asarray(recall, dtype=np.float64)
+    found = r * n_flipped
+    if r[0] != 0 or r[-1] != 1 or (np.diff(r) < 0).any() or np.abs(found - np.round(found)).max() > 1e-9:
+        return ["mislabel.recall_curve is not a recall curve (from 0 to 1, non-decreasing, in steps of "
+                "1/n_flipped)"]
+    problems = []
+    for f in metrics.FRACTIONS:
+        key = f"recall_{round(100 * f)}"
+        value = float(r[metrics.CURVE_FRACTIONS.index(f)])
+        if not _close(mis[key], value, 1e-12):
+            problems.append(f"mislabel.{key} is {mis[key]!r} but its recall curve gives {value:.6g}")
+        elif not _close(mis[f"{key}_se"], metrics.recall_se(value, n_flipped), 1e-12):
+            problems.append(f"mislabel.{key}_se is not the binomial standard error of {key}")
+    area = float(np.trapezoid(r, fractions))
+    if not _close(mis["recall_curve_area"], area, 1e-12):
+        problems.append(f"mislabel.recall_curve_area is {mis['recall_curve_area']!r} but its curve gives {area:.6g}")
+    auc, p = mis["auc"], n_flipped / n
+    from_curve = (area - p / 2) / (1 - p)
+    if not _close(auc, from_curve, 0.005 / (1 - p) + 1e-9):  # |Δarea| ≤ 0.005, so |ΔAUC| ≤ 0.005 / (1 − p)
+        problems.append(f"mislabel.auc is {auc!r} but its recall curve gives {from_curve:.4f} ± {0.005 / (1 - p):.4f}")
+    elif not _close(mis["auc_se"], metrics.auc_se(auc, n_flipped, n - n_flipped), 1e-12):
+        problems.append("mislabel.auc_se is not the Hanley-McNeil standard error of mislabel.auc")
+    return problems
+
+
+def record_problems(record, setting_name: str | None = None, row: str | None = None) -> list[str]:
+    """Why ``record`` does not check against itself (empty: it does): its summary numbers must be what its own
+    per-query values (and recall curve) give, computed by :mod:`.metrics`; it must be the record of
+    ``setting_name`` / ``row`` where given; and its content hash must match the rest of it."""
+    if not isinstance(record, dict):
+        return ["it is not a JSON object"]
+    problems = [f"it has no {k!r} field" for k in ("format", "setting", "solver") if k not in record]
+    if problems:
+        return problems
+    if setting_name is not None and record["setting"] != setting_name:
+        problems.append(f"it is a record of setting {record['setting']!r}, not {setting_name!r}")
+    try:
+        own = row_name(record["solver"], record.get("ensemble") or 1)
+    except (RunError, TypeError):
+        own = None
+    if row is not None and own != row:
+        problems.append(f"it is the record of row {own!r}, not {row!r}")
+    if not any(t in record for t in TASKS):
+        problems.append("it has neither an lds nor a mislabel section")
+    stored = record.get(CONTENT_HASH)
+    sealed = stored is not None and stored == content_hash(record)
+    if sealed and stored in _CHECKED:
+        problems += _CHECKED[stored]
+    else:
+        numbers = []
+        random = record["solver"] == RANDOM.name
+        for task, check in (("lds", _lds_problems), ("mislabel", _mislabel_problems)):
+            if task not in record:
+                continue
+            try:
+                if not isinstance(record[task], dict):
+                    raise TypeError(f"{type(record[task]).__name__}, not an object")
+                numbers += check(record[task], random)
+            except (TypeError, ValueError, KeyError, AttributeError, ZeroDivisionError) as exc:
+                numbers.append(f"its {task} section is malformed ({type(exc).__name__}: {exc})")
+        if sealed:
+            _CHECKED[stored] = numbers
+        problems += numbers
+    if stored is None:
+        problems.append(f"it has no content hash ({CONTENT_HASH}), so nothing shows it is what `tdabench run` wrote")
+    elif not sealed:
+        problems.append(f"its {CONTENT_HASH} does not match its content: it was changed after `tdabench run` wrote it")
+    return problems
+
+
 def read_record(store: ResultsStore, setting_name: str, method_name: str, ensemble: int = 1) -> dict | None:
+    """The run record of a row, checked against itself (:func:`record_problems`), or None when there is none.
+    Raises :class:`RecordError`, naming the file and what is wrong, for one that does not check."""
     path = run_path(store, setting_name, method_name, ensemble)
-    return read_json(path) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError: a truncated or damaged file
+        problems = [f"it is not valid JSON ({exc})"]
+    else:
+        problems = record_problems(record, setting_name, row_name(method_name, ensemble))
+    if problems:
+        redo = f"tdabench run --setting {setting_name} --solver {method_name}" + (
+            f" --ensemble {ensemble}" if ensemble > 1 else "")
+        try:  # the path as a person at the prompt types it
+            shown = path.resolve().relative_to(Path.cwd())
+        except ValueError:
+            shown = path
+        raise RecordError(f"refused run record {shown}: {'; '.join(problems[:3])}"
+                          + (f" (+{len(problems) - 3} more)" if len(problems) > 3 else "")
+                          + f"; restore it from git or recompute it with `{redo}`")
+    return record
 
 
 def _clean(obj):
@@ -245,6 +432,8 @@ def stale_reasons(record: dict, store: ResultsStore, setting: settings_mod.Setti
                         why.append("the target the ground truth yields now differs from the one scored against")
                 except ArtifactError as exc:
                     why.append(f"its ground truth does not verify: {str(exc).splitlines()[0]}")
+            if (unpinned := gt_artifact.index.unpinned(store, root)) and not any("UNPINNED" in w for w in why):
+                why.append(unpinned)  # finished but not pinned: changed, or its pin lost, outside a build
         why += _explained_reasons(store, setting, lds.get("explained"))
         if why:
             reasons["lds"] = why
@@ -259,6 +448,8 @@ def stale_reasons(record: dict, store: ResultsStore, setting: settings_mod.Setti
             why.append(f"mislabel artifact is now {store.relative(path)}")
         elif mislabel_mod.index.root_hash(read_json(path / MANIFEST)) != used.get("root_hash"):
             why.append("the mislabel artifact's root hash changed")
+        if path is not None and (unpinned := mislabel_mod.index.unpinned(store, path)):
+            why.append(unpinned)
         if why:
             reasons["mislabel"] = why
     return reasons
@@ -309,9 +500,11 @@ def explained_label(lds: dict) -> str:
     return f"{source} {models[0]}" + (f"–{models[-1]}" if len(models) > 1 else "")
 
 
-def compare_rows(store: ResultsStore, setting: settings_mod.Setting, rows: list[str]) -> list[dict]:
-    """Each leaderboard row's LDS against the first row's, paired query by query where the two are paired."""
-    lds = {}
+def compare_rows(store: ResultsStore, setting: settings_mod.Setting, rows: list[str], methods: dict) -> list[dict]:
+    """Each leaderboard row's LDS against the first row's, paired query by query where the two are paired.
+    ``methods``: {solver name: solver class or baseline} of the rows, so that each row says whether it is stale
+    (:func:`stale_reasons`, ``stale``: the LDS section's reasons, [] when current)."""
+    lds, stale = {}, {}
     for row in rows:
         solver, n = parse_row_name(row)
         rec = read_record(store, setting.name, solver, n)
@@ -320,13 +513,14 @@ def compare_rows(store: ResultsStore, setting: settings_mod.Setting, rows: list[
             raise RunError(f"no LDS for {row!r} on {setting.name} ({path}); run it with `tdabench run --setting "
                            f"{setting.name} --solver {solver}" + (f" --ensemble {n}`" if n > 1 else "`"))
         lds[row] = rec["lds"]
+        stale[row] = stale_reasons(rec, store, setting, methods[solver]).get("lds", [])
     first = lds[rows[0]]
     out = []
     for row in rows:
         sec = lds[row]
         why = unpaired_reasons(sec, first)
         item = {"row": row, "lds": sec["mean"], "se": sec["se"], "explained": explained_label(sec), "paired": not why,
-                "unpaired_reasons": why}
+                "unpaired_reasons": why, "stale": stale[row]}
         if not why and row != rows[0]:
             d = metrics.paired_difference(sec["per_query"], first["per_query"])
             item.update(difference=d["difference"], difference_se=d["se"], n=d["n"], wins=d["wins"])
@@ -430,7 +624,11 @@ def run(store: ResultsStore, setting: settings_mod.Setting, method, params: dict
     if not tasks:
         raise RunError(f"nothing to run for {name} on {setting.name}: it needs the mislabel artifact; build it with "
                        f"`tdabench mislabel {setting.name} --build`")
-    old = read_record(store, setting.name, name, ensemble)
+    try:
+        old = read_record(store, setting.name, name, ensemble)
+    except RecordError as exc:  # rerunning is how a refused record is replaced; nothing of it is kept
+        log(f"{setting.name} / {row_name(name, ensemble)}: replacing a refused record ({str(exc).splitlines()[0]})")
+        old = None
     old_stale = stale_reasons(old, store, setting, method) if old else {}
     record = {"format": RUN_FORMAT, "setting": setting.name, "solver": name}
     if ensemble > 1:
@@ -487,7 +685,7 @@ def run(store: ResultsStore, setting: settings_mod.Setting, method, params: dict
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     })
     record["cost"] = _summary_cost(record)
-    record = _clean(record)
+    record = seal(_clean(record))
     if write:
         write_json(run_path(store, setting.name, name, ensemble), record)
     return record

@@ -9,9 +9,9 @@ import math
 from ..studies.gap import STUDY_NOTE, grid_rows
 from .leaderboard import RECALL_KEYS, fmt_params
 
-# Reference measurements quoted beside our numbers (sources in ../shared/DESIGN.md): a peer Kronfluence 1.0.1
+# Reference measurements quoted beside our numbers (docs/results.md, "Reference figures"): Kronfluence 1.0.1's
 # EK-FAC on the same MNIST CNN recipe, 10% labels flipped, one model.
-PEER_MISLABEL = {"mnist-cnn": {"source": "peer Kronfluence 1.0.1 EK-FAC, DESIGN.md", "ekfac": {"recall_10": 0.91},
+PEER_MISLABEL = {"mnist-cnn": {"source": "Kronfluence 1.0.1 EK-FAC, docs/results.md", "ekfac": {"recall_10": 0.91},
                                "baseline-loss": {"recall_10": 0.99}}}
 
 
@@ -241,13 +241,17 @@ def compare_table(setting, items: list[dict]) -> str:
              f"{'row':<22} {'explained':<10} {'LDS ± se':<16} {'− ' + first:<22} {'queries':>7} {'wins':>5}"]
     for it in items:
         lds = f"{it['lds']:.4f} ± {it['se']:.4f}"
+        row = it["row"] + (" STALE" if it["stale"] else "")
         if it["row"] == first:
             diff, n, wins = "(reference)", "", ""
         elif not it["paired"]:
             diff, n, wins = "not paired", "", ""
         else:
             diff, n, wins = f"{it['difference']:+.4f} ± {it['difference_se']:.4f}", str(it["n"]), f"{it['wins']:.2f}"
-        lines.append(f"{it['row']:<22} {it['explained']:<10} {lds:<16} {diff:<22} {n:>7} {wins:>5}")
+        lines.append(f"{row:<22} {it['explained']:<10} {lds:<16} {diff:<22} {n:>7} {wins:>5}")
+    for it in items:
+        if it["stale"]:  # the one staleness rule (records.stale_reasons), as table1 and the leaderboard apply it
+            lines.append(f"  {it['row']} is STALE, its numbers are not current: {'; '.join(it['stale'])}")
     for it in items:
         if not it["paired"]:
             lines.append(f"  {it['row']} is not paired with {first}: {'; '.join(it['unpaired_reasons'])}")

@@ -349,6 +349,10 @@ def test_table1_recomputes_and_compares_with_the_committed_record(toy, store):
     assert set(result["stages"]) >= {"verify_s", "fit_s", "score_s", "total_s"}
     text = tables.table1_recomputed(S, result)
     assert "RECOMPUTED" in text and "AGREE" in text and f"{rec['lds']['mean']:.3f}" in text
+    # the paper's row shows its published LDS in the LDS column, never "undefined"
+    paper = dataclasses.replace(S, paper_lds=0.5)
+    line = next(x for x in tables.table1_recomputed(paper, result).splitlines() if x.startswith("paper"))
+    assert line.split()[4] == "0.50" and "undefined" not in line
     # a committed record with other numbers (whole and sealed, as another machine's would be) disagrees, and says so
     on_disk = read_json(records.run_path(store, SETTING, "toy-exact"))
     halved = [None if v is None else v / 2 for v in on_disk["lds"]["per_query"]]

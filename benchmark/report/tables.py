@@ -33,6 +33,12 @@ def _line(label: str, lds: dict, paper: float | None) -> str:
             f"{'—' if paper is None else f'{paper:.2f}':>6s}  {fmt_params(lds.get('params'))}")
 
 
+def _paper_line(paper: float) -> str:
+    """The paper's row: its one published LDS in the LDS column (it reports no se, interval or ceiling)."""
+    return (f"{'paper (Zhu & Cangelosi)':24s} {paper:>8.2f} {'(no se)':>7s} {'':>17s} {'—':>13s} {'':>10s} "
+            f"{paper:>6.2f}")
+
+
 def _protocol_note(lds: dict) -> str:
     used = lds["ground_truth"]
     explained = lds.get("explained") or {"source": "ground truth", "models": list(range(lds.get("ensemble", 1)))}
@@ -57,7 +63,8 @@ def table1_recomputed(setting, result: dict) -> str:
              f"ground truth", _header(), _line("recomputed now", new, setting.paper_lds)]
     if old:
         lines.append(_line("committed record", old, setting.paper_lds))
-    lines.append(_line("paper (Zhu & Cangelosi)", {}, setting.paper_lds) if setting.paper_lds is not None else "")
+    if setting.paper_lds is not None:
+        lines.append(_paper_line(setting.paper_lds))
     lines.append(_protocol_note(new))
     if cmp:
         if cmp["difference"] is None:

@@ -30,7 +30,7 @@ def _executor(args):
 def _cmd_gt(args) -> int:
     from ..groundtruth import artifact, builder
 
-    store = resolve.store(args)
+    store = resolve.store(args, reading=bool(args.verify or args.reproduce is not None or args.reproduce_full))
     setting = resolve.setting(args.setting)
     study = args.study or setting.name != setting.name.partition("@")[0]
     if args.reproduce is not None or args.reproduce_full:
@@ -44,7 +44,7 @@ def _cmd_gt(args) -> int:
         if not summary["complete"]:
             man = {"setting": setting.name, "protocol": summary["protocol"]}
             print(f"note: {summary['artifact']} is incomplete ({summary['units']} units); finish it with "
-                  f"`{artifact.build_command(man, Path(summary['artifact']), setting)}`", file=sys.stderr)
+                  f"`{artifact.build_command(man, Path(summary['artifact']), setting, store)}`", file=sys.stderr)
             return 3 if args.require_complete else 0
         return 0
     protocol = builder.protocol_with(
@@ -81,22 +81,116 @@ def _cmd_zoo(args) -> int:
     return 0
 
 
+# A manifest's kind (a ground truth's names none) -> the kind the index records.
+PIN_KINDS = {"ground truth": "ground truth", "mislabel": "mislabel", "zoo": "model zoo", "retrain": "retraining"}
+
+
 def _cmd_pin(args) -> int:
-    """Pin a finished artifact's current root hash after a deliberate, reviewed change."""
+    """Verify an artifact fully, then pin its current root hash (after a deliberate, reviewed change, or a lost pin).
+    Nothing is pinned unless every check passes: a pin vouches for what opening the artifact cannot recompute."""
     from ..groundtruth import index
     from ..setup.artifacts import MANIFEST, ArtifactError, read_json
 
-    store = resolve.store(args)
+    store = resolve.store(args, reading=True)
     for rel in args.artifact:
         root = store.root / rel
         man = read_json(root / MANIFEST)
-        if not man.get("complete"):
-            raise ArtifactError(f"{root} is not complete; only finished artifacts are pinned")
-        old = index.pinned(store, root)
-        new = index.root_hash(man)
-        index.pin(store, root, new, man.get("kind", "ground truth"))
-        print(f"pinned {rel}: {new[:16]}…" + (f" (was {old[:16]}…)" if old and old != new else ""))
+        kind = man.get("kind", "ground truth")
+        if kind not in PIN_KINDS:
+            raise ArtifactError(f"{root} is a {kind!r} artifact; `tdabench pin` pins {', '.join(PIN_KINDS)} artifacts")
+        if not index.holds_finished_work(man):
+            raise ArtifactError(f"{root} is not finished; only finished artifacts are pinned (a build pins what it "
+                                f"finishes): finish its build first")
+        old, new = index.pinned(store, root), index.root_hash(man)
+        with index.verifying(root, new):
+            checked = _verify_for_pin(args, store, root, kind, resolve.setting(man["setting"]))
+        index.pin(store, root, new, PIN_KINDS[kind])
+        print(f"pinned {store.relative(root)}: {new[:16]}…" + (f" (was {old[:16]}…)" if old and old != new else "")
+              + f"; verified: {checked}")
     return 0
+
+
+def _verify_for_pin(args, store, root: Path, kind: str, setting) -> str:
+    """Everything that can be checked about the artifact at ``root`` before it is pinned; what was checked, in words.
+    Raises ArtifactError (one line) at the first thing that fails."""
+    from ..setup.artifacts import ArtifactError
+
+    if kind == "mislabel":
+        from ..groundtruth import mislabel
+
+        mislabel.open_artifact(store, root, setting, verify=True)
+        return "checksums, recipe, and the label flips recomputed from the spec (its model is not retrained)"
+    if kind in ("zoo", "retrain"):
+        from ..groundtruth import retrain, zoo
+
+        (zoo.Zoo if kind == "zoo" else retrain.Retrained).open(store, root, setting, verify=True)
+        return "checksums and recipe (its models are not retrained)"
+    from ..groundtruth.artifact import GroundTruth
+    from ..setup.config import Unit
+
+    gt = GroundTruth.open(root, setting, store=store)
+    gt.check_full_models()
+    p = gt.protocol
+    if p.seeds < 2:
+        raise ArtifactError(f"{root} has one seed replica per subset: a retrained unit has no seed noise to be told "
+                            f"apart from, so `tdabench pin` cannot verify that its units hold their subsets' models; "
+                            f"restore its pin from version control, or rebuild it with two or more --seeds")
+    # A unit records its seed, not its subset: only retraining tells a unit from another subset's (under the shared
+    # seed policy every subset of a replica has one seed). One unit per subset, spread over the replicas, catches
+    # any reordering of the subsets; full-data models are retrained where a second one gives the seed noise.
+    units = [Unit(j % p.seeds, j) for j in range(p.subsets)]
+    units += [Unit(k, None) for k in range(p.full_models)] if p.full_models > 1 else []
+    per_unit = (gt.manifest.get("summary") or {}).get("mean_seconds_per_subset_model") or 0
+    print(f"{store.relative(root)}: retraining {len(units)} units (one per subset"
+          + (f", and the {p.full_models} full-data models" if p.full_models > 1 else "")
+          + f") to check that each holds the model of its subset and seed; at the build's {per_unit:.3g} s a subset "
+            f"model, about {per_unit * p.subsets / 60:.0f} min before the full-data models",
+          file=sys.stderr, flush=True)
+    bad, identical = _retrain_and_compare(gt, units, args)
+    if bad:
+        raise ArtifactError(
+            f"{root}: {len(bad)} of {len(units)} retrained units are not the stored ones ({', '.join(bad[:6])}"
+            f"{' …' if len(bad) > 6 else ''}): they do not hold the models of their subsets and seeds (swapped or "
+            f"rewritten); not pinned. Restore it from version control, or build a new version with "
+            f"`tdabench gt {setting.name}`")
+    return (f"checksums, recipe, protocol, output rows, ceiling and summary; full-data models' outputs from their "
+            f"weights; {len(units)} units retrained ({identical} identical, the rest within round-off)")
+
+
+def _retrain_and_compare(gt, units, args) -> tuple[list[str], int]:
+    """Retrain ``units`` of ``gt``: the names of those that are not the stored ones, and how many came out identical.
+    A retrain must pass ``--reproduce``'s rule (within round-off: half of seed noise) *and* be closer to its own
+    stored unit than to any other of its replica (full-data model: to any other full-data model) — where subsets
+    matter less than seeds, another subset's unit of the same seed can pass the first alone."""
+    import numpy as np
+    import torch
+
+    from ..groundtruth import reproduce
+    from ..groundtruth.executors import LocalExecutor
+    from ..setup.training import default_device
+
+    device = args.device or str(default_device())
+    executor = _executor(args) or LocalExecutor.auto(torch.device(device), "loop")
+    jobs = [reproduce.RetrainJob(gt.setting, gt.protocol, (u,), device, executor.threads_per_worker) for u in units]
+    by_name = {u.name: u for u in units}
+    bad, identical = [], 0
+    for results in executor.run(reproduce.run_retrain_job, jobs):
+        for r in results:
+            u = by_name[r["unit"]]
+            rec = reproduce.compare_unit(gt, u, r)
+            stored = gt.full_outputs["margin"] if u.subset is None else gt.outputs["margin"][u.replica]
+            dist = np.abs(stored.astype(np.float64) - r["outputs"][0]).mean(axis=1)
+            own = u.replica if u.subset is None else u.subset
+            nearest_other = float(np.delete(dist, own).min()) if len(dist) > 1 else float("inf")
+            closest = bool(dist[own] < nearest_other)
+            identical += rec["identical"]
+            if rec["verdict"] == reproduce.NOT_REPRODUCED or not closest:
+                bad.append(u.name)
+            print(f"  {u.name}: {r['seconds']:.3g} s, {rec['verdict']}"
+                  + ("" if closest else ", closer to another stored unit than to its own")
+                  + f" (mean |Δ margin| to its stored unit {dist[own]:.3g}, to the nearest other {nearest_other:.3g}; "
+                    f"two seeds: {rec['yardstick']['mean_abs_diff']:.3g})", file=sys.stderr, flush=True)
+    return bad, identical
 
 
 def _ray_options(s) -> None:
@@ -156,6 +250,12 @@ def add_commands(sub) -> None:
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=_cmd_zoo)
 
-    s = sub.add_parser("pin", help="pin a finished artifact's root hash in results/index.json (after a reviewed change)")
+    s = sub.add_parser("pin", help="verify a finished artifact fully, then pin its root hash in results/index.json "
+                       "(after a reviewed change); a ground truth has one unit per subset retrained")
     s.add_argument("artifact", nargs="+", help="artifact folder relative to the results folder, e.g. gt/mnist-lr/v1")
+    s.add_argument("--device", help="where a ground truth's units are retrained: cpu or cuda (default: cuda when "
+                   "available)")
+    s.add_argument("--workers", type=int, help="local worker processes for retraining")
+    s.add_argument("--threads", type=int, help="torch threads per worker")
+    _ray_options(s)
     s.set_defaults(func=_cmd_pin)

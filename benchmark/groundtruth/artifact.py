@@ -13,9 +13,15 @@ Artifact layout (``<store>/gt/<setting>/<version>/``, study artifacts under ``gt
 
 Opening verifies, in order: the format and the recipe hash against the code; the manifest against its *root
 hash* pinned in the store's index (:mod:`.index`: a manifest rewritten after it was committed, its file hashes
-included, is refused); every file's sha256; and the manifest against itself — the masks and queries against
-what the protocol derives, the unit files against the protocol's units and seeds, the recorded noise ceiling
-and summary against what the files give.
+included, is refused, and so is a complete artifact with no pin); every file's sha256; and the manifest against
+itself — the masks and queries against what the protocol derives, the unit files against the protocol's units
+and seeds, each unit's margin, loss and correctness rows against each other, the recorded noise ceiling and
+summary against what the files give.
+
+What only the data or retraining can tell — that the full-data models' weights give their recorded outputs
+(:meth:`GroundTruth.check_full_models`), that each unit holds the model of its subset (a unit stores its seed, not
+its subset: two subsets' units swapped under the shared seed policy pass every check above) — ``tdabench pin``
+checks before it pins, so a pin vouches for it.
 """
 
 from __future__ import annotations
@@ -41,6 +47,11 @@ from .protocol import OUTPUT_ROWS, all_units, checkpoint_file, query_indices, su
 
 # What the recorded summaries are compared with on verification (they are recomputed from the files).
 SUMMARY_RTOL = 1e-9
+# A unit's loss against softplus(-margin), and recorded outputs against recomputed ones: float32 round-off. The
+# committed artifacts stay within 4e-6 of the identity; a rewritten margin is off by its own size.
+ROW_ATOL, ROW_RTOL = 1e-4, 1e-5
+# Full test accuracy recomputed from the weights on other hardware: round-off may flip a few near-ties.
+FULL_ACCURACY_ATOL = 1e-3
 
 
 def gt_root(store: ResultsStore, study: bool = False) -> Path:
@@ -56,14 +67,15 @@ def protocol_of(manifest: dict) -> Protocol:
     return Protocol(**manifest["protocol"])
 
 
-def build_command(manifest: dict, root: Path | None = None, setting: settings_mod.Setting | None = None) -> str:
+def build_command(manifest: dict, root: Path | None = None, setting: settings_mod.Setting | None = None,
+                  store: ResultsStore | None = None) -> str:
     """The ``tdabench gt`` command that resumes (or repairs) the artifact ``manifest`` describes. A build resumes
     only the version with the same protocol, so the command names every protocol value that differs from the
     setting's default, and ``--study`` for a study artifact (plain ``tdabench gt SETTING`` would start or resume
-    the default protocol's artifact instead)."""
+    the default protocol's artifact instead); with ``store``, ``--results`` where it is not the repository's."""
     name = manifest["setting"]
     base = setting.protocols["default"] if setting is not None else None
-    words = ["tdabench", "gt", name]
+    words = ["tdabench", *(store.command_words() if store is not None else []), "gt", name]
     if root is not None and settings_mod.DERIVED_SEP not in name and Path(root).parent.parent.name == "gt-studies":
         words.append("--study")
     for f in dataclasses.fields(Protocol):
@@ -93,7 +105,7 @@ class GroundTruth:
     full_test_accuracy: np.ndarray
     unit_seconds: np.ndarray  # (R, M)
     unit_hardware: dict  # unit name -> hardware key ("" where it was not recorded)
-    pinned: bool  # whether the store's index pins this artifact's root hash
+    pinned: bool  # whether the store's index pins this artifact's root hash (False only while it is unfinished)
 
     @classmethod
     def open(cls, root: Path, setting: settings_mod.Setting, allow_incomplete: bool = False, verify: bool = True,
@@ -195,6 +207,10 @@ class GroundTruth:
                             f"the files give {units_done}/{len(all_units(p))}")
         if man.get("complete") and (listed != expected):
             problems.append(f"marked complete but {len(expected - listed)} of the protocol's files are missing")
+        if not man.get("complete") and listed == expected:  # a build finalizes (and pins) once every unit is in
+            problems.append(f"every unit is present but the manifest is not marked complete; if a build was "
+                            f"interrupted while finishing, finish it with `{build_command(man, root, self.setting)}`")
+        problems += self._output_row_problems()
         if man.get("complete"):
             for key, recorded, now in (("noise_ceiling", man.get("noise_ceiling"), self.ceilings()),
                                        ("summary", man.get("summary"), self.summary())):
@@ -202,9 +218,56 @@ class GroundTruth:
                     problems.append(f"the recorded {key} is not what the files give (recorded {_brief(recorded)}, "
                                     f"recomputed {_brief(now)})")
         if problems:
-            raise ArtifactError(f"{root}: the manifest does not describe its files:\n  - " + "\n  - ".join(problems)
-                                + f"\nThe artifact was edited by hand or by other code. Restore it from version "
+            raise ArtifactError(f"{root}: the manifest does not describe its files: " + "; ".join(problems)
+                                + f". The artifact was edited by hand or by other code. Restore it from version "
                                   f"control (`git checkout -- {root}`), or build a new version.")
+
+    def _output_row_problems(self) -> list[str]:
+        """Each unit's three output rows against each other: the loss is softplus(-margin) (the margin is the
+        correct logit minus the log-sum-exp of the others), and a positive margin is a correct prediction. Catches
+        margins (or losses) rewritten alone, e.g. negated, which the noise ceiling and summary cannot see."""
+        problems = []
+        for what, arrays in (("subset unit", self.outputs), ("full-data model", self.full_outputs)):
+            m, loss, correct = (np.asarray(arrays[k], np.float64) for k in OUTPUT_ROWS)
+            done = np.isfinite(m) & np.isfinite(loss) & np.isfinite(correct)
+            with np.errstate(invalid="ignore"):  # NaN marks a unit not built yet
+                off = np.abs(loss - np.logaddexp(0.0, -m)) > ROW_ATOL + ROW_RTOL * np.abs(loss)
+                wrong = ~np.isin(correct, (0.0, 1.0)) | ((m > 0) & (correct != 1))
+            bad = done & (off | wrong)
+            if bad.any():
+                where = np.argwhere(bad.reshape(-1, bad.shape[-1]).any(axis=-1)).ravel()
+                problems.append(f"{len(where)} {what}(s) hold output rows that contradict each other (loss is not "
+                                f"softplus(-margin), or a positive margin is not a correct prediction), in "
+                                f"{int(bad.sum())} of {int(done.sum())} values: margins or losses were rewritten")
+        return problems
+
+    def check_full_models(self) -> None:
+        """Recompute what the full-data models' weights give: their query outputs and full test accuracy must be the
+        recorded ones, to float round-off. Needs the setting's data; `tdabench pin` runs it."""
+        from ..setup.training import evaluate
+
+        data = self.setting.data()
+        cols = torch.from_numpy(np.concatenate([self.queries, self.validation_queries]))
+        problems = []
+        for k in range(self.protocol.full_models):
+            if not checkpoint_file(self.root, k).is_file():
+                continue
+            model = self.full_model(k)
+            with torch.no_grad():
+                ev = evaluate(model, data.test_x[cols], data.test_y[cols])
+                acc = float(evaluate(model, data.test_x, data.test_y)["correct"].float().mean())
+            m = ev["margin"].numpy().astype(np.float64)
+            recorded = self.full_outputs["margin"][k].astype(np.float64)
+            if not np.allclose(m, recorded, rtol=ROW_RTOL, atol=ROW_ATOL):
+                problems.append(f"full-data model {k}'s weights give margins up to {np.abs(m - recorded).max():.3g} "
+                                f"away from the recorded ones (full/full_k{k:02d}.npz)")
+            if abs(acc - self.full_test_accuracy[k]) > FULL_ACCURACY_ATOL:
+                problems.append(f"full-data model {k}'s weights give test accuracy {acc:.5f}, the record says "
+                                f"{self.full_test_accuracy[k]:.5f}")
+        if problems:
+            raise ArtifactError(f"{self.root}: the full-data models' weights are not the models its outputs were "
+                                f"recorded from: " + "; ".join(problems) + ". Restore it from version control "
+                                f"(`git checkout -- {self.root}`), or build a new version.")
 
     def ceilings(self) -> dict:
         """The noise ceiling of the reported queries, for both measurements (what finalize records)."""

@@ -61,7 +61,10 @@ def ensemble_not_applicable(store: ResultsStore, setting: settings_mod.Setting, 
 def _ensemble_kwargs(store: ResultsStore, setting: settings_mod.Setting, method, n: int) -> dict | None:
     """How an ensemble row runs: n zoo models with the parameters the single-model row chose on validation queries
     (a grid search would cost n fits per trial); None while that row has no fresh choice."""
-    params, source = records.chosen_params(store, setting, method)
+    try:
+        params, source = records.chosen_params(store, setting, method)
+    except records.RecordError:  # the single-model row is refused: update() says so on that row
+        return None
     if source != records.CHOSEN_ON_VALIDATION:
         return None
     return dict(ensemble=n, explain="zoo", params=params, search=False,
@@ -142,7 +145,12 @@ def update(store: ResultsStore, settings: list[settings_mod.Setting], methods: l
                 continue
             row = records.row_name(method.name, n)
             has_mislabel = mislabel_there and not records.mislabel_not_applicable(method, n)
-            rec = records.read_record(store, setting.name, method.name, n)
+            try:
+                rec = records.read_record(store, setting.name, method.name, n)
+            except records.RecordError as exc:  # refused: neither used nor silently rerun over; the row says why
+                failures[(setting.name, row)] = str(exc)
+                log(f"skipping {setting.name} / {row}: {exc}")
+                continue
             # A stale record is rerun even on an unfinished ground truth: someone asked for it once.
             can_lds = method is not LOSS and gt_path is not None and bool(gt_complete or include_incomplete or rec)
             if rec is None:
@@ -160,8 +168,13 @@ def update(store: ResultsStore, settings: list[settings_mod.Setting], methods: l
             if n > 1 and can_lds:
                 kw = _ensemble_kwargs(store, setting, method, n)
                 if kw is None and dry_run and (setting.name, method.name) in {d[:2] for d in done}:
-                    log(f"would run {setting.name} / {row} [lds] (no record) with the parameters the single-model "
-                        f"row is about to choose")
+                    if rec is not None and not tasks:  # fresh: the rerun depends on what the single row chooses
+                        log(f"would rerun {setting.name} / {row} [lds] only if the single-model {method.name} row, "
+                            f"about to choose its parameters again, chooses others than its record's "
+                            f"{(rec.get('lds') or {}).get('params')}")
+                        continue
+                    log(f"would run {setting.name} / {row} [lds] ({'no record' if rec is None else why}) with the "
+                        f"parameters the single-model row is about to choose")
                     done.append((setting.name, row, ["lds"]))
                     continue
                 if kw is None:

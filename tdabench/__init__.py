@@ -33,4 +33,41 @@ def solvers() -> list[str]:
     return list(registry.available())
 
 
-__all__ = ["__version__", "main", "settings", "solvers"]
+def load(setting: str, *, results=None, device=None):
+    """A setting's verified ground truth, the model its leaderboard explains, and its data, ready for your code
+    (:class:`benchmark.evaluate.external.Bench`): ``bench.evaluate(scores)`` on the reported queries,
+    ``bench.evaluate_validation(scores)`` for tuning, ``bench.evaluate_mislabel(self_scores)``,
+    ``bench.compare(result, "ekfac")``, ``bench.run(MySolver)``. ``results``: the results folder (default:
+    $TDABENCH_RESULTS, else the repository's results/)."""
+    from pathlib import Path
+
+    from benchmark.evaluate import external, registry
+    from benchmark.setup import settings as settings_mod
+    from benchmark.setup.store import ResultsStore
+
+    store = ResultsStore(Path(results).expanduser()) if results else ResultsStore.default()
+    return external.Bench.load(store, settings_mod.get(setting), resolve=registry.resolve, device=device)
+
+
+def solver(name: str):
+    """The registered solver class called ``name`` (``tdabench solvers`` lists them)."""
+    from benchmark.evaluate import registry
+
+    return registry.get(name)
+
+
+# Imported on first use, so that `import tdabench` stays cheap (no torch until it is needed).
+_LAZY = {"Solver": "benchmark.evaluate", "Task": "benchmark.evaluate", "DAMPING_GRID": "benchmark.evaluate",
+         "ScoresError": "benchmark.evaluate.external"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'tdabench' has no attribute {name!r}")
+
+
+__all__ = ["DAMPING_GRID", "ScoresError", "Solver", "Task", "__version__", "load", "main", "settings", "solver",
+           "solvers"]

@@ -12,7 +12,7 @@ import argparse
 import sys
 import warnings
 
-from . import counterfactual, evaluation, groundtruth, info, report, share, studies
+from . import counterfactual, evaluation, external, groundtruth, info, report, share, studies
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the results folder to read and write (default: $TDABENCH_RESULTS, else the repository's "
                         "results/)")
     sub = p.add_subparsers(dest="command", required=True)
-    for module in (info, groundtruth, evaluation, studies, counterfactual, report, share):
+    for module in (info, groundtruth, evaluation, external, studies, counterfactual, report, share):
         module.add_commands(sub)
     return p
 

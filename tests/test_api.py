@@ -228,6 +228,11 @@ def test_a_score_file_becomes_a_sealed_external_record_with_the_engines_numbers(
     assert method.description == "external scores" and records.stale_reasons(rec, store, S, method) == {}
     comparison = bench.compare(bench.evaluate(scores), "my-method")
     assert comparison.paired["max_abs"] == 0 and comparison.stale == []
+    # `tdabench compare` takes the external row like any other: paired with the identity row, not stale
+    capsys.readouterr()
+    assert main(["--results", str(store.root), "compare", S.name, "identity", "my-method"]) == 0
+    table = capsys.readouterr().out
+    assert "my-method" in table and "STALE" not in table
 
     # --validation scores the validation queries and writes nothing
     np.save(tmp_path / "v.npy", bench.solver_scores(identity, bench.queries.validation))

@@ -92,13 +92,26 @@ def _cmd_leaderboard(args) -> int:
     return 0
 
 
+def _row_method(store, setting, name: str):
+    """What a row's staleness is checked with: its solver class or baseline, or, for a row of external scores
+    (`tdabench evaluate --scores`), the external marker (no solver code to fingerprint)."""
+    from ..evaluate import external, records
+
+    path = records.run_path(store, setting.name, name)
+    if path.is_file():
+        rec = records.read_record(store, setting.name, name)
+        if external.is_external(rec):
+            return external.method_of(rec)
+    return resolve.method(name)
+
+
 def _cmd_compare(args) -> int:
     """Leaderboard rows side by side: LDS, and the paired difference from the first row, query by query."""
     from ..evaluate import records
     from ..report import tables
 
     store, setting = resolve.store(args, reading=True), resolve.setting(args.setting)
-    methods = {name: resolve.method(name) for name in {records.parse_row_name(r)[0] for r in args.rows}}
+    methods = {name: _row_method(store, setting, name) for name in {records.parse_row_name(r)[0] for r in args.rows}}
     print(tables.compare_table(setting, records.compare_rows(store, setting, args.rows, methods)))
     return 0
 

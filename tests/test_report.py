@@ -1,7 +1,9 @@
 """The results site (``tdabench report``): built from a small synthetic store in seconds, checked as files (every page
 linked, every image there, nothing fetched from elsewhere) and in a headless Chromium driven from its command line
 (no console errors, every image decodes, clicking a header sorts the rows with empty cells last). The browser
-checks are shown to fail on a site with a missing image and on one whose sorting is broken. The committed report
+checks are shown to fail on a site with a missing image and on one whose sorting is broken. Its rows come from the
+run records checked now, never from leaderboard.csv, which is checked against them (stale, cut, garbled: one line);
+a scoped `leaderboard` where a setting's data is missing changes only what shows the new rows. The committed report
 is checked the same way."""
 
 import html
@@ -13,6 +15,7 @@ from pathlib import Path
 import pytest
 from eval_helpers import require_real_data, synthetic_store, write_solver
 
+from benchmark.cli import report
 from benchmark.evaluate import campaign, registry
 from benchmark.evaluate.engine import LOSS, RANDOM
 from benchmark.report import browser, leaderboard, site
@@ -47,9 +50,22 @@ def built(tmp_path_factory):
         gap.run(store, S, toy, ensemble=1, report_queries=True, device="cpu", **QUIET)
         ihvp_error.run(store, [S], {"exact": registry.get("exact"), "identity": registry.get("identity")},
                        dampings=[0.1], queries=4, **QUIET)
-        df, found = leaderboard.read(store)
+        df, found = leaderboard.collect(store, [S, CNN], methods)
         index = site.build(store, [S, CNN], df, found, methods, screenshot=False, **QUIET)
     return store, index
+
+
+@pytest.fixture()
+def scoped(monkeypatch, tmp_path):
+    """`tdabench report` and `leaderboard` over the rows the `built` store has (the real lists hold no synthetic
+    setting, and every real solver): settings S and CNN, the toy solvers of a folder of this test, the baselines."""
+    folder = tmp_path / "solvers"
+    write_solver(folder)
+    monkeypatch.setenv("TDABENCH_SOLVERS_PATH", str(folder))
+    monkeypatch.setattr(campaign, "leaderboard_settings", lambda: [S, CNN])
+    monkeypatch.setattr(campaign, "leaderboard_methods", lambda solvers: [
+        *(solvers[n] for n in sorted(solvers) if n.startswith("toy-")), RANDOM, LOSS])
+    return folder
 
 
 # ---------------------------------------------------------------------------------------------- files
@@ -134,7 +150,7 @@ def test_a_missing_image_is_found_by_the_file_check(built, tmp_path):
     assert f"{CNN.name}.html is linked but missing" in file_problems(copy / "index.html", [S.name, CNN.name])
 
 
-def test_report_command(built, tmp_path, capsys):
+def test_report_command(built, scoped, tmp_path, capsys):
     from benchmark import cli
 
     store, _ = built
@@ -147,21 +163,212 @@ def test_report_command(built, tmp_path, capsys):
 
         assert Image.open(copy.report / "screenshot.png").size == (1600, 1500)
     (copy.root / "leaderboard.csv").unlink()
+    (copy.report / "index.html").unlink()
     assert cli.main(["--results", str(copy.root), "report"]) == 2
     assert "tdabench leaderboard --no-rerun" in capsys.readouterr().err
+    assert (copy.report / "index.html").is_file()  # the site comes from the records, not from the table
 
 
-def test_without_a_browser_the_old_screenshot_is_kept(built, tmp_path, monkeypatch):
+def test_without_a_browser_the_old_screenshot_is_kept(built, scoped, tmp_path, monkeypatch):
     store, _ = built
     copy = ResultsStore(shutil.copytree(store.root, tmp_path / "results"))
     shot = copy.report / "screenshot.png"
     shot.write_bytes(b"\x89PNG\r\n\x1a\n an older picture")
     monkeypatch.setattr(browser, "find", lambda: None)
     said = []
-    df, found = leaderboard.read(copy)
-    site.build(copy, [S, CNN], df, found, [], log=said.append)
+    report.write_report(copy, log=said.append)
     assert shot.read_bytes() == b"\x89PNG\r\n\x1a\n an older picture"
     assert any("kept as it was" in m and browser.MISSING in m for m in said)
+
+
+def _leaderboard_row(page: Path, solver: str) -> tuple[str, dict]:
+    """(row class, {column: cell text}) of ``solver``'s row in the first leaderboard table of ``page``."""
+    text = page.read_text()
+    table = text[text.index('class="sortable leaderboard"'):]
+    table = table[:table.index("</table>")]
+    cls, cells = next((c, r) for c, r in re.findall(r'<tr(?: class="([^"]*)")?>(.*?)</tr>', table, re.S)
+                      if f"<b>{solver}</b>" in r)
+    return cls, dict(zip(site.LEADERBOARD_HEAD, map(html.unescape, re.findall(r"<td[^>]*>(.*?)</td>", cells, re.S))))
+
+
+def test_report_checks_each_row_now_not_the_table(built, scoped, tmp_path, capsys):
+    """After a code edit the record no longer describes, the report shows the row STALE although leaderboard.csv
+    still says ok, and says in one line that the table is out of date (exit 2, the site written);
+    `leaderboard --no-rerun` rewrites the table, and the report is then content."""
+    from benchmark import cli
+
+    store, _ = built
+    copy = ResultsStore(shutil.copytree(store.root, tmp_path / "results"))
+    page = copy.report / f"{S.name}.html"
+    assert _leaderboard_row(page, "toy-exact")[1]["status"] == "ok"
+    write_solver(scoped, sign=-1)  # the solver's code now computes something else
+    capsys.readouterr()
+    assert cli.main(["--results", str(copy.root), "report"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(copy.root / "leaderboard.csv") in err, err
+    assert f"{S.name} / toy-exact: status 'ok' where the records give 'STALE (" in err
+    assert err.endswith("rewrite it from the run records with `tdabench leaderboard --no-rerun`")
+    cls, cells = _leaderboard_row(page, "toy-exact")
+    assert cls == "stale" and cells["status"].startswith("STALE (") and "computes something else now" in cells["status"]
+    assert cli.main(["--results", str(copy.root), "leaderboard", "--no-rerun", "--no-figures"]) == 0
+    assert cli.main(["--results", str(copy.root), "report"]) == 0
+    assert _leaderboard_row(page, "toy-exact")[1]["status"] == cells["status"]
+
+
+def test_an_invalid_record_is_a_row_without_a_number(built, scoped, tmp_path):
+    """A record edited by hand (records.read_record refuses it) is an INVALID row: no number, in the tables and on
+    the site, marked like a stale one, and its status names the file as the tables name files (not this machine's
+    path)."""
+    store, _ = built
+    copy = ResultsStore(shutil.copytree(store.root, tmp_path / "results"))
+    path = copy.runs / S.name / "toy-exact.json"
+    rec = json.loads(path.read_text())
+    rec["lds"]["mean"] += 0.1
+    path.write_text(json.dumps(rec))
+    df, found = leaderboard.collect(copy, [S, CNN], campaign.leaderboard_methods(registry.available()))
+    row = df[(df["setting"] == S.name) & (df["solver"] == "toy-exact")].iloc[0]
+    assert row["status"].startswith(f"INVALID, not shown: refused run record runs/{S.name}/toy-exact.json: ")
+    assert str(copy.root) not in row["status"] and row["record"] == f"runs/{S.name}/toy-exact.json"
+    assert row[["lds", "lds_se", "recall_10", "auc", "fit_s", "peak_mb"]].isna().all()
+    assert (S.name, "toy-exact") not in found and (S.name, "baseline-random") in found
+    index = site.build(copy, [S, CNN], df, found, [], screenshot=False, **QUIET)
+    cls, cells = _leaderboard_row(index.parent / f"{S.name}.html", "toy-exact")
+    assert cls == "stale" and cells["status"] == row["status"]
+    assert cells["LDS ± se"] == cells["recall@10%"] == cells["fit s"] == ""
+
+
+def test_the_failed_reruns_a_table_notes_stay_on_the_site(built, scoped, tmp_path, capsys):
+    """What `leaderboard` notes of a rerun that failed is the one thing the records cannot tell: the report reads it
+    back from the table (a message with "; " in it too), shows it, and finds the table current."""
+    from benchmark import cli
+
+    store, _ = built
+    copy = ResultsStore(shutil.copytree(store.root, tmp_path / "results"))
+    methods = campaign.leaderboard_methods(registry.available())
+    failures = {(S.name, "toy-exact"): "RunError: it broke; twice", (CNN.name, "toy-exact"): "SolverError: no"}
+    df, _ = leaderboard.collect(copy, [S, CNN], methods, failures=failures)
+    leaderboard.write(copy, df, **QUIET)
+    assert leaderboard.noted_failures(leaderboard.read(copy)) == failures
+    assert cli.main(["--results", str(copy.root), "report"]) == 0, capsys.readouterr().err
+    status = _leaderboard_row(copy.report / f"{S.name}.html", "toy-exact")[1]["status"]
+    assert status == "last rerun failed: RunError: it broke; twice"
+    assert _leaderboard_row(copy.report / f"{CNN.name}.html", "toy-exact")[1]["status"] == "failed: SolverError: no"
+
+
+def _cut_in_a_number(text: str) -> str:
+    """The table cut inside the first row's LDS (its fourth field), as an interrupted copy leaves it."""
+    header, first = text.splitlines(keepends=True)[:2]
+    fields = first.split(",")
+    assert re.fullmatch(r"0\.\d{4,}", fields[3]), fields[3]
+    return header + ",".join(fields[:3]) + "," + fields[3][:3]
+
+
+@pytest.mark.parametrize("damage,says", [
+    (lambda text: "".join(text.splitlines(keepends=True)[:2]),  # cut at a row's end
+     f"rows the records give are missing (first: {S.name} / baseline-random)"),
+    (_cut_in_a_number, f"rows differ (first: {S.name} / toy-exact: lds '0."),
+    (lambda text: text + "x," * 40 + "\n", "is not a leaderboard table (Error tokenizing data"),
+    (lambda text: b"\x89PNG\r\n\x1a\n" + text.encode(), "is not a leaderboard table ('utf-8' codec can't decode"),
+    (lambda text: text.replace("lds_se", "lds_stderr"), "does not have the leaderboard's columns (missing ['lds_se'], "
+                                                        "unknown ['lds_stderr']"),
+], ids=["rows-cut", "number-cut", "garbage-line", "binary", "columns"])
+def test_a_damaged_table_is_one_line_and_the_site_comes_from_the_records(built, scoped, tmp_path, capsys, damage,
+                                                                        says):
+    """leaderboard.csv cut short, cut inside a number, not a CSV at all, or with other columns: the site is whole
+    (every setting's page, the numbers from the records) and the command fails with one line naming the file,
+    what is wrong and the fix."""
+    from benchmark import cli
+
+    store, _ = built
+    copy = ResultsStore(shutil.copytree(store.root, tmp_path / "results"))
+    csv = copy.root / "leaderboard.csv"
+    damaged = damage(csv.read_text())
+    csv.write_bytes(damaged if isinstance(damaged, bytes) else damaged.encode())
+    shutil.rmtree(copy.report)
+    capsys.readouterr()
+    assert cli.main(["--results", str(copy.root), "report"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(csv) in err and says in err, err
+    assert err.endswith("rewrite it from the run records with `tdabench leaderboard --no-rerun`")
+    rec = json.loads((copy.runs / S.name / "toy-exact.json").read_text())
+    assert _leaderboard_row(copy.report / f"{S.name}.html", "toy-exact")[1]["LDS ± se"] == leaderboard.fmt_pm(
+        rec["lds"]["mean"], rec["lds"]["se"])
+    assert _leaderboard_row(copy.report / f"{S.name}.html", "baseline-loss")[1]["status"] == "ok"
+    assert file_problems(copy.report / "index.html", [S.name, CNN.name]) == []
+
+
+def test_a_scoped_leaderboard_changes_only_what_shows_its_rows(built, scoped, tmp_path, monkeypatch, capsys):
+    """README's "Add a solver" where a setting's data is not here: `leaderboard --setting S --solver NEW` leaves every
+    file byte-identical but the new record, the tables and figures, and the pages that list the new rows; the page
+    of the setting without its data changes by its new row only, its gallery and images kept, and one line says so.
+    Without a site to keep them from, the page says what was tried to get the data."""
+    from benchmark import cli
+    from benchmark.setup.data import DataError
+
+    lr = settings.get("mnist-lr")
+    require_real_data(lr)  # the site being replaced is drawn from the data
+    store, _ = built
+    copy = ResultsStore(shutil.copytree(store.root, tmp_path / "results"))
+    monkeypatch.setattr(campaign, "leaderboard_settings", lambda: [S, lr])
+    inf = qualitative.read(copy, S.name, "toy-exact")["influential"]
+    qualitative.save(copy, lr, registry.get("toy-exact"), dict(inf, setting=lr.name))  # a gallery of MNIST images
+    assert cli.main(["--results", str(copy.root), "leaderboard", "--no-rerun"]) == 0
+    files = lambda: {str(p.relative_to(copy.root)): p.read_bytes() for p in copy.root.rglob("*") if p.is_file()}
+    before = files()
+    assert sum(k.startswith(f"report/img/{lr.name}/train-") for k in before) >= 6
+
+    empty = tmp_path / "no-data"
+    empty.mkdir()
+    monkeypatch.setenv("TDABENCH_DATA", str(empty))  # MNIST is not here now, for certain
+    monkeypatch.setenv("TDABENCH_OFFLINE", "1")
+    monkeypatch.setattr(settings, "_DATA_CACHE", {})
+    with pytest.raises(DataError):
+        lr.data()
+    write_solver(scoped, name="toy-two")  # the contributor's new solver
+    capsys.readouterr()
+    assert cli.main(["--results", str(copy.root), "leaderboard", "--setting", S.name, "--solver", "toy-two"]) == 0
+    said = capsys.readouterr().out.splitlines()
+    after = files()
+    changed = {k for k in before.keys() | after.keys() if before.get(k) != after.get(k)}
+    shows_rows = {f"runs/{S.name}/toy-two.json", "leaderboard.csv", "leaderboard.md", "report/index.html",
+                  f"report/{S.name}.html", f"report/{lr.name}.html", f"report/img/{S.name}/lds_cost.png",
+                  f"report/img/{S.name}/mislabel_recall.png", f"report/{site.PALETTE}"}  # toy-two's colour
+    assert f"runs/{S.name}/toy-two.json" in changed
+    assert sorted(k for k in changed if k not in shows_rows and not k.startswith("figures/")) == []
+    new_row = re.compile(r"\n<tr[^>]*><td><b>toy-two</b>.*?</tr>", re.S)
+    page = after[f"report/{lr.name}.html"].decode()
+    assert len(new_row.findall(page)) == 1 and new_row.sub("", page) == before[f"report/{lr.name}.html"].decode()
+    kept = [line for line in said if line.startswith(f"{lr.name}.html")]
+    assert len(kept) == 1 and "gallery and" in kept[0] and "kept as they were" in kept[0], said
+
+    index = report.write_report(copy, out=tmp_path / "elsewhere", keep_from=tmp_path / "nothing", screenshot=False,
+                                **QUIET)
+    page = (index.parent / f"{lr.name}.html").read_text()
+    assert f"Images unavailable here: cannot obtain dataset &#x27;mnist&#x27;; tried: cache {empty / 'mnist'}" in page
+    assert not list((index.parent / "img").glob(f"{lr.name}/train-*"))
+
+
+def test_adding_a_solver_recolours_no_figure(built, tmp_path, monkeypatch):
+    """A solver added later (one that sorts first, with no numbers yet, as a new solver file gives) takes a free
+    colour: every figure of the site it replaces stays byte-identical. In name order every colour would move."""
+    from benchmark.report import figures
+
+    store, _ = built
+    copy = ResultsStore(shutil.copytree(store.root, tmp_path / "results"))
+    write_solver(tmp_path / "solvers")
+    write_solver(tmp_path / "solvers", name="toy-aaa")
+    monkeypatch.setenv("TDABENCH_SOLVERS_PATH", str(tmp_path / "solvers"))
+    figs = lambda: {p.name: p.read_bytes() for p in (copy.report / "img" / S.name).glob("*.png")
+                    if not p.name.startswith(("train-", "test-"))}
+    drawn = []
+    for names in (["toy-exact"], ["toy-aaa", "toy-exact"]):
+        df, found = leaderboard.collect(copy, [S, CNN], [*map(registry.get, names), RANDOM, LOSS])
+        site.build(copy, [S, CNN], df, found, [], screenshot=False, **QUIET)
+        drawn.append(figs())
+    assert {"lds_cost.png", "mislabel_recall.png"} <= set(drawn[0]) and drawn[1] == drawn[0]
+    assert json.loads((copy.report / site.PALETTE).read_text()) == {"toy-aaa": 1, "toy-exact": 0}
+    assert figures.solver_palette(["toy-aaa", "toy-exact"])["toy-exact"] != figures.solver_palette(["toy-exact"])[
+        "toy-exact"]
 
 
 # ---------------------------------------------------------------------------------------------- in the browser
@@ -307,19 +514,23 @@ def test_committed_report_files():
 
 
 def test_committed_report_is_current(tmp_path):
-    """The committed site is what the committed results give now (`make report` rewrites it when not)."""
+    """The committed site is what `tdabench report` gives from the committed results now, run records checked now
+    and the leaderboard table checked against them (`make leaderboard` / `make report` rewrite them when not).
+    Where a setting's data is not here, its gallery is checked without labels and pixels (the committed one is kept
+    only if it shows what would be drawn), and the test then skips saying so: CI has the data and checks it all."""
     if not (COMMITTED / "index.html").is_file():
         pytest.skip("no committed report (results/report/): `make report` writes it")
-    require_real_data(settings.get("mnist-lr"))  # the gallery's labels and thumbnails come from the data
     store = ResultsStore(COMMITTED.parent)
-    df, found = leaderboard.read(store)
-    fresh = site.build(store, campaign.leaderboard_settings(), df, found,
-                       campaign.leaderboard_methods(registry.available()), out=tmp_path / "report", screenshot=False,
-                       **QUIET).parent
+    fresh = report.write_report(store, out=tmp_path / "report", keep_from=COMMITTED, screenshot=False,
+                                **QUIET).parent
     for page in sorted(COMMITTED.glob("*.html")):
         assert (fresh / page.name).read_text() == page.read_text(), f"{page} is not current: run `make report`"
     files = lambda root: sorted(str(p.relative_to(root)) for p in root.rglob("*.png") if p.name != "screenshot.png")
     assert files(fresh) == files(COMMITTED), "the committed report's images differ: run `make report`"
+    # the galleries' labels and thumbnails come from the data
+    drawn = sorted({p.parent.name for p in store.qualitative.glob("*/*.json")} & set(settings.available()))
+    if drawn:
+        require_real_data(*map(settings.get, drawn))
 
 
 @needs_browser

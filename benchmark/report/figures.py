@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import textwrap
 from pathlib import Path
 
@@ -153,16 +154,44 @@ def house_style():
         yield
 
 
-def solver_palette(names) -> dict:
-    """One colour per solver, the same in every figure drawn from the same leaderboard."""
+# A solver's slot gives its colour (ten colorblind-safe ones; similar hues, orange/vermillion and pinks, kept apart)
+# and, for each further ten slots, the next marker shape: no two slots below 70 look alike.
+COLOUR_ORDER = (0, 1, 2, 4, 9, 5, 3, 8, 6, 7)
+SHAPES = "osD^vPX"
+
+
+class Palette(dict):
+    """{solver: colour}, with the slot each solver's colour and marker come from (:func:`solver_slots`)."""
+
+    def __init__(self, colours: dict, slots: dict):
+        super().__init__(colours)
+        self.slots = slots
+
+
+def solver_slots(names, keep: dict | None = None) -> dict:
+    """A slot per solver: the one ``keep`` (an earlier drawing's {solver: slot}) gives it, else the lowest free one,
+    in name order; so a solver added later recolours none drawn before. Without ``keep``: slots in name order."""
+    names = sorted(set(names) - set(BASELINES))
+    slots, taken = {}, set()
+    for name, slot in sorted((keep or {}).items()):
+        if name in names and isinstance(slot, int) and slot >= 0 and slot not in taken:
+            slots[name] = slot
+            taken.add(slot)
+    free = (i for i in itertools.count() if i not in taken)
+    slots.update({n: next(free) for n in names if n not in slots})
+    return dict(sorted(slots.items()))
+
+
+def solver_palette(names, keep: dict | None = None) -> Palette:
+    """One colour per solver, the same in every figure drawn from the same leaderboard (``keep``: see
+    :func:`solver_slots`)."""
     import seaborn as sns
 
-    names = sorted(set(names) - set(BASELINES))
     cb = sns.color_palette("colorblind", 10)
-    order = [0, 1, 2, 4, 9, 5, 3, 8, 6, 7]  # colorblind-safe; similar hues (orange/vermillion, pinks) kept apart
-    palette = {n: cb[order[i % len(order)]] for i, n in enumerate(names)}
-    palette.update({"baseline-random": (0.6, 0.6, 0.6), "baseline-loss": (0.1, 0.1, 0.1)})
-    return palette
+    slots = solver_slots(names, keep)
+    colours = {n: cb[COLOUR_ORDER[s % len(COLOUR_ORDER)]] for n, s in slots.items()}
+    colours.update({"baseline-random": (0.6, 0.6, 0.6), "baseline-loss": (0.1, 0.1, 0.1)})
+    return Palette(colours, slots)
 
 
 def _recall_panel(ax, setting: str, items: list, palette: dict) -> None:
@@ -196,10 +225,9 @@ def mislabel_recall(setting: str, items: list, palette: dict, out: Path) -> Path
 
 def solver_markers(palette: dict) -> dict:
     """A marker per solver such that no two solvers share both colour and marker: :func:`solver_palette` cycles ten
-    colours through the sorted solvers, so each further ten take the next shape (baselines: circles)."""
-    shapes = "osD^vPX"
-    names = sorted(set(palette) - set(BASELINES))
-    return {**{n: shapes[(i // 10) % len(shapes)] for i, n in enumerate(names)}, **{b: "o" for b in BASELINES}}
+    colours through the slots, so each further ten take the next shape (baselines: circles)."""
+    slots = getattr(palette, "slots", None) or solver_slots(palette)
+    return {**{n: SHAPES[(s // 10) % len(SHAPES)] for n, s in slots.items()}, **{b: "o" for b in BASELINES}}
 
 
 def lds_vs_cost(part: pd.DataFrame, palette: dict, out: Path) -> Path:

@@ -4,12 +4,16 @@ from that study's stored results, :mod:`benchmark.studies.counterfactual`), neve
 :func:`collect` reads every record and says, per row, where its numbers come from: a row without a record is
 "not yet run" (or "n/a" when the solver declares it cannot handle the model); numbers evaluated on an
 unfinished ground truth say so; a record whose numbers are no longer current (:mod:`benchmark.evaluate.records`)
-keeps them only under a STALE status. :func:`write` writes ``leaderboard.csv`` and ``leaderboard.md``.
+keeps them only under a STALE status; a record that does not check against itself is INVALID, without a number.
+:func:`write` writes ``leaderboard.csv`` and ``leaderboard.md``; :func:`check` says whether that file still holds
+what the records give now (the report is built from the records, and checks the table beside it).
 """
 
 from __future__ import annotations
 
+import io
 import math
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -17,7 +21,7 @@ import pandas as pd
 from ..evaluate import campaign, records
 from ..evaluate.engine import BASELINES, LOSS, RANDOM
 from ..setup import settings as settings_mod
-from ..setup.artifacts import read_json
+from ..setup.artifacts import atomic_write_bytes
 from ..setup.store import ResultsStore
 from ..studies import counterfactual
 
@@ -73,9 +77,13 @@ def _orphans(store: ResultsStore, known: set[str]) -> list[str]:
 
 
 def collect(store: ResultsStore, settings: list[settings_mod.Setting], methods: list, *,
-            failures: dict | None = None) -> tuple[pd.DataFrame, dict]:
+            failures: dict | None = None, progress: bool | None = None) -> tuple[pd.DataFrame, dict]:
     """The leaderboard table and the records behind it ({(setting, method): record}). Methods with records
-    but no solver file any more are listed too (their records cannot be checked)."""
+    but no solver file any more are listed too (their records cannot be checked). Every record is checked now
+    (:func:`records.stale_reasons`: the fingerprint probes take about a second per solver), with a progress line
+    on a terminal (``progress=None``) or always (True) or never (False)."""
+    from tqdm.auto import tqdm
+
     failures = failures or {}
     names = [records.row_name(m.name, n) for m in methods for n in campaign.ensembles(m)]
     for s in settings:
@@ -85,14 +93,27 @@ def collect(store: ResultsStore, settings: list[settings_mod.Setting], methods: 
     by_name = {m.name: m for m in methods}
     ordered = sorted(n for n in names if n not in BASELINES) + [b for b in BASELINES]
     rows, found = [], {}
+    bar = tqdm(total=len(settings) * len(ordered), desc="checking run records", unit="row", leave=False,
+               disable=None if progress is None else not progress)
     for setting in settings:
         gt_path, gt_text = campaign.gt_status(store, setting)
         has_mis = records.mislabel_available(store, setting)
         rtk = counterfactual.leaderboard_columns(store, setting.name)
         for name in ordered:
+            bar.update()
             base, ensemble = records.parse_row_name(name)
             method = by_name.get(base)
-            rec = records.read_record(store, setting.name, base, ensemble)
+            try:
+                rec = records.read_record(store, setting.name, base, ensemble)
+            except records.RecordError as exc:  # refused: the row says so, without a number
+                path = records.run_path(store, setting.name, base, ensemble)
+                row = {c: None for c in COLUMNS}
+                # the path as the tables show it everywhere: relative to the results root, not this machine's
+                row.update(setting=setting.name, solver=name, paper_lds=setting.paper_lds, ground_truth=gt_text,
+                           status=f"INVALID, not shown: {str(exc).replace(str(path), store.relative(path))}",
+                           record=store.relative(path))
+                rows.append(row)
+                continue
             if rec is None and ((method is LOSS and not has_mis) or (method is RANDOM and gt_path is None
                                                                      and not has_mis)):
                 continue  # a baseline row only where there is something to be a baseline for
@@ -122,6 +143,7 @@ def collect(store: ResultsStore, settings: list[settings_mod.Setting], methods: 
                 continue
             found[(setting.name, name)] = rec
             rows.append(_row(store, setting, method, rec, row, has_mis, failures, rtk.get(name), ensemble))
+    bar.close()
     for orphan in _orphans(store, {s.name for s in settings_mod.available().values()}):
         for p in sorted((store.runs / orphan).glob("*.json")):
             row = {c: None for c in COLUMNS}
@@ -237,31 +259,109 @@ def to_markdown(df: pd.DataFrame) -> str:
         lines.append("")
     return "\n".join(lines)
 
+
+REWRITE = "rewrite it from the run records with `tdabench leaderboard --no-rerun`"
+
+
+class TableError(ValueError):
+    """``leaderboard.csv`` that cannot be read, or that does not say what the run records say now."""
+
+
+def csv_text(df: pd.DataFrame) -> str:
+    """The table as ``leaderboard.csv`` holds it: every digit, so the site and the Markdown round the same numbers."""
+    return df.to_csv(index=False)
+
+
 def write(store: ResultsStore, df: pd.DataFrame, log=print) -> tuple[Path, Path]:
-    """``leaderboard.csv`` and ``leaderboard.md`` in the store's root."""
+    """``leaderboard.csv`` and ``leaderboard.md`` in the store's root, each written whole or not at all."""
     store.root.mkdir(parents=True, exist_ok=True)
     csv, md = store.root / "leaderboard.csv", store.root / "leaderboard.md"
-    df.to_csv(csv, index=False)  # every digit: the report reads this table and rounds it as the Markdown does
-    md.write_text(to_markdown(df) + "\n")
+    atomic_write_bytes(csv, csv_text(df).encode())
+    atomic_write_bytes(md, (to_markdown(df) + "\n").encode())
     log(f"wrote {csv} and {md} ({len(df)} rows)")
     return csv, md
 
 
-def read(store: ResultsStore) -> tuple[pd.DataFrame, dict]:
-    """The table :func:`write` wrote last, and the run records its rows name ({(setting, solver): record}): what the
-    report is drawn from, so that it says exactly what ``leaderboard.md`` says."""
+def read(store: ResultsStore) -> pd.DataFrame:
+    """``leaderboard.csv`` as :func:`write` wrote it, every cell as its text ("" where empty); a missing file is a
+    FileNotFoundError and one that is not such a table a :class:`TableError`, each naming the file and the fix."""
     csv = store.root / "leaderboard.csv"
     if not csv.is_file():
         raise FileNotFoundError(f"{csv} does not exist: write the leaderboard first (`tdabench leaderboard "
                                 f"--no-rerun` rewrites it from the run records without rerunning anything)")
-    df = pd.read_csv(csv, dtype={"status": str, "params": str, "device": str, "record": str, "explained": str})
-    missing = sorted(set(COLUMNS) - set(df.columns))
+    try:
+        table = pd.read_csv(csv, dtype=str, keep_default_na=False)
+    except ValueError as exc:  # pandas' ParserError and EmptyDataError, UnicodeDecodeError
+        why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TableError(f"{csv} is not a leaderboard table ({why}): {REWRITE}") from None
+    if list(table.columns) != list(COLUMNS):
+        missing, unknown = sorted(set(COLUMNS) - set(table.columns)), sorted(set(table.columns) - set(COLUMNS))
+        raise TableError(f"{csv} does not have the leaderboard's columns (missing {_some(missing)}, unknown "
+                         f"{_some(unknown)}; written by other code or damaged): {REWRITE}")
+    return table.fillna("")  # a row cut short has no cells where its fields are missing
+
+
+# A rerun's failure as _row notes it, up to the next part of the status (the order _row writes them in).
+_RERUN_FAILED = re.compile(r"(?:^|; )last rerun failed: (.*?)(?=; (?:STALE \(|remove-top-k used|LDS not yet run|"
+                           r"mislabel )|$)")
+
+
+def noted_failures(table: pd.DataFrame) -> dict:
+    """The failed reruns a table read by :func:`read` notes ({(setting, row): message}): what `tdabench
+    leaderboard` passed to :func:`collect`, which the records alone cannot tell, so a report says them too."""
+    out = {}
+    for setting, solver, status in table[["setting", "solver", "status"]].itertuples(index=False):
+        if status.startswith("failed: "):
+            out[(setting, solver)] = status[len("failed: "):]
+        elif found := _RERUN_FAILED.search(status):
+            out[(setting, solver)] = found.group(1)
+    return out
+
+
+def _short(text: str, n: int = 80) -> str:
+    return repr(text if len(text) <= n else text[:n] + "…")
+
+
+def _some(names: list[str]) -> str:
+    """A few names, for a message that stays one readable line."""
+    more = f", … {len(names) - 3} more" if len(names) > 3 else ""
+    return f"[{', '.join(_short(n, 40) for n in names[:3])}{more}]"
+
+
+def differences(table: pd.DataFrame, df: pd.DataFrame) -> str | None:
+    """How ``table`` (:func:`read`) differs from ``df`` (:func:`collect`) as :func:`write` would write it, in a few
+    words; None when they agree cell for cell."""
+    want = pd.read_csv(io.StringIO(csv_text(df)), dtype=str, keep_default_na=False).fillna("")
+    have_keys, want_keys = list(zip(table["setting"], table["solver"])), list(zip(want["setting"], want["solver"]))
+    have_rows = dict(zip(have_keys, table.to_dict("records")))
+    parts = []
+    missing = [k for k in want_keys if k not in have_rows]
     if missing:
-        raise ValueError(f"{csv} lacks the columns {missing}: it was written by older code; rewrite it with "
-                         f"`tdabench leaderboard --no-rerun`")
-    df = df.astype(object).where(df.notna(), None)[list(COLUMNS)]
-    found = {}
-    for setting, solver, record in df[["setting", "solver", "record"]].itertuples(index=False):
-        if record and (store.root / record).is_file():
-            found[(setting, solver)] = read_json(store.root / record)
-    return df, found
+        parts.append(f"{len(missing)} of the {len(want_keys)} rows the records give are missing (first: "
+                     f"{' / '.join(missing[0])})")
+    wanted = set(want_keys)
+    extra = [k for k in have_keys if k not in wanted]
+    if extra:
+        parts.append(f"{len(extra)} rows the records do not give (first: {' / '.join(extra[0])})")
+    changed = []
+    for key, row in zip(want_keys, want.to_dict("records")):
+        old = have_rows.get(key)
+        if old is not None and old != row:
+            col = next(c for c in COLUMNS if old[c] != row[c])
+            changed.append(f"{' / '.join(key)}: {col} {_short(old[col])} where the records give {_short(row[col])}")
+    if changed:
+        parts.append(f"{len(changed)} rows differ (first: {changed[0]})")
+    if not parts and have_keys != want_keys:
+        parts.append("its rows are in another order")
+    return "; ".join(parts) or None
+
+
+def check(store: ResultsStore, df: pd.DataFrame, table: pd.DataFrame | None = None) -> None:
+    """Raise a :class:`TableError` unless ``leaderboard.csv`` holds exactly what :func:`write` writes for ``df``
+    (``table``: the file as :func:`read` gave it, if already read)."""
+    csv = store.root / "leaderboard.csv"
+    if csv.is_file() and csv.read_bytes() == csv_text(df).encode():
+        return
+    why = differences(read(store) if table is None else table, df)
+    raise TableError(f"{csv} does not say what the run records say ({why or 'it is written differently'}): "
+                     f"{REWRITE}")

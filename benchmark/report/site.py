@@ -5,13 +5,16 @@
 - ``<setting>.html``: the ground truth (protocol, version, pinned root hash, noise ceiling), Table 1 beside the
   paper, the gap study, the mislabel recall curves, the IHVP error where it was measured, and a gallery: for each
   query of the qualitative study, the training images each solver blames most, side by side (the paper's Fig. 1);
-- ``img/``: the figures and thumbnails the pages show.
+- ``img/``: the figures and thumbnails the pages show;
+- ``palette.json``: each solver's colour slot, which the next build keeps (a new solver takes a free one).
 
-Everything is read from the results on disk — the leaderboard table :func:`leaderboard.write` wrote (so the report
-says what ``leaderboard.md`` says), the run records, ground-truth manifests, ``index.json``, the gap and IHVP-error
-studies, the qualitative study — and the settings' data (the thumbnails); nothing is computed. Plain HTML with
-inline CSS and an inline script that sorts the tables; no external script, font or stylesheet. The folder is
-written beside the old one and swapped in whole.
+Everything is read from the results on disk — the leaderboard rows :func:`leaderboard.collect` gives from the run
+records, each checked now (``tdabench report`` then checks ``leaderboard.csv`` against them, so the report says what
+``leaderboard.md`` says), ground-truth manifests, ``index.json``, the gap and IHVP-error studies, the qualitative
+study — and the settings' data (the thumbnails; where it is not here, the gallery of the site being replaced is kept
+if it still shows what would be drawn); nothing is computed. Plain HTML with inline CSS and an inline script that
+sorts the tables; no external script, font or stylesheet. The folder is written beside the old one and swapped in
+whole.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import pandas as pd
 from ..groundtruth import artifact as gt_artifact
 from ..groundtruth import index
 from ..setup import settings as settings_mod
-from ..setup.artifacts import MANIFEST, read_json, temp_dir_beside
+from ..setup.artifacts import MANIFEST, ArtifactError, read_json, temp_dir_beside, write_json
 from ..setup.data import DataError
 from ..setup.store import ResultsStore
 from ..studies import ihvp_error, qualitative, table1
@@ -151,7 +154,7 @@ def _img(src: str, alt: str, cls: str = "fig", **attrs) -> str:
 
 def _row_class(status) -> str:
     status = status or ""
-    if "STALE" in status:
+    if "STALE" in status or status.startswith("INVALID"):
         return "stale"
     return "" if status == "ok" or status.startswith(("LDS", "mislabel", "last rerun")) else "pending"
 
@@ -177,12 +180,16 @@ def leaderboard_table(part: pd.DataFrame) -> str:
 
 
 class _Site:
-    """One build: the output folder, the settings by name, and the solver colours shared by every figure."""
+    """One build: the output folder, the settings by name, and the solver colours shared by every figure;
+    ``previous``: the site being replaced, whose output is kept where its input is missing here."""
 
-    def __init__(self, store: ResultsStore, out: Path, settings: list, df: pd.DataFrame, found: dict, methods: list):
+    def __init__(self, store: ResultsStore, out: Path, settings: list, df: pd.DataFrame, found: dict, methods: list,
+                 previous: Path | None = None, log=print):
         self.store, self.out, self.df, self.found, self.methods = store, out, df, found, methods
+        self.previous, self.log = previous, log
         self.settings = {s.name: s for s in settings}
-        self.palette = figures.solver_palette(df["solver"])
+        # each solver keeps the colour the site being replaced gave it: adding one redraws no other setting's figure
+        self.palette = figures.solver_palette(df["solver"], keep=_kept_slots(previous))
         self.names = list(dict.fromkeys(df["setting"]))
 
     def img(self, *parts: str) -> tuple[Path, str]:
@@ -198,15 +205,15 @@ class _Site:
         body = ["<h1>tdabench results</h1>",
                 '<p class="lead">Influence-function solvers for training-data attribution, compared on the linear '
                 "datamodeling score (LDS) against a retraining ground truth, on mislabel detection, and on cost. "
-                "Built by <code>tdabench report</code> from the committed results (the leaderboard table "
-                "<code>results/leaderboard.csv</code>, the run records, the ground truths and the studies) and rebuilt "
-                "whenever the leaderboard is. Click a column header to sort. Each setting's page has its ground "
-                "truth, Table 1 beside the paper, the gap study, mislabel curves, IHVP error and the training images "
-                'each solver blames. <a href="#notes">What the columns mean</a>.</p>',
+                "Built by <code>tdabench report</code> from the committed results (the run records, checked now, "
+                "which the leaderboard table <code>results/leaderboard.csv</code> matches; the ground truths and the "
+                "studies) and rebuilt whenever the leaderboard is. Click a column header to sort. Each setting's "
+                "page has its ground truth, Table 1 beside the paper, the gap study, mislabel curves, IHVP error and "
+                'the training images each solver blames. <a href="#notes">What the columns mean</a>.</p>',
                 f'<nav class="settings">{links}</nav>',
                 '<p class="muted">Rows in <span class="stale-key">yellow</span> are STALE: the record no longer '
-                "describes what a fresh run computes (the status says why). Grey rows were not run, or do not "
-                "apply, with the reason.</p>"]
+                "describes what a fresh run computes (the status says why), or INVALID: the record does not check "
+                "against itself, and shows no number. Grey rows were not run, or do not apply, with the reason.</p>"]
         for name in ran:
             part = self.df[self.df["setting"] == name]
             body.append(f'<h2 id="{html.escape(name)}"><a href="{html.escape(name)}.html">{html.escape(name)}</a></h2>')
@@ -388,15 +395,15 @@ class _Site:
         items = [i["influential"] for i in items if i and i.get("influential")]
         if not items:
             return ""
-        head = ("<h2>Which training images each solver blames</h2><p class=muted>For each query (a reported test "
+        head = (f"{GALLERY_HEAD}<p class=muted>For each query (a reported test "
                 f"point of the qualitative study, <code>tdabench figures {e(setting.name)}</code>): the training "
                 "images with the largest positive (green: up-weighting them raises the query's "
                 f"{e(items[0]['measurement'])}) and negative (red) scores τ under each solver, explaining "
                 f"{e(items[0]['explained'])}. A label in red differs from the query's.</p>")
         try:
-            data = setting.data()
-        except DataError as exc:
-            return head + f"<p class=warn>Images unavailable here: {e(str(exc).splitlines()[0])}</p>"
+            data, missing = setting.data(), None
+        except DataError as exc:  # drawn without labels or images, to see whether the site's gallery still holds
+            data, missing = None, exc
         root = gt_artifact.current(self.store, setting)
         pin = index.pinned(self.store, root) if root is not None else None
         notes = []
@@ -413,8 +420,8 @@ class _Site:
         top = max(len(q["positive"]) for item in items for q in item["queries"])
         for qi in queries:
             first = next(q for item in items for q in item["queries"] if q["index"] == qi)
-            label = figures.label_name(data, first["label"])
-            src = self._thumb(setting.name, "test", qi, data.test_x[qi])
+            label = _label(data, first["label"])
+            src = self._thumb(setting.name, "test", qi, None if data is None else data.test_x[qi])
             pic = _img(src, f"test point {qi}", "", height=84)
             out.append(f'<div class="query"><div class="head">{pic}'
                        f"<div><b>query: test #{qi}</b>, label {e(label)}</div></div>"
@@ -432,20 +439,76 @@ class _Site:
                 cells += [self._train_cell(setting.name, data, p, "neg", first["label"]) for p in q["negative"]]
                 out.append(f'<tr><td class="who">{who}</td>{"".join(cells)}</tr>')
             out.append("</table></div>")
-        return "\n".join(out)
+        gallery = "\n".join(out)
+        return gallery if missing is None else self._kept_gallery(setting.name, gallery, head, missing)
+
+    def _kept_gallery(self, name: str, unlabelled: str, head: str, missing: DataError) -> str:
+        """Without the data here, the gallery of the site being replaced, with its images, where it shows what
+        would be drawn now (``unlabelled``: drawn without labels and images); else a note. Either way one line."""
+        why = str(missing).splitlines()[0]
+        page = self.previous / f"{name}.html" if self.previous is not None else None
+        old = _gallery_section(page.read_text()) if page is not None and page.is_file() else None
+        srcs = list(dict.fromkeys(html.unescape(s) for s in re.findall(r'src="(img/[^"]+)"', old or "")))
+        if old is not None and _unlabel(old) == unlabelled and all((self.previous / s).is_file() for s in srcs):
+            for src in srcs:
+                (self.out / src).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(self.previous / src, self.out / src)
+            self.log(f"{name}.html: its gallery and {len(srcs)} images kept as they were, the data to draw them is "
+                     f"not here ({why})")
+            return old
+        self.log(f"{name}.html: no gallery images, the data to draw them is not here ({why})")
+        return head + f"<p class=warn>Images unavailable here: {e(why)}</p>"
 
     def _thumb(self, name: str, split: str, i: int, img) -> str:
+        """The thumbnail's address, drawn from ``img`` unless there (or ``img`` is None: no data here)."""
         path, rel = self.img(name, f"{split}-{i}.png")
-        if not path.is_file():
+        if img is not None and not path.is_file():
             figures.thumbnail(img, path)
         return rel
 
     def _train_cell(self, name: str, data, p: dict, kind: str, query_label: int) -> str:
-        src = self._thumb(name, "train", p["index"], data.train_x[p["index"]])
+        src = self._thumb(name, "train", p["index"], None if data is None else data.train_x[p["index"]])
         off = " off" if p["label"] != query_label else ""
         pic = _img(src, f"training point {p['index']}", "", height=56)
         return (f'<td><figure class="thumb {kind}{off}">{pic}'
-                f"#{p['index']} y={e(figures.label_name(data, p['label']))}<br>τ={p['score']:+.3g}</figure></td>")
+                f"#{p['index']} y={e(_label(data, p['label']))}<br>τ={p['score']:+.3g}</figure></td>")
+
+
+PALETTE = "palette.json"  # {solver: colour slot} of the figures, read back by the next build
+
+
+def _kept_slots(previous: Path | None) -> dict | None:
+    """The colour slots of the site being replaced; None (slots in name order) where it has none readable."""
+    if previous is None or not (previous / PALETTE).is_file():
+        return None
+    try:
+        slots = read_json(previous / PALETTE)
+    except ArtifactError:  # damaged: colours in name order, as on a first build
+        return None
+    return slots if isinstance(slots, dict) else None
+
+
+GALLERY_HEAD = "<h2>Which training images each solver blames</h2>"
+# A label where the data is not here to name it, and the two places a gallery shows labels (_gallery, _train_cell).
+LABEL_SLOT = "…"
+_LABELS = (re.compile(r"(</b>, label )[^<]*(</div>)"), re.compile(r"( y=)[^<]*(<br>τ=)"))
+
+
+def _label(data, y: int) -> str:
+    return LABEL_SLOT if data is None else figures.label_name(data, y)
+
+
+def _unlabel(gallery: str) -> str:
+    """A gallery's HTML with every label replaced by :data:`LABEL_SLOT`, as it is drawn without the data."""
+    for pattern in _LABELS:
+        gallery = pattern.sub(rf"\g<1>{LABEL_SLOT}\g<2>", gallery)
+    return gallery
+
+
+def _gallery_section(page: str) -> str | None:
+    """The gallery of a setting's page: the last section, from its heading to the script (see setting_page)."""
+    start, end = page.find(GALLERY_HEAD), page.rfind("\n<script>")
+    return page[start:end] if 0 <= start < end else None
 
 
 NUMERIC_CELL = re.compile(r"[-+−]?[\d.]+(e[-+]?\d+)?( ± [\d.]+)?†?")
@@ -470,19 +533,24 @@ def _markdown_block(text: str) -> str:
 
 
 def build(store: ResultsStore, settings: list[settings_mod.Setting], df: pd.DataFrame, found: dict, methods: list, *,
-          out: Path | None = None, screenshot: bool = True, log=print) -> Path:
+          out: Path | None = None, keep_from: Path | None = None, screenshot: bool = True, log=print) -> Path:
     """Write the site into ``out`` (default ``<store>/report/``; replaced whole) and return its ``index.html``.
-    ``df`` and ``found``: the leaderboard (:func:`leaderboard.read`); ``methods``: the solvers whose gap-study rows
-    are checked for staleness. With a headless Chromium on the machine, it also takes ``screenshot.png`` of the
-    index; without one the previous screenshot is kept, and the log says so."""
+    ``df`` and ``found``: the leaderboard (:func:`leaderboard.collect`); ``methods``: the solvers whose gap-study
+    rows are checked for staleness. Where a setting's data is not here, its gallery and images are kept from
+    ``keep_from`` (default: the site being replaced) if they still show what would be drawn, and the log says so.
+    With a headless Chromium on the machine, it also takes ``screenshot.png`` of the index; without one the
+    previous screenshot is kept, and the log says so."""
     final = Path(out) if out is not None else store.report
+    previous = Path(keep_from) if keep_from is not None else final
+    df = df.astype(object).where(df.notna(), None)  # an empty cell is None, whether NaN in a float column or not
     tmp = temp_dir_beside(final)
     try:
-        site = _Site(store, tmp, settings, df, found, methods)
+        site = _Site(store, tmp, settings, df, found, methods, previous if previous.is_dir() else None, log)
         with figures.house_style():
             (tmp / "index.html").write_text(site.index())
             for name in site.names:
                 (tmp / f"{name}.html").write_text(site.setting_page(name))
+        write_json(tmp / PALETTE, site.palette.slots)
         why = "not asked for"
         if screenshot:
             try:

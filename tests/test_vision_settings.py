@@ -16,6 +16,7 @@ from benchmark.setup import settings
 from benchmark.setup.config import DataSpec, TrainRecipe
 from benchmark.setup.data import DataError
 from benchmark.setup.plugins import REPO_ROOT, load_plugin_file
+from eval_helpers import require_real_data
 
 LARGE = ("flowers102-resnet50", "food101-vitb16")
 REDUCED = ("fmnist-resnet", "mnist-vit")
@@ -251,10 +252,7 @@ def test_large_settings_prepare_inputs_as_their_weights_expect():
 @pytest.mark.parametrize("name", REDUCED)
 def test_reduced_settings_train_on_a_slice_of_their_real_data(name):
     s = settings.get(name)
-    try:
-        data = s.data()
-    except DataError as exc:
-        pytest.skip(f"{name}'s data is not available here: {str(exc).splitlines()[0]}")
+    data = require_real_data(s)  # a skip saying why, or a failure where CI installed the data
     assert len(data.train_y) == s.data_spec.train_size and len(data.test_y) == 10000
     recipe = dataclasses.replace(s.recipe, epochs=1)
     model = train(s.model(0), data.train_x, data.train_y, recipe, seed=0, indices=torch.arange(256))

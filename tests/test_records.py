@@ -198,3 +198,18 @@ def test_a_refusal_names_the_file_as_typed_from_the_current_folder(fresh, monkey
     with pytest.raises(records.RecordError) as caught:
         records.read_record(fresh, SETTING, "toy-exact")
     assert f"refused run record {path.resolve().relative_to(Path(tmp_path).resolve())}:" in str(caught.value)
+
+
+def test_a_peer_row_without_its_library_here_is_recorded_not_stale(monkeypatch):
+    """Where the peers extra is missing, a Kronfluence row's solver probe cannot be re-checked: the record says which
+    library version made it and is not STALE for that (its ground truth, target and metric code are still checked)."""
+    store = ResultsStore.default()
+    setting = settings.get("mnist-lr")
+    cls = registry.get("kronfluence-ekfac")
+    rec = records.read_record(store, setting.name, cls.name)
+    monkeypatch.setattr(cls, "unavailable", classmethod(lambda c: "needs kronfluence: pip install -e '.[peers]'"))
+    assert records.stale_reasons(rec, store, setting, cls) == {}
+    said = records.recorded_with(rec, cls)
+    assert said.startswith("recorded with kronfluence 1.0.1;") and "pip install" in said
+    monkeypatch.undo()
+    assert records.recorded_with(rec, cls) is None or cls.unavailable()  # with the extra installed: checked as usual

@@ -124,10 +124,10 @@ def _fingerprint_reasons(recorded: dict | None, method, params: dict | None) -> 
         return why
     if recorded.get("engine") != engine.ENGINE_VERSION:
         why.append(f"evaluation engine version {recorded.get('engine')} != {engine.ENGINE_VERSION}")
+    # A peer adapter whose library is not installed here cannot be probed: its record is shown as recorded (with
+    # the library's version, :func:`recorded_with`), the rest of it checked as usual; it is not stale for that.
     missing = None if isinstance(method, Baseline) else method.unavailable()
-    if missing:
-        why.append(f"cannot be re-checked here: the solver {missing}")
-    elif not isinstance(method, Baseline):
+    if not missing and not isinstance(method, Baseline):
         diff = fingerprint.compare_solver(recorded.get("solver"), solver_fingerprint(method, params), method,
                                           {**method.defaults, **(params or {})})
         if diff:
@@ -136,6 +136,19 @@ def _fingerprint_reasons(recorded: dict | None, method, params: dict | None) -> 
     if diff:
         why.append(f"the metric code computes something else now (probe: {diff})")
     return why
+
+
+def recorded_with(record: dict, method) -> str | None:
+    """For a solver that cannot run here (its optional library is not installed): "recorded with kronfluence 1.0.1"
+    and how to install it, since its solver probe cannot be re-checked on this machine; None where it can."""
+    missing = None if isinstance(method, Baseline) or method is None else method.unavailable()
+    if not missing:
+        return None
+    libraries = sorted({f"{i['library']} {i.get('library_version') or '(version not recorded)'}"
+                        for section in TASKS for i in (record.get(section) or {}).get("solver_info") or []
+                        if isinstance(i, dict) and i.get("library")})
+    return (f"recorded with {', '.join(libraries) or 'a library not installed here'}; its solver probe cannot be "
+            f"re-checked here: the solver {missing}")
 
 
 # ---------------------------------------------------------------- records on disk

@@ -1,22 +1,27 @@
-"""The results site (``tdabench report``): built from a small synthetic store in seconds, checked as files (every page
-linked, every image there, nothing fetched from elsewhere) and in a headless Chromium driven from its command line
-(no console errors, every image decodes, clicking a header sorts the rows with empty cells last). The browser
-checks are shown to fail on a site with a missing image and on one whose sorting is broken. Its rows come from the
+"""The results site (``tdabench report``): built from a small synthetic store in seconds, checked as files (every
+setting a page or a line of the index, every image there, every table's data beside it, nothing fetched from
+elsewhere) and in a headless Chromium driven from its command line (no console errors, every image decodes, clicking
+a header sorts the rows with empty cells last, no table wider than a 1,400-pixel screen). The browser checks are
+shown to fail on a site with a missing image, one whose sorting is broken and one with a table too wide. The index
+opens on the headline, its differences those `tdabench compare` prints; `leaderboard.md` opens on the matrix. Its rows come from the
 run records checked now, never from leaderboard.csv, which is checked against them (stale, cut, garbled: one line);
 a scoped `leaderboard` where a setting's data is missing changes only what shows the new rows. The committed report
 is checked the same way."""
 
+import csv
+import dataclasses
 import html
 import json
 import re
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 from eval_helpers import require_real_data, synthetic_store, write_solver
 
 from benchmark.cli import report
-from benchmark.evaluate import campaign, registry
+from benchmark.evaluate import campaign, records, registry
 from benchmark.evaluate.engine import LOSS, RANDOM
 from benchmark.report import browser, leaderboard, site
 from benchmark.setup import settings
@@ -24,7 +29,7 @@ from benchmark.setup.store import REPO_ROOT, ResultsStore
 from benchmark.studies import gap, ihvp_error, qualitative
 
 S = settings.get("synthetic-mlp")
-CNN = settings.get("mnist-cnn")  # no ground truth in the synthetic store: a page of not-yet-run rows
+CNN = settings.get("mnist-cnn")  # no ground truth in the synthetic store: one line of the index, no page
 QUIET = dict(log=lambda *a: None)
 COMMITTED = REPO_ROOT / "results" / "report"
 
@@ -80,18 +85,31 @@ def _pages(index: Path) -> list[Path]:
 
 
 def file_problems(index: Path, settings_names) -> list[str]:
-    """What is wrong with the site as files: a setting without a page linked from the index, an image a page names
-    that is not there or is no PNG, a reference to anything outside the folder."""
+    """What is wrong with the site as files: a setting neither linked as a page from the index nor named in its line
+    of settings without results, an image a page names that is not there or is no PNG, a table without its data
+    (CSV and JSON) beside it, data that does not read, a reference to anything outside the folder."""
     problems = []
     linked = {p.name for p in _pages(index)}
     for name in settings_names:
-        if f"{name}.html" not in linked:
-            problems.append(f"{name}.html is not linked from the index")
+        if f"{name}.html" not in linked and f"<code>{name}</code>" not in index.read_text():
+            problems.append(f"{name} is neither a page linked from the index nor named in it")
     for page in [index] + [index.parent / n for n in sorted(linked)]:
         if not page.is_file():
             problems.append(f"{page.name} is linked but missing")
             continue
         text = page.read_text()
+        tables, links = text.count('<div class="wrap"><table'), re.findall(r'<p class="dl">.*?</p>', text)
+        if tables != len(links):
+            problems.append(f"{page.name}: {tables} tables but {len(links)} data links")
+        for href in re.findall(r'href="(data/[^"]+)"', text):
+            f = page.parent / html.unescape(href)
+            try:
+                ok = (json.loads(f.read_text()) is not None if f.suffix == ".json"
+                      else len(list(csv.reader(f.read_text().splitlines()))) >= 1)
+            except (OSError, ValueError):
+                ok = False
+            if not ok:
+                problems.append(f"{page.name}: data {href} is missing or does not read")
         problems += [f"{page.name} reaches outside: {m}" for m in re.findall(r'(?:src|href)="((?:https?:)?//[^"]*)"',
                                                                                text)]
         problems += [f"{page.name} loads a script file" for _ in re.findall(r"<script[^>]+src=", text)]
@@ -110,15 +128,21 @@ def test_site_pages_numbers_and_images(built):
     # the leaderboard's numbers, as leaderboard.md gives them
     assert leaderboard.fmt_pm(rec["lds"]["mean"], rec["lds"]["se"]) in text
     assert leaderboard.fmt_num(rec["mislabel"]["recall_10"], 2) in text
-    row = next(r for r in re.findall(r"<tr[^>]*>(.*?)</tr>", text, re.S) if "<b>toy-exact</b>" in r)
-    cells = dict(zip(site.LEADERBOARD_HEAD, re.findall(r"<td[^>]*>(.*?)</td>", row, re.S)))
+    _, cells = _leaderboard_row(index, "toy-exact")
     assert cells["score s"] == leaderboard.fmt_num(rec["cost"]["score_s"], 1)  # rounded as in leaderboard.md
     assert cells["LDS ± se"] == leaderboard.fmt_pm(rec["lds"]["mean"], rec["lds"]["se"])
-    assert cells["status"] == "ok" and cells["device"] == rec["device"]
+    assert cells["status"] == cells["code"] == "ok" and cells["device"] == rec["device"]
     md = (store.root / "leaderboard.md").read_text()
     assert leaderboard.fmt_pm(rec["lds"]["mean"], rec["lds"]["se"]) in md
-    # a not-yet-run setting is listed with its reason, greyed
-    assert 'class="pending"' in (index.parent / f"{CNN.name}.html").read_text()
+    # the table's data beside it: its rows of leaderboard.csv, every digit
+    table = list(csv.DictReader((store.root / "leaderboard.csv").read_text().splitlines()))
+    data = list(csv.DictReader((index.parent / "data" / f"{S.name}-leaderboard.csv").read_text().splitlines()))
+    assert data == [r for r in table if r["setting"] == S.name]
+    assert json.loads((index.parent / "data" / f"{S.name}-leaderboard.json").read_text())[0].keys() == table[0].keys()
+    # a setting without a result is one line of the index, with its reason, and no page
+    assert not (index.parent / f"{CNN.name}.html").exists()
+    line = re.search(r"<b>No results yet</b>: (.*?)</p>", text).group(1)
+    assert f"<code>{CNN.name}</code> (paper 0.50) — no ground truth" in line
     page = (index.parent / f"{S.name}.html").read_text()
     # the ground truth's pinned root hash, the gap study's rows and its reported protocol, IHVP error
     man = json.loads((store.gt / S.name / "v1" / "manifest.json").read_text())
@@ -146,8 +170,11 @@ def test_a_missing_image_is_found_by_the_file_check(built, tmp_path):
     victim = copy / _srcs(copy / f"{S.name}.html")[-1]
     victim.unlink()
     assert any(victim.name in p for p in file_problems(copy / "index.html", [S.name, CNN.name]))
-    (copy / f"{CNN.name}.html").unlink()
-    assert f"{CNN.name}.html is linked but missing" in file_problems(copy / "index.html", [S.name, CNN.name])
+    (copy / f"{S.name}.html").unlink()
+    assert f"{S.name}.html is linked but missing" in file_problems(copy / "index.html", [S.name, CNN.name])
+    (copy / "data" / f"{S.name}-leaderboard.json").write_text("{cut")
+    assert f"index.html: data data/{S.name}-leaderboard.json is missing or does not read" in file_problems(
+        copy / "index.html", [S.name, CNN.name])
 
 
 def test_report_command(built, scoped, tmp_path, capsys):
@@ -157,7 +184,8 @@ def test_report_command(built, scoped, tmp_path, capsys):
     copy = ResultsStore(shutil.copytree(store.root, tmp_path / "results"))
     (copy.report / "index.html").unlink()
     assert cli.main(["--results", str(copy.root), "report"]) == 0
-    assert (copy.report / "index.html").is_file() and (copy.report / f"{CNN.name}.html").is_file()
+    assert (copy.report / "index.html").is_file() and (copy.report / f"{S.name}.html").is_file()
+    assert f"Files to commit (files written or changed under {copy.root}):" in capsys.readouterr().out
     if browser.find():  # a picture of the index, at the size the README shows
         from PIL import Image
 
@@ -182,13 +210,19 @@ def test_without_a_browser_the_old_screenshot_is_kept(built, scoped, tmp_path, m
 
 
 def _leaderboard_row(page: Path, solver: str) -> tuple[str, dict]:
-    """(row class, {column: cell text}) of ``solver``'s row in the first leaderboard table of ``page``."""
+    """(row class, {column: cell text}) of ``solver``'s row in the first leaderboard table of ``page``; "status" is
+    the full status (the cell's hover text), "code" what the cell shows."""
     text = page.read_text()
     table = text[text.index('class="sortable leaderboard"'):]
     table = table[:table.index("</table>")]
     cls, cells = next((c, r) for c, r in re.findall(r'<tr(?: class="([^"]*)")?>(.*?)</tr>', table, re.S)
                       if f"<b>{solver}</b>" in r)
-    return cls, dict(zip(site.LEADERBOARD_HEAD, map(html.unescape, re.findall(r"<td[^>]*>(.*?)</td>", cells, re.S))))
+    tds = re.findall(r'<td([^>]*)>(.*?)</td>', cells, re.S)
+    out = dict(zip(site.LEADERBOARD_HEAD, (html.unescape(re.sub(r"<[^>]+>", "", v)) for _, v in tds)))
+    status_attrs = tds[site.LEADERBOARD_HEAD.index("status")][0]
+    title = re.search(r'title="([^"]*)"', status_attrs)
+    out["code"], out["status"] = out["status"], html.unescape(title.group(1)) if title else out["status"]
+    return cls, out
 
 
 def test_report_checks_each_row_now_not_the_table(built, scoped, tmp_path, capsys):
@@ -299,8 +333,9 @@ def test_a_damaged_table_is_one_line_and_the_site_comes_from_the_records(built, 
 
 def test_a_scoped_leaderboard_changes_only_what_shows_its_rows(built, scoped, tmp_path, monkeypatch, capsys):
     """README's "Add a solver" where a setting's data is not here: `leaderboard --setting S --solver NEW` leaves every
-    file byte-identical but the new record, the tables and figures, and the pages that list the new rows; the page
-    of the setting without its data changes by its new row only, its gallery and images kept, and one line says so.
+    file byte-identical but the new record, the tables and figures, and the pages (and their tables' data) that list
+    the new rows; the page of the setting without its data changes by its line of rows without a record only (the
+    new solver is n/a there), its gallery and images kept, and one line says so.
     Without a site to keep them from, the page says what was tried to get the data."""
     from benchmark import cli
     from benchmark.setup.data import DataError
@@ -332,12 +367,16 @@ def test_a_scoped_leaderboard_changes_only_what_shows_its_rows(built, scoped, tm
     changed = {k for k in before.keys() | after.keys() if before.get(k) != after.get(k)}
     shows_rows = {f"runs/{S.name}/toy-two.json", "leaderboard.csv", "leaderboard.md", "report/index.html",
                   f"report/{S.name}.html", f"report/{lr.name}.html", f"report/img/{S.name}/lds_cost.png",
-                  f"report/img/{S.name}/mislabel_recall.png", f"report/{site.PALETTE}"}  # toy-two's colour
+                  f"report/img/{S.name}/mislabel_recall.png", f"report/{site.PALETTE}",  # toy-two's colour
+                  "report/screenshot.png",  # of the index's top: the matrix, where the new row is
+                  *(f"report/data/{stem}.{ext}" for stem in ("matrix", f"{S.name}-leaderboard", f"{S.name}-table1",
+                                                             f"{lr.name}-leaderboard") for ext in ("csv", "json"))}
     assert f"runs/{S.name}/toy-two.json" in changed
     assert sorted(k for k in changed if k not in shows_rows and not k.startswith("figures/")) == []
-    new_row = re.compile(r"\n<tr[^>]*><td><b>toy-two</b>.*?</tr>", re.S)
-    page = after[f"report/{lr.name}.html"].decode()
-    assert len(new_row.findall(page)) == 1 and new_row.sub("", page) == before[f"report/{lr.name}.html"].decode()
+    absent = re.compile(r'<p class="absent">Not in the table — .*?</p>')
+    page, old = after[f"report/{lr.name}.html"].decode(), before[f"report/{lr.name}.html"].decode()
+    assert "toy-two" in absent.search(page).group(0) and "toy-two" not in absent.sub("", page)
+    assert absent.sub("", page) == absent.sub("", old)
     kept = [line for line in said if line.startswith(f"{lr.name}.html")]
     assert len(kept) == 1 and "gallery and" in kept[0] and "kept as they were" in kept[0], said
 
@@ -371,10 +410,168 @@ def test_adding_a_solver_recolours_no_figure(built, tmp_path, monkeypatch):
         "toy-exact"]
 
 
+# ---------------------------------------------------------------------------------------------- read in a minute
+
+
+def test_settings_in_reading_order_and_statuses_as_codes():
+    assert leaderboard.setting_order(["zoo", "mnist-lr", "fmnist-cnn", "aaa", "mnist-cnn", "mnist-mlp-small"]) == [
+        "mnist-cnn", "fmnist-cnn", "mnist-mlp-small", "mnist-lr", "aaa", "zoo"]
+    # statuses as collect writes them (leaderboard._row), each to its code
+    for status, code in [
+        ("ok", "ok"),
+        ("INVALID, not shown: refused run record runs/x/y.json: its content hash does not match", "INVALID"),
+        ("failed: SolverError: no", "FAILED"),
+        ("last rerun failed: RunError: it broke; twice; mislabel n/a: no self-influence", "FAILED"),
+        ("STALE (lds): UNPINNED: gt/x/v1 is finished but index.json pins no root hash for it", "UNPINNED"),
+        ("STALE (lds, mislabel): the solver computes something else now (probe: scores)", "STALE"),
+        ("no solver file defines it any more: its record cannot be checked", "UNCHECKED"),
+        ("LDS on an incomplete ground truth (2/4 seed replicas)", "INCOMPLETE"),
+        ("mislabel not yet run", "ok*"),
+        ("mislabel n/a: an ensemble row: self-influence ranks the one corrupted-label model's training set; so", "ok"),
+        ("n/a: model has 46,730 parameters; exact accepts up to 12,000", "n/a"),
+        ("not yet run (no ground truth; GPU runbook: docs/large-settings.md)", "not run"),
+    ]:
+        assert leaderboard.status_code(status) == code, status
+    assert {c for c, _ in leaderboard.CODES} >= {"ok", "ok*", "STALE", "INVALID", "UNPINNED", "n/a", "not run"}
+    # rows absent for the same reason share it, each solver's own name said as "it"
+    assert leaderboard.absent_reason("exact", "n/a: model has 46,730 parameters; exact accepts up to 12,000") == \
+        leaderboard.absent_reason("unrolled", "n/a: model has 46,730 parameters; unrolled accepts up to 12,000")
+
+
+def test_leaderboard_md_opens_on_the_matrix(built, scoped, tmp_path):
+    """leaderboard.md: the solvers × settings matrix first (best row bold, the ceiling in the header), the settings
+    without results in one line, then per setting a compact table whose rows without a record are one line, statuses
+    as codes, and the glossary at the end."""
+    store, _ = built
+    copy = ResultsStore(shutil.copytree(store.root, tmp_path / "results"))
+    identity = registry.get("identity")  # applies to S, never run there: a row without a record
+    df, _ = leaderboard.collect(copy, [S, CNN], [registry.get("toy-exact"), identity, RANDOM, LOSS])
+    md = leaderboard.to_markdown(df)
+    rec = json.loads((copy.runs / S.name / "toy-exact.json").read_text())
+    lines = md.splitlines()
+    first = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    assert lines[first] == f"| solver | `{S.name}` (ceiling {rec['lds']['ceiling']:.3f}) |"
+    assert lines[first + 2] == (f"| toy-exact | **{leaderboard.fmt_pm(rec['lds']['mean'], rec['lds']['se'])}** "
+                                f"({rec['lds']['of_ceiling']:.2f}) |")
+    assert f"No results yet: `{CNN.name}` (paper 0.50) — no ground truth." in lines
+    section = md[md.index(f"## {S.name}"):md.index("## What the columns mean")]
+    assert "| identity |" not in section and "Not in the table — **not run**: identity." in section
+    row = next(line for line in section.splitlines() if line.startswith("| **toy-exact** |"))
+    assert row.split(" | ")[1] == "ok" and "device" not in section.splitlines()[4]  # one device: said above
+    assert f"Every row ran on {rec['device']}." in section
+    assert md.index("## What the columns mean") > md.index(f"## {S.name}") and "- **STALE**: " in md
+
+
+def test_index_opens_on_the_headline(built, scoped, tmp_path, monkeypatch):
+    """The index: Table 1 beside the paper, the matrix, which method wins where, LDS against cost, then the
+    settings; its differences are those `tdabench compare` prints from the records, and its tables' data is beside
+    it. The synthetic store has no EK-FAC row: a worse toy solver stands in as the reference, and S is given a
+    paper value."""
+    store, _ = built
+    copy = ResultsStore(shutil.copytree(store.root, tmp_path / "results"))
+    write_solver(scoped, name="toy-two", sign=-1)
+    toy, ref = registry.get("toy-exact"), registry.get("toy-two")
+    campaign.update(copy, [S], [ref], device="cpu", **QUIET)
+    monkeypatch.setattr(leaderboard, "PAPER_METHOD", ref.name)
+    methods = [toy, ref, RANDOM, LOSS]
+    df, found = leaderboard.collect(copy, [S, CNN], methods)
+    index = site.build(copy, [dataclasses.replace(S, paper_lds=0.5), CNN], df, found, methods, screenshot=False,
+                       **QUIET)
+    text = index.read_text()
+    where = [text.index(f'id="{x}"') for x in ("table1", "matrix", "wins", "cost", S.name, "notes")]
+    assert where == sorted(where)
+    want = records.compare_rows(copy, S, [ref.name, toy.name], {ref.name: ref, toy.name: toy})[1]
+    assert want["paired"] and not want["stale"]
+    diff = leaderboard.fmt_difference({"difference": want["difference"], "se": want["difference_se"]})
+    wins = text[text.index('id="wins"'):text.index('id="cost"')]
+    assert (f"<code>toy-exact</code> is best, {leaderboard.fmt_pm(want['lds'], want['se'])}" in wins
+            and f"{diff} over <code>{ref.name}</code> (higher on {want['wins']:.0%} of {want['n']} queries)"
+            in html.unescape(wins))
+    paper = json.loads((index.parent / "data" / "table1-paper.json").read_text())
+    assert [r["setting"] for r in paper] == [CNN.name, S.name]  # reading order: the headline settings first
+    assert paper[1]["best"] == toy.name and paper[1][f"best_minus_{ref.name}"] == want["difference"]
+    assert paper[1]["paper_lds"] == 0.5 and paper[0]["note"] == "no ground truth; no solver applies"
+    matrix = json.loads((index.parent / "data" / "matrix.json").read_text())
+    assert [(r["solver"], r["best"]) for r in matrix] == [(toy.name, True), (RANDOM.name, False), (ref.name, False)]
+    assert f'<td class="n best"><b>{leaderboard.fmt_pm(want["lds"], want["se"])}</b>' in text
+    assert file_problems(index, [S.name, CNN.name]) == []
+
+
+def test_gallery_compares_choices_with_the_defaults_filled_in(built, scoped, tmp_path, monkeypatch):
+    """A gallery drawn with the same choices as the run record, one side recording a default the other leaves out,
+    says nothing about older choices; another value says so. Where the data is not here, a gallery is kept with its
+    images when only that note changed, and shows the note as the records give it now."""
+    from benchmark.setup.data import DataError
+
+    store, _ = built
+    copy = ResultsStore(shutil.copytree(store.root, tmp_path / "results"))
+    toy = registry.get("toy-exact")
+    methods = [toy, RANDOM, LOSS]
+    item = qualitative.read(copy, S.name, toy.name)["influential"]
+    chosen = json.loads((copy.runs / S.name / "toy-exact.json").read_text())["lds"]["params"]
+    assert item["params"] == chosen and "last_blocks" not in chosen
+
+    def page(params, known=methods):  # known: the solvers whose defaults the build knows
+        qualitative.save(copy, S, toy, dict(item, params=params))
+        df, found = leaderboard.collect(copy, [S, CNN], methods)
+        index = site.build(copy, [S, CNN], df, found, known, screenshot=False, **QUIET)
+        return (index.parent / f"{S.name}.html").read_text()
+
+    same = {**chosen, "last_blocks": None}  # a default recorded on one side only
+    assert "Drawn from older choices" not in page(same)
+    other = {**chosen, "damping": 10.0 if chosen["damping"] != 10.0 else 1e-3}
+    assert f"Drawn from older choices: toy-exact used {leaderboard.fmt_params(other)}, its run record now" in page(
+        other)
+
+    def no_data(self):
+        raise DataError(f"cannot obtain dataset {self.name!r} here")
+
+    assert "Drawn from older choices: toy-exact used" in page(same, known=[])  # compared as they were written
+    monkeypatch.setattr(settings.Setting, "data", no_data)
+    kept = page(same)
+    assert "Drawn from older choices" not in kept and "Images unavailable" not in kept
+    srcs = re.findall(r'src="(img/[^"]+/train-[^"]+)"', kept)
+    assert srcs and all((copy.report / src).is_file() for src in srcs)
+
+
+def test_leaderboard_ends_with_the_files_to_commit(built, scoped, tmp_path, capsys):
+    """In a git clone, `leaderboard` ends by listing what `git status` says differs in the results folder (the
+    report as one entry) and the `git add` line to commit it: the list docs/writing-a-solver.md says to commit."""
+    from benchmark import cli
+
+    git = shutil.which("git")
+    if git is None:
+        pytest.skip("git is not installed")
+    store, _ = built
+    clone = tmp_path / "clone"
+    shutil.copytree(store.root, clone / "results")
+    run = lambda *a: subprocess.run([git, "-C", str(clone), *a], check=True, capture_output=True, text=True).stdout
+    run("init", "-q")
+    run("add", "-A")
+    run("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "results")
+    write_solver(scoped, name="toy-two")
+    capsys.readouterr()
+    root = str(clone / "results")
+    assert cli.main(["--results", root, "leaderboard", "--setting", S.name, "--solver", "toy-two", "--no-figures"]) == 0
+    out = capsys.readouterr().out
+    said = out[out.index("Files to commit (git status of results/):"):].splitlines()
+    status = [line[3:] for line in run("status", "--porcelain", "--untracked-files=all").splitlines()]
+    report_files = [s for s in status if s.startswith("results/report/")]
+    assert report_files and f"results/runs/{S.name}/toy-two.json" in status and "results/leaderboard.md" in status
+    listed = [line.split(None, 1)[1] for line in said[1:-1]]
+    assert listed == sorted([s for s in status if s not in report_files]
+                            + [f"results/report/ ({len(report_files)} files)"])
+    assert said[-1] == "Commit them with the solver file: git add -A -- " + " ".join(
+        p.split(" (")[0] for p in listed)
+    guide = (REPO_ROOT / "docs" / "writing-a-solver.md").read_text()
+    assert "Files to commit" in guide  # the docs name what the command prints
+
+
 # ---------------------------------------------------------------------------------------------- in the browser
 
-# Runs before the page's own script: records errors, then on load checks every image and clicks every sortable
-# column header twice, recording the rows after each click; the result goes into the DOM as JSON.
+# Runs before the page's own script: records errors, then on load checks every image, measures every table against
+# the window's width, and clicks every sortable column header twice, recording the rows after each click; the
+# result goes into the DOM as JSON.
 HARNESS = r"""<script>
 window.__errors = [];
 window.addEventListener("error", function (e) {
@@ -387,14 +584,22 @@ window.addEventListener("error", function (e) {
   };
 })();
 window.addEventListener("load", function () {
-  var out = {errors: __errors, images: [], tables: []};
+  var out = {errors: __errors, images: [], tables: [], wide: [], width: document.documentElement.clientWidth};
   Array.prototype.forEach.call(document.images, function (im) {
     out.images.push({src: im.getAttribute("src"), ok: im.complete && im.naturalWidth > 0});
+  });
+  Array.prototype.forEach.call(document.querySelectorAll("table"), function (t, i) {
+    var box = t.getBoundingClientRect();
+    if (box.right > out.width + 0.5) {
+      var head = t.tHead ? Array.prototype.map.call(t.tHead.rows[0].cells, function (c) {
+        return c.textContent.trim(); }).join(" ").slice(0, 60) : t.className;
+      out.wide.push({table: i, head: head, right: Math.round(box.right)});
+    }
   });
   document.querySelectorAll("table.sortable").forEach(function (t) {
     var rows = function () { return Array.prototype.map.call(t.tBodies[0].rows, function (r) {
       return Array.prototype.map.call(r.cells, function (c) { return c.textContent; }); }); };
-    var tab = {before: rows(), clicks: []};
+    var tab = {cls: t.className, before: rows(), clicks: []};
     Array.prototype.forEach.call(t.tHead.rows[0].cells, function (th, col) {
       for (var k = 0; k < 2; k++) {
         th.click();
@@ -413,12 +618,16 @@ window.addEventListener("load", function () {
 NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)(e[-+]?\d+)?", re.I)
 
 
+SCREEN = (1400, 900)  # the screen every table must fit (width, height in pixels)
+
+
 def in_browser(page: Path) -> dict:
-    """Load a copy of ``page`` (same folder, so its images resolve) with the harness, in headless Chromium."""
+    """Load a copy of ``page`` (same folder, so its images resolve) with the harness, in headless Chromium, in a
+    window of :data:`SCREEN`."""
     probe = page.with_name(f".probe-{page.name}")
     probe.write_text(page.read_text().replace("<head>", "<head>" + HARNESS, 1))
     try:
-        dom = browser.dump_dom(probe)
+        dom = browser.dump_dom(probe, window=SCREEN)
     finally:
         probe.unlink()
     found = re.search(r'<pre id="tdabench-test">(.*?)</pre>', dom, re.S)
@@ -467,6 +676,10 @@ def browser_problems(index: Path) -> list[str]:
         problems += [f"{page.name}: image {i['src']} did not load or decode" for i in result["images"] if not i["ok"]]
         if not result["images"] and page == index:
             problems.append("index.html shows no image")
+        if result["width"] != SCREEN[0]:
+            problems.append(f"{page.name}: laid out {result['width']} pixels wide, not {SCREEN[0]}")
+        problems += [f"{page.name}: table {w['table']} ({w['head']}) ends at {w['right']} pixels, wider than the "
+                     f"{SCREEN[0]}-pixel screen" for w in result["wide"]]
         problems += [f"{page.name}: {p}" for p in sort_problems(result)]
     return problems
 
@@ -477,7 +690,7 @@ def test_site_in_headless_chromium(built):
     result = in_browser(index)
     assert result["tables"] and len(result["images"]) >= 1
     # the check has teeth: clicking reorders rows, and the LDS column has an empty cell (the loss baseline's)
-    table = result["tables"][0]
+    table = next(t for t in result["tables"] if "leaderboard" in t["cls"])
     assert any(c["rows"] != table["before"] for c in table["clicks"])
     assert "" in [r[2].strip() for r in table["before"]]
     assert browser_problems(index) == []
@@ -498,6 +711,13 @@ def test_browser_check_fails_on_a_missing_image_or_a_broken_sort(built, tmp_path
     assert good.count("(x === null) - (y === null)") == 1
     page.write_text(good.replace("(x === null) - (y === null)", "(y === null) - (x === null)"))  # empties first
     assert any("an empty cell sorts before a filled one" in p for p in sort_problems(in_browser(page)))
+
+    # a status that is not a short code (one long line, as the tables had before): too wide for the screen
+    cell = '<td class="st" title="ok">ok</td>'
+    assert cell in good
+    page.write_text(good.replace(cell, f'<td class="st">{"a long status sentence " * 12}</td>', 1))
+    wide = [p for p in browser_problems(page) if "wider than the 1400-pixel screen" in p]
+    assert len(wide) == 1 and wide[0].startswith("index.html: table ") and "(solver status LDS ± se" in wide[0], wide
 
 
 def _committed_settings() -> list[str]:
@@ -527,6 +747,8 @@ def test_committed_report_is_current(tmp_path):
         assert (fresh / page.name).read_text() == page.read_text(), f"{page} is not current: run `make report`"
     files = lambda root: sorted(str(p.relative_to(root)) for p in root.rglob("*.png") if p.name != "screenshot.png")
     assert files(fresh) == files(COMMITTED), "the committed report's images differ: run `make report`"
+    data = lambda root: {p.name: p.read_bytes() for p in (root / "data").glob("*")} if (root / "data").is_dir() else {}
+    assert data(fresh) == data(COMMITTED), "the committed report's table data differ: run `make report`"
     # the galleries' labels and thumbnails come from the data
     drawn = sorted({p.parent.name for p in store.qualitative.glob("*/*.json")} & set(settings.available()))
     if drawn:

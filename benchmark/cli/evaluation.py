@@ -76,7 +76,7 @@ def _cmd_leaderboard(args) -> int:
     if args.dry_run:
         campaign.update(store, chosen, methods, include_incomplete=args.include_incomplete, dry_run=True)
         return 0
-    failures = {}
+    failures, before = {}, report.snapshot(store)
     if not args.no_rerun:
         store.check_writable(store.runs, store.figures)
         _, failures = campaign.update(store, chosen, methods, include_incomplete=args.include_incomplete,
@@ -89,6 +89,7 @@ def _cmd_leaderboard(args) -> int:
         for p in figures.leaderboard(df, found, store.figures):
             print(f"wrote {p}")
     report.write_report(store)  # the report says what the tables say, always
+    report.print_files_to_commit(store, before)  # what to commit: docs/writing-a-solver.md
     return 0
 
 

@@ -43,9 +43,11 @@ def _run(page: Path, *flags: str, timeout: float = 120) -> str:
     return done.stdout
 
 
-def dump_dom(page: Path, budget_ms: int = 5000) -> str:
-    """The page's DOM after it loaded and its scripts ran (``budget_ms`` of virtual time for timers)."""
-    return _run(page, f"--virtual-time-budget={budget_ms}", "--dump-dom")
+def dump_dom(page: Path, budget_ms: int = 5000, window: tuple[int, int] | None = None) -> str:
+    """The page's DOM after it loaded and its scripts ran (``budget_ms`` of virtual time for timers), laid out in a
+    window of ``window`` (width, height) pixels where given."""
+    size = [f"--window-size={window[0]},{window[1]}"] if window else []
+    return _run(page, *size, f"--virtual-time-budget={budget_ms}", "--dump-dom")
 
 
 def screenshot(page: Path, out: Path, size: tuple[int, int] = (1600, 1500)) -> Path:

@@ -22,7 +22,7 @@ import torch
 
 from ..evaluate.engine import BASELINES
 from ..studies.gap import grid_rows
-from .leaderboard import RECALL_KEYS, fmt_params
+from .leaderboard import RECALL_KEYS, fmt_params, setting_order
 
 POSITIVE, NEGATIVE = "#1a7f37", "#c62828"
 
@@ -90,7 +90,7 @@ def leaderboard(df: pd.DataFrame, records: dict, out_dir: Path, log=print) -> li
 
     lds = df[df["lds"].notna()]
     if len(lds):
-        settings = list(dict.fromkeys(lds["setting"]))
+        settings = setting_order(lds["setting"])
         fig, axes = plt.subplots(1, len(settings), figsize=(1.2 + 2.2 * max(3, lds.groupby("setting").size().max())
                                                             * len(settings) / 2, 4.2), squeeze=False, sharey=True)
         for ax, setting in zip(axes[0], settings):
@@ -125,7 +125,7 @@ def leaderboard(df: pd.DataFrame, records: dict, out_dir: Path, log=print) -> li
 
     mis = [(k, r["mislabel"]) for k, r in records.items() if r.get("mislabel")]
     if mis:
-        settings = list(dict.fromkeys(k[0] for k, _ in mis))
+        settings = setting_order(k[0] for k, _ in mis)
         fig, axes = plt.subplots(1, len(settings), figsize=(5.2 * len(settings), 4.2), squeeze=False, sharey=True)
         for ax, setting in zip(axes[0], settings):
             _recall_panel(ax, setting, [(k[1], m) for k, m in mis if k[0] == setting], palette)

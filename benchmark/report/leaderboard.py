@@ -5,8 +5,10 @@ from that study's stored results, :mod:`benchmark.studies.counterfactual`), neve
 "not yet run" (or "n/a" when the solver declares it cannot handle the model); numbers evaluated on an
 unfinished ground truth say so; a record whose numbers are no longer current (:mod:`benchmark.evaluate.records`)
 keeps them only under a STALE status; a record that does not check against itself is INVALID, without a number.
-:func:`write` writes ``leaderboard.csv`` and ``leaderboard.md``; :func:`check` says whether that file still holds
-what the records give now (the report is built from the records, and checks the table beside it).
+:func:`write` writes ``leaderboard.csv`` (every row, every digit, each full status) and ``leaderboard.md`` (read in a
+minute: the solvers × settings matrix, then a compact table per setting in reading order, statuses as short codes,
+rows without a record in one line); :func:`check` says whether the CSV still holds what the records give now (the
+report is built from the records, and checks the table beside it).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..evaluate import campaign, records
+from ..evaluate import campaign, metrics, records
 from ..evaluate.engine import BASELINES, LOSS, RANDOM
 from ..setup import settings as settings_mod
 from ..setup.artifacts import atomic_write_bytes
@@ -49,7 +51,9 @@ NOTES = (
                   "several (a row `<solver>-ens<n>` averages n zoo models). Paired differences between rows: "
                   "`tdabench compare SETTING ROW …` (gt rows and zoo rows are not paired)."),
     ("recall@k%", "share of the flipped labels (10% of the training set, seeded) found in the top k% by "
-                  "self-influence (the baselines: training loss, and the exact expectation of a random order). "
+                  "self-influence (the baselines: training loss, and the exact expectation of a random order); the "
+                  "tables show k = 10, `leaderboard.csv` and each setting's page k = 10 … 50; n/a: the method has "
+                  "no self-influence for that model (an ensemble row, a method that attributes through training). "
                   "**AUC** is the ROC AUC of that ranking (0.5 random, 1 perfect)."),
     ("remove-top-k", "(`tdabench counterfactual`): retrain without the solver's k most positively influential "
                      "training points for a query (seed-matched, several seeds; `results/counterfactual/`): the mean "
@@ -224,39 +228,271 @@ def _rtk_cell(r) -> str:
             + f", {fmt_num(r[f'rtk_flip_{big}'], 2)}, {min_k}")
 
 
+# ------------------------------------------------------------------------------------------ reading order
+
+# Table 1's two settings first, then the two small settings where every method runs, then the rest by name.
+HEADLINE = ("mnist-cnn", "fmnist-cnn", "mnist-mlp-small", "mnist-lr")
+PAPER_METHOD = "ekfac"  # the method of the paper's Table 1: the reference every "which wins" difference is from
+
+
+def setting_order(names) -> list[str]:
+    """Settings in reading order: :data:`HEADLINE` first, then the others by name."""
+    names = list(dict.fromkeys(names))
+    return [n for n in HEADLINE if n in names] + sorted(n for n in names if n not in HEADLINE)
+
+
+# A row's status as a short code, worst first; the full text is in leaderboard.csv (and on the report, on hover).
+CODES = (
+    ("INVALID", "the record does not check against itself (edited by hand, truncated): no number is shown"),
+    ("FAILED", "the last rerun failed; numbers, if any, are those of the record from before"),
+    ("UNPINNED", "a finished ground truth or mislabel artifact whose root hash `results/index.json` does not pin: "
+                 "nothing derived from it is trusted"),
+    ("STALE", "the record no longer describes what a fresh run computes (the solver or metric code, or the ground "
+              "truth, changed; why: the notes under the table)"),
+    ("UNCHECKED", "no solver file or setting defines the row any more: its record cannot be checked"),
+    ("INCOMPLETE", "scored on an unfinished ground truth"),
+    ("ok*", "current, with a note under the table (a part not run yet, an undefined LDS, remove-top-k from other "
+            "parameters)"),
+    ("ok", "current: what a fresh run computes now"),
+    ("n/a", "the solver cannot run on this model (why: the line under the table)"),
+    ("not run", "no record yet (why: the line under the table)"),
+)
+CURRENT = ("ok", "ok*")  # the codes whose numbers are current
+ABSENT = ("n/a", "not run")  # the codes of rows without a record: collapsed into one line per setting
+# The part of a status that is no problem: the method has no self-influence there (always the last part, see _row).
+_MISLABEL_NA = re.compile(r"(?:^|; )mislabel n/a: .*$")
+
+
+def status_code(status) -> str:
+    """The short code (:data:`CODES`) of a row's status as :func:`collect` writes it."""
+    s = fmt_text(status)
+    if s == "ok":
+        return "ok"
+    if s.startswith("INVALID"):
+        return "INVALID"
+    if s.startswith("failed: ") or "last rerun failed: " in s:
+        return "FAILED"
+    if "UNPINNED" in s:
+        return "UNPINNED"
+    if "STALE" in s:
+        return "STALE"
+    if s.startswith("setting no longer registered") or "no solver file defines it" in s:
+        return "UNCHECKED"
+    if s.startswith("n/a: "):
+        return "n/a"
+    if s.startswith("not yet run"):
+        return "not run"
+    if "incomplete ground truth" in s:
+        return "INCOMPLETE"
+    return "ok*" if _MISLABEL_NA.sub("", s) else "ok"
+
+
+def mislabel_na(status) -> bool:
+    """Whether the row's method has no self-influence on this model (the recall cells are then n/a, not missing)."""
+    return bool(_MISLABEL_NA.search(fmt_text(status)))
+
+
+def absent_reason(name: str, status: str) -> str:
+    """Why a row without a record is absent, without its code, and with its own solver's name said as "it" (so
+    that rows absent for one reason share one line)."""
+    text = status[len("n/a: "):] if status.startswith("n/a: ") else re.sub(r"^not yet run ?\(?(.*?)\)?$", r"\1",
+                                                                          status)
+    base = records.parse_row_name(name)[0]
+    return re.sub(rf"(?<![\w-]){re.escape(base)}(?![\w-])", "it", text)
+
+
+def _num(v) -> bool:
+    return v is not None and not (isinstance(v, float) and math.isnan(v))
+
+
+def _codes(part: pd.DataFrame) -> pd.Series:
+    return part["status"].map(status_code)
+
+
+def pending(part: pd.DataFrame) -> bool:
+    """A setting none of whose rows has a record (every row n/a or not run): one line, no table."""
+    return bool(_codes(part).isin(ABSENT).all())
+
+
+def coupled(part: pd.DataFrame) -> pd.Series:
+    """Rows explaining the ground truth's own model (coupled to the target) in a setting whose other rows explain
+    zoo models: their LDS is not comparable with the others' (marked †, never the best)."""
+    explained = part["explained"].map(fmt_text)
+    return explained.str.startswith("gt") & explained.str.startswith("zoo").any()
+
+
+def best_row(part: pd.DataFrame, single: bool = False) -> str | None:
+    """The row with the highest LDS among the setting's current, comparable method rows (``single``: among the
+    single-model rows only); None where there is none."""
+    ok = part["lds"].map(_num) & _codes(part).isin(CURRENT) & ~part["solver"].isin(BASELINES) & ~coupled(part)
+    if single:
+        ok &= part["solver"].map(lambda n: records.parse_row_name(n)[1] == 1)
+    cand = part[ok]
+    return None if cand.empty else cand.loc[cand["lds"].astype(float).idxmax(), "solver"]
+
+
+def ceilings(part: pd.DataFrame) -> str:
+    """The setting's noise ceiling(s) as its rows give them ("" where none has an LDS)."""
+    return "/".join(dict.fromkeys(fmt_num(c) for c in part["lds_ceiling"] if _num(c)))
+
+
+def paired(found: dict, setting: str, row: str, ref: str | None = None) -> dict | None:
+    """``row`` − ``ref`` (default :data:`PAPER_METHOD`) paired query by query, from the records :func:`collect`
+    read: what `tdabench compare SETTING REF ROW` prints (:func:`records.compare_rows`). None where either has no
+    LDS or the two are not paired (:func:`records.unpaired_reasons`)."""
+    a, b = ((found.get((setting, r)) or {}).get("lds") or {} for r in (row, ref or PAPER_METHOD))
+    if a.get("mean") is None or b.get("mean") is None or records.unpaired_reasons(a, b):
+        return None
+    return metrics.paired_difference(a["per_query"], b["per_query"])
+
+
+def fmt_difference(d: dict) -> str:
+    """A paired difference (:func:`paired`) ± its standard error, to the digits its error needs (as `tdabench
+    compare` shows it: 0.0004 ± 0.0003 is not 0.000 ± 0.000)."""
+    digits = 3 if d["se"] >= 0.001 else 4
+    return f"{d['difference']:+.{digits}f} ± {d['se']:.{digits}f}"
+
+
+def pending_reason(part: pd.DataFrame) -> str:
+    """Why a pending setting (:func:`pending`) has no rows: the most common reason of its rows not yet run."""
+    reasons = [absent_reason(n, s) for n, s in zip(part["solver"], part["status"]) if s.startswith("not yet run")]
+    gts = "; ".join(sorted({fmt_text(g) for g in part["ground_truth"] if fmt_text(g)})) or "no ground truth"
+    if not reasons:  # every row n/a
+        return "; ".join([gts] * ("no ground truth" in gts) + ["no solver applies"])
+    top = max(dict.fromkeys(reasons), key=reasons.count)
+    return top or f"nothing run yet (ground truth {gts})"
+
+
+def matrix_rows(df: pd.DataFrame, names: list[str]) -> list[str]:
+    """The rows of the solvers × settings matrix: every row with an LDS in one of ``names``, by its LDS on the first
+    of them, then (rows without one there) on the next, and so on."""
+    lds = {(s, n): v for s, n, v in zip(df["setting"], df["solver"], df["lds"]) if _num(v) and s in names}
+    rows = list(dict.fromkeys(n for s, n in lds))
+    return sorted(rows, key=lambda n: tuple(-lds.get((s, n), -math.inf) for s in names))
+
+
+def _cell_md(r, best: bool, dagger: bool) -> str:
+    code = status_code(r["status"])
+    if not _num(r["lds"]):
+        return {"n/a": "n/a", "not run": "–"}.get(code, code if code not in CURRENT else "")
+    lds = fmt_pm(r["lds"], r["lds_se"])
+    return (f"**{lds}**" if best else lds) + f" ({fmt_num(r['lds_of_ceiling'], 2)})" + "†" * dagger + (
+        "" if code in CURRENT else f" {code}")
+
+
+def _matrix_md(df: pd.DataFrame, names: list[str]) -> list[str]:
+    parts = {s: df[df["setting"] == s].set_index("solver", drop=False) for s in names}
+    best = {s: best_row(p) for s, p in parts.items()}
+    dag = {s: coupled(p) for s, p in parts.items()}
+    head = [f"`{s}` (ceiling {ceilings(parts[s])})" for s in names]
+    lines = ["| solver | " + " | ".join(head) + " |", "|---" * (len(names) + 1) + "|"]
+    for name in matrix_rows(df, names):
+        cells = [_cell_md(parts[s].loc[name], best[s] == name, bool(dag[s][name])) if name in parts[s].index else ""
+                 for s in names]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    papers = [parts[s]["paper_lds"].dropna() for s in names]
+    if any(len(p) for p in papers):
+        lines.append(f"| *paper (Table 1, {PAPER_METHOD})* | "
+                     + " | ".join(f"*{p.iloc[0]:.2f}*" if len(p) else "" for p in papers) + " |")
+    return lines
+
+
+def _pending_line(df: pd.DataFrame, names: list[str]) -> str:
+    by_reason: dict[str, list[str]] = {}
+    for s in names:
+        part = df[df["setting"] == s]
+        paper = part["paper_lds"].dropna()
+        by_reason.setdefault(pending_reason(part), []).append(f"`{s}`" + (f" (paper {paper.iloc[0]:.2f})"
+                                                                              if len(paper) else ""))
+    return "No results yet: " + "; ".join(f"{', '.join(v)} — {k}" for k, v in by_reason.items()) + "."
+
+
+def absent_groups(part: pd.DataFrame) -> list[tuple[str, list[tuple[list[str], str]]]]:
+    """The rows of a setting without a record, for one line: [(code, [(row names, why)])], grouped by code and
+    reason (:func:`absent_reason`)."""
+    groups: dict[tuple, list[str]] = {}
+    for name, status in zip(part["solver"], part["status"]):
+        code = status_code(status)
+        if code in ABSENT:
+            groups.setdefault((code, absent_reason(name, status)), []).append(name)
+    return [(code, [(names, why) for (c, why), names in groups.items() if c == code])
+            for code in ABSENT if any(c == code for c, _ in groups)]
+
+
+SECTION_COLUMNS = ("solver", "status", "LDS ± se [95% CI]", "of ceiling", "explained", "recall@10%", "AUC",
+                   "remove-top-k drop@100 / @1000, flip@1000, min k", "fit s", "score s", "self s", "peak MB",
+                   "device", "params")
+
+
+def _section_md(setting: str, part: pd.DataFrame) -> list[str]:
+    codes = _codes(part)
+    shown = part[~codes.isin(ABSENT)].copy()
+    shown = shown.iloc[sorted(range(len(shown)), key=lambda i: -float(shown["lds"].iloc[i])
+                              if _num(shown["lds"].iloc[i]) else math.inf)]
+    best, dag = best_row(part), coupled(shown)
+    devices = sorted({fmt_text(d) for d in shown["device"] if fmt_text(d)})
+    rows = []
+    for (_, r), is_gt in zip(shown.iterrows(), dag):
+        lds = fmt_pm(r["lds"], r["lds_se"])
+        if lds and _num(r["lds_ci_low"]):
+            lds += f" [{r['lds_ci_low']:.3f}, {r['lds_ci_high']:.3f}]"
+        if lds and r["solver"] == best:
+            lds = f"**{lds}**"
+        recall = fmt_num(r["recall_10"], 2) or ("n/a" if mislabel_na(r["status"]) else "")
+        rows.append([f"**{r['solver']}**" if r["solver"] == best else r["solver"], status_code(r["status"]),
+                     lds + "†" * bool(is_gt), fmt_num(r["lds_of_ceiling"], 2), fmt_text(r["explained"]), recall,
+                     fmt_num(r["auc"]), _rtk_cell(r), fmt_num(r["fit_s"], 1), fmt_num(r["score_s"], 1),
+                     fmt_num(r["self_score_s"], 1), fmt_num(r["peak_mb"], 0), fmt_text(r["device"]),
+                     fmt_text(r["params"])])
+    # a column no row fills is left out, and so is the device where every row ran on the same one
+    keep = [i for i, c in enumerate(SECTION_COLUMNS) if i < 2 or any(row[i] for row in rows)]
+    if len(devices) <= 1:
+        keep = [i for i in keep if SECTION_COLUMNS[i] != "device"]
+    paper = part["paper_lds"].dropna()
+    gts = "; ".join(sorted({fmt_text(g) for g in part["ground_truth"] if fmt_text(g)})) or "none"
+    facts = [f"Ground truth {gts}"] + [f"noise ceiling {c}" for c in [ceilings(part)] if c]
+    facts += [f"paper (Table 1) {p:.2f}" for p in paper.iloc[:1]]
+    lines = [f"## {setting}", "", "; ".join(facts) + "." + (f" Every row ran on {devices[0]}." if len(devices) == 1
+                                                              else ""), ""]
+    lines.append("| " + " | ".join(SECTION_COLUMNS[i] for i in keep) + " |")
+    lines.append("|---" * len(keep) + "|")
+    lines += ["| " + " | ".join(row[i] for i in keep) + " |" for row in rows]
+    if dag.any():
+        lines += ["", "† explains the ground truth's own full-data model (coupled to the target), not a zoo model "
+                      "as the other rows do: not compared with them."]
+    absent = ". ".join(f"**{code}**: " + "; ".join(", ".join(names) + (f" ({why})" if why else "")
+                                                 for names, why in items) for code, items in absent_groups(part))
+    lines += ["", f"Not in the table — {absent}."] * bool(absent)
+    notes = [f"- {r['solver']}: {r['status']}" for _, r in shown.iterrows() if status_code(r["status"]) != "ok"]
+    lines += ["", *notes] * bool(notes)
+    return lines + [""]
+
+
 def to_markdown(df: pd.DataFrame) -> str:
+    """``leaderboard.md``: the solvers × settings matrix, then one compact table per setting in reading order
+    (:func:`setting_order`), each row's status as a code (:data:`CODES`), rows without a record in one line."""
+    order = setting_order(df["setting"])
+    shown = [s for s in order if not pending(df[df["setting"] == s])]
+    waiting = [s for s in order if s not in shown]
     lines = [
         "# tdabench leaderboard",
         "",
-        "Generated by `tdabench leaderboard` from the run records in `results/runs/`; never edited by hand.",
-        "",
-        *(f"- **{term}**: {text}" for term, text in NOTES),
+        "Generated by `tdabench leaderboard` from the run records in `results/runs/`; never edited by hand. Every "
+        "digit and each row's full status: `leaderboard.csv`; the columns and status codes: "
+        "[at the end](#what-the-columns-mean).",
         "",
     ]
-    for setting, part in df.groupby("setting", sort=False):
-        paper = part["paper_lds"].dropna()
-        lines.append(f"## {setting}")
-        lines.append("")
-        gts = sorted(set(part["ground_truth"].dropna()))
-        lines.append(f"Ground truth: {'; '.join(gts) or 'none'}." + (f" Paper (Table 1): LDS {paper.iloc[0]:.2f}."
-                                                                        if len(paper) else ""))
-        lines.append("")
-        lines.append("| solver | status | LDS ± se [95% CI] | ceiling | of ceiling | explained | recall@10/20/30/40/50% | AUC | "
-                     "remove-top-k drop@100 / @1000, flip@1000, min k | fit s | score s | self s | peak MB | device | "
-                     "params |")
-        lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-        for _, r in part.iterrows():
-            lds = fmt_pm(r["lds"], r["lds_se"])
-            if lds and r["lds_ci_low"] is not None and not pd.isna(r["lds_ci_low"]):
-                lds += f" [{r['lds_ci_low']:.3f}, {r['lds_ci_high']:.3f}]"
-            recalls = " / ".join(fmt_num(r[k], 2) for k in RECALL_KEYS) if r["recall_10"] is not None \
-                and not pd.isna(r["recall_10"]) else ""
-            lines.append("| " + " | ".join([
-                r["solver"], fmt_text(r["status"]), lds, fmt_num(r["lds_ceiling"]), fmt_num(r["lds_of_ceiling"], 2),
-                fmt_text(r["explained"]), recalls,
-                fmt_num(r["auc"]), _rtk_cell(r), fmt_num(r["fit_s"], 1), fmt_num(r["score_s"], 1), fmt_num(r["self_score_s"], 1),
-                fmt_num(r["peak_mb"], 0), fmt_text(r["device"]), fmt_text(r["params"])]) + " |")
-        lines.append("")
+    if shown:
+        lines += [f"LDS ± se (of the noise ceiling) on each setting's reported queries; **bold**: the best current "
+                  f"row of the setting; † not comparable (it explains the ground truth's own model); –: not run "
+                  f"yet.", "", *_matrix_md(df, shown), ""]
+    if waiting:
+        lines += [_pending_line(df, waiting), ""]
+    lines += ["Status codes: " + ", ".join(f"**{c}**" for c, _ in CODES) + " (what each means: at the end).", ""]
+    for s in shown:
+        lines += _section_md(s, df[df["setting"] == s])
+    lines += ["## What the columns mean", "", *(f"- **{term}**: {text}" for term, text in NOTES), "",
+              "Status codes:", "", *(f"- **{c}**: {text}" for c, text in CODES), ""]
     return "\n".join(lines)
 
 

@@ -1,11 +1,16 @@
 """Floor 6: the report — a static site under ``<store>/report/`` that opens from disk, without a server or a network.
 
-- ``index.html``: per setting, the leaderboard as a table sortable by any column (stale and not-yet-run rows marked
-  with the reason) beside LDS against cost, with the noise ceiling and the paper's value;
-- ``<setting>.html``: the ground truth (protocol, version, pinned root hash, noise ceiling), Table 1 beside the
+- ``index.html``: the headline first — Table 1 beside the paper (our EK-FAC row and each setting's best row, with
+  their paired difference), every method on every setting in one matrix, which method wins where (generated from
+  the records), LDS against cost — then per setting the leaderboard as a table sortable by any column, each row's
+  status as a short code with its full text on hover, the rows without a record in one line; settings without any
+  result are one line, not a page;
+- ``<setting>.html`` (a setting with results, a ground truth or a study to show): the ground truth (protocol, version, pinned root hash, noise ceiling), Table 1 beside the
   paper, the gap study, the mislabel recall curves, the IHVP error where it was measured, and a gallery: for each
   query of the qualitative study, the training images each solver blames most, side by side (the paper's Fig. 1);
 - ``img/``: the figures and thumbnails the pages show;
+- ``data/``: every table's data as CSV and JSON, linked under the table (a leaderboard table's: its rows of
+  ``leaderboard.csv``, every digit);
 - ``palette.json``: each solver's colour slot, which the next build keeps (a new solver takes a free one).
 
 Everything is read from the results on disk — the leaderboard rows :func:`leaderboard.collect` gives from the run
@@ -19,13 +24,18 @@ whole.
 
 from __future__ import annotations
 
+import csv
 import html
+import io
+import json
+import math
 import re
 import shutil
 from pathlib import Path
 
 import pandas as pd
 
+from ..evaluate import COMMON_OPTIONS, records
 from ..groundtruth import artifact as gt_artifact
 from ..groundtruth import index
 from ..setup import settings as settings_mod
@@ -34,7 +44,8 @@ from ..setup.data import DataError
 from ..setup.store import ResultsStore
 from ..studies import ihvp_error, qualitative, table1
 from . import browser, figures, tables
-from .leaderboard import NOTES, RECALL_KEYS, fmt_num, fmt_params, fmt_pm, fmt_text
+from . import leaderboard as lb
+from .leaderboard import CODES, COLUMNS, NOTES, fmt_num, fmt_params, fmt_pm, fmt_text
 
 CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,"Helvetica Neue",Arial,sans-serif;margin:0 auto;
@@ -54,9 +65,13 @@ table.sortable th{cursor:pointer;user-select:none}table.sortable th:hover{backgr
 table.sortable th::after{content:" \\2195";color:#aaa;font-size:.8em}
 table.sortable th[aria-sort=ascending]::after{content:" \\25B2";color:#1b1f24}
 table.sortable th[aria-sort=descending]::after{content:" \\25BC";color:#1b1f24}
-tr.stale td,.stale-key{background:#fff5d6}tr.pending td{color:#777;background:#fafafa}
-tr.pending td.st{font-style:italic}
-td.st{min-width:9rem;max-width:16rem;font-size:.85em}td.dev{white-space:nowrap}
+tr.stale td,td.stale,.stale-key{background:#fff5d6}tr.best td,td.best,.best-key{background:#e6f4ea}
+td.st{white-space:nowrap;font-size:.85em}td.st[title]{cursor:help}td.dev{white-space:nowrap}
+td.params{min-width:12rem;max-width:24rem;font-size:.85em}
+td.na::before{content:"n/a";color:#888}td.nr::before{content:"\\2013";color:#888}
+.dl{font-size:.8em;color:#666;margin:0 0 .8rem}.dl a{margin-left:.3em}.absent{font-size:.85em;color:#555}
+.figs{display:flex;flex-wrap:wrap;gap:1rem}.figs>figure{margin:0}
+ul.wins li{margin:.25rem 0}
 dl.facts{display:grid;grid-template-columns:max-content 1fr;gap:.15rem 1rem;margin:.4rem 0}dl.facts dt{font-weight:600}
 dl.facts dd{margin:0}dl.notes dt{font-weight:600;margin-top:.3rem}dl.notes dd{margin:0 0 0 1.2rem;color:#333}
 img.fig{max-width:100%;height:auto;border:1px solid #eee}
@@ -113,9 +128,9 @@ SORT_JS = r"""
 """
 
 # The ceiling is the setting's (in the line above the table); intervals and hyper-parameters are in Table 1 on the
-# setting's page: the table stays narrow enough to read beside its figure.
-LEADERBOARD_HEAD = ("solver", "status", "LDS ± se", "of ceiling", "explained", "recall@10%", "@20%", "@30%", "@40%", "@50%", "AUC",
-                    "fit s", "score s", "self s", "peak MB", "device")
+# setting's page, recall at 20-50% in its mislabel curves: the table fits a 1,400-pixel screen.
+LEADERBOARD_HEAD = ("solver", "status", "LDS ± se", "of ceiling", "explained", "recall@10%", "AUC", "fit s", "score s",
+                    "self s", "peak MB", "device")
 
 
 def e(value) -> str:
@@ -136,15 +151,41 @@ def _page(title: str, body: str) -> str:
             f"<script>{SORT_JS}</script>\n</body></html>\n")
 
 
-def _table(head, rows, *, cls: str = "", row_cls=None) -> str:
-    """``rows``: lists of cells, each HTML or a (HTML, td class) pair."""
+def _td(c) -> str:
+    """A cell: HTML, or (HTML, td class) or (HTML, td class, hover text)."""
+    if not isinstance(c, tuple):
+        return f"<td>{c}</td>"
+    title = f' title="{html.escape(c[2], quote=True)}"' if len(c) > 2 and c[2] else ""
+    return f'<td class="{c[1]}"{title}>{c[0]}</td>'
+
+
+def _table(head, rows, *, cls: str = "", row_cls=None, head_html: bool = False) -> str:
+    """``rows``: lists of cells (:func:`_td`); ``head``: text, or HTML with ``head_html``."""
     out = [f'<div class="wrap"><table class="{cls}"><thead><tr>'
-           + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr></thead><tbody>"]
+           + "".join(f"<th>{h if head_html else html.escape(h)}</th>" for h in head) + "</tr></thead><tbody>"]
     for i, row in enumerate(rows):
         rc = (row_cls or [""] * len(rows))[i]
-        cells = "".join(f'<td class="{c[1]}">{c[0]}</td>' if isinstance(c, tuple) else f"<td>{c}</td>" for c in row)
+        cells = "".join(map(_td, row))
         out.append(f'<tr class="{rc}">{cells}</tr>' if rc else f"<tr>{cells}</tr>")
     return "\n".join(out) + "</tbody></table></div>"
+
+
+def _text(cell) -> str:
+    """What a cell shows, as plain text (its data in a download)."""
+    cell = cell[0] if isinstance(cell, tuple) else cell
+    return html.unescape(re.sub(r"<[^>]+>", "", str(cell)))
+
+
+def _plain(v):
+    """A value as JSON holds it: NaN is null, an infinity its text (JSON has neither)."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return None if math.isnan(v) else ("inf" if v > 0 else "-inf")
+    return v
+
+
+def _status_cell(status) -> tuple:
+    """The status as its short code, the full text on hover."""
+    return e(lb.status_code(status)), "st", fmt_text(status)
 
 
 def _img(src: str, alt: str, cls: str = "fig", **attrs) -> str:
@@ -152,31 +193,34 @@ def _img(src: str, alt: str, cls: str = "fig", **attrs) -> str:
     return f'<img class="{cls}" src="{html.escape(src)}" alt="{html.escape(alt)}"{extra}>'
 
 
+# Codes whose rows are marked (yellow): their numbers are not current, or not shown.
+PROBLEMS = ("INVALID", "FAILED", "UNPINNED", "STALE", "UNCHECKED", "INCOMPLETE")
+
+
 def _row_class(status) -> str:
-    status = status or ""
-    if "STALE" in status or status.startswith("INVALID"):
-        return "stale"
-    return "" if status == "ok" or status.startswith(("LDS", "mislabel", "last rerun")) else "pending"
+    return "stale" if lb.status_code(status) in PROBLEMS else ""
 
 
-def _has_numbers(part: pd.DataFrame) -> bool:
-    return bool(part["lds"].notna().any() or part["recall_10"].notna().any())
+def _by_lds(part: pd.DataFrame) -> pd.DataFrame:
+    """Rows by LDS, highest first; rows without one last, in their order."""
+    keys = [-float(v) if v is not None and not pd.isna(v) else math.inf for v in part["lds"]]
+    return part.iloc[sorted(range(len(part)), key=keys.__getitem__)]
 
 
-def leaderboard_table(part: pd.DataFrame) -> str:
-    """One setting's leaderboard rows, sortable: rows with numbers first, then those not run, each with its reason."""
+def leaderboard_rows(part: pd.DataFrame) -> tuple[list, list]:
+    """One setting's leaderboard rows with a record, by LDS: (cells, row classes); the best row is marked, and (†)
+    the rows not compared with it (:func:`leaderboard.coupled`)."""
+    best, dag = lb.best_row(part), lb.coupled(part)
     rows, classes = [], []
-    pending = part["status"].map(_row_class) == "pending"
-    part = pd.concat([part[~pending], part[pending]])
-    for _, r in part.iterrows():
-        rows.append([f"<b>{e(r['solver'])}</b>", (e(r["status"]), "st"), (e(fmt_pm(r["lds"], r["lds_se"])), "n"),
-                     (e(fmt_num(r["lds_of_ceiling"], 2)), "n"), e(r["explained"]),
-                     *[(e(fmt_num(r[k], 2)), "n") for k in RECALL_KEYS],
+    for i, r in _by_lds(part[~part["status"].map(lb.status_code).isin(lb.ABSENT)]).iterrows():
+        lds = e(fmt_pm(r["lds"], r["lds_se"])) + "†" * bool(dag[i])
+        rows.append([f"<b>{e(r['solver'])}</b>", _status_cell(r["status"]), (lds, "n"),
+                     (e(fmt_num(r["lds_of_ceiling"], 2)), "n"), e(r["explained"]), (e(fmt_num(r["recall_10"], 2)), "n"),
                      (e(fmt_num(r["auc"])), "n"), (e(fmt_num(r["fit_s"], 1)), "n"), (e(fmt_num(r["score_s"], 1)), "n"),
                      (e(fmt_num(r["self_score_s"], 1)), "n"), (e(fmt_num(r["peak_mb"], 0)), "n"),
                      (e(r["device"]), "dev")])
-        classes.append(_row_class(r["status"]))
-    return _table(LEADERBOARD_HEAD, rows, cls="sortable leaderboard", row_cls=classes)
+        classes.append(_row_class(r["status"]) or ("best" if r["solver"] == best else ""))
+    return rows, classes
 
 
 class _Site:
@@ -190,74 +234,257 @@ class _Site:
         self.settings = {s.name: s for s in settings}
         # each solver keeps the colour the site being replaced gave it: adding one redraws no other setting's figure
         self.palette = figures.solver_palette(df["solver"], keep=_kept_slots(previous))
-        self.names = list(dict.fromkeys(df["setting"]))
+        self.names = lb.setting_order(df["setting"])
+        self.pages: set[str] = set()  # the settings with a page of their own (build fills it)
 
     def img(self, *parts: str) -> tuple[Path, str]:
         """(file to write, its address from the pages)."""
         rel = "/".join(("img",) + parts)
         return self.out / rel, rel
 
+    def table(self, stem: str, head, rows, *, data=None, **kw) -> str:
+        """:func:`_table` with links to its data, written as ``data/<stem>.csv`` and ``.json`` beside the pages:
+        ``data`` = (columns, rows of values) where the table shows values rounded or combined, else the cells'
+        text."""
+        columns, values = data if data is not None else (
+            [_text(h) for h in head], [[_text(c) for c in row] for row in rows])
+        folder = self.out / "data"
+        folder.mkdir(parents=True, exist_ok=True)
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(columns)
+        writer.writerows([["" if v is None else v for v in row] for row in values])
+        (folder / f"{stem}.csv").write_text(buf.getvalue())
+        records = [{c: _plain(v) for c, v in zip(columns, row)} for row in values]
+        (folder / f"{stem}.json").write_text(json.dumps(records, indent=1, ensure_ascii=False) + "\n")
+        return (_table(head, rows, **kw) + f'<p class="dl">data: <a href="data/{stem}.csv" download>CSV</a>'
+                f'<a href="data/{stem}.json" download>JSON</a></p>')
+
+    def part(self, name: str) -> pd.DataFrame:
+        return self.df[self.df["setting"] == name]
+
     # ------------------------------------------------------------------------------------------ index
     def index(self) -> str:
-        ran = [n for n in self.names if _has_numbers(self.df[self.df["setting"] == n])]
-        links = "".join(f'<a href="{html.escape(n)}.html"{"" if n in ran else " class=pending"}>{html.escape(n)}</a>'
-                        for n in self.names)
+        shown = [n for n in self.names if not lb.pending(self.part(n))]
+        waiting = [n for n in self.names if n not in shown]
+        links = "".join(f'<a href="{html.escape(n)}.html">{html.escape(n)}</a>' for n in self.names if n in self.pages)
         body = ["<h1>tdabench results</h1>",
                 '<p class="lead">Influence-function solvers for training-data attribution, compared on the linear '
                 "datamodeling score (LDS) against a retraining ground truth, on mislabel detection, and on cost. "
                 "Built by <code>tdabench report</code> from the committed results (the run records, checked now, "
                 "which the leaderboard table <code>results/leaderboard.csv</code> matches; the ground truths and the "
-                "studies) and rebuilt whenever the leaderboard is. Click a column header to sort. Each setting's "
-                "page has its ground truth, Table 1 beside the paper, the gap study, mislabel curves, IHVP error and "
-                'the training images each solver blames. <a href="#notes">What the columns mean</a>.</p>',
-                f'<nav class="settings">{links}</nav>',
-                '<p class="muted">Rows in <span class="stale-key">yellow</span> are STALE: the record no longer '
-                "describes what a fresh run computes (the status says why), or INVALID: the record does not check "
-                "against itself, and shows no number. Grey rows were not run, or do not apply, with the reason.</p>"]
-        for name in ran:
-            part = self.df[self.df["setting"] == name]
+                "studies) and rebuilt whenever the leaderboard is. Every number here is read from them. Each "
+                "setting's page has its ground truth, Table 1 beside the paper, the gap study, mislabel curves, IHVP "
+                'error and the training images each solver blames. <a href="#notes">What the columns and status '
+                "codes mean</a>.</p>",
+                f'<nav class="settings">{links}</nav>' if links else "",
+                self._paper_table(), '<h2 id="matrix">Every method on every setting</h2>']
+        if shown:
+            body.append('<p class="muted">LDS ± se (of the noise ceiling) on the reported queries; each setting\'s '
+                        'best current row in <span class="best-key">green</span>, rows whose numbers are not current '
+                        'in <span class="stale-key">yellow</span> with their status; † explains the ground truth\'s '
+                        "own model (coupled to its target), so it is not compared. Click a header to sort.</p>")
+            body.append(self._matrix(shown))
+        if waiting:
+            body.append(f"<p>{self._waiting(waiting)}</p>")
+        if shown:
+            body += ['<h2 id="wins">Which method wins where</h2>', self._wins(shown),
+                     '<h2 id="cost">LDS against cost</h2><p class="muted">Each row\'s LDS (95% CI) against its fit + '
+                     "score seconds (log scale; rows run on different machines differ in speed as well), with the "
+                     "noise ceiling and the paper's value.</p>",
+                     '<div class="figs">' + "".join(self._lds_cost(n, self.part(n), 560) for n in shown) + "</div>"]
+        for name in shown:
+            part = self.part(name)
             body.append(f'<h2 id="{html.escape(name)}"><a href="{html.escape(name)}.html">{html.escape(name)}</a></h2>')
             body.append(f"<p>{self._summary(name, part)}</p>")
-            body.append(leaderboard_table(part))
-            body.append(f'<div class="pair">{self._lds_cost(name, part)}{self._mislabel_figure(name)}</div>')
+            body.append(self._leaderboard(name, part, notes=False))
         body.append('<h2 id="notes">What the columns mean</h2><dl class="notes">'
-                    + "".join(f"<dt>{_md(t)}</dt><dd>{_md(x)}</dd>" for t, x in NOTES) + "</dl>")
-        pending = [n for n in self.names if n not in ran]
-        if pending:
-            body.append("<h2>Settings without results yet</h2>")
-            for name in pending:
-                part = self.df[self.df["setting"] == name]
-                body.append(f'<details><summary><a href="{html.escape(name)}.html">{html.escape(name)}</a> — '
-                            f"{self._summary(name, part)}</summary>{leaderboard_table(part)}</details>")
-        return _page("tdabench results", "\n".join(body))
+                    + "".join(f"<dt>{_md(t)}</dt><dd>{_md(x)}</dd>" for t, x in NOTES) + "</dl>"
+                    + '<h3 id="codes">Status codes</h3><dl class="notes">'
+                    + "".join(f"<dt>{e(c)}</dt><dd>{_md(x)}</dd>" for c, x in CODES) + "</dl>")
+        return _page("tdabench results", "\n".join(b for b in body if b))
+
+    def _link(self, name: str) -> str:
+        return (f'<a href="{html.escape(name)}.html">{html.escape(name)}</a>' if name in self.pages
+                else f"<code>{html.escape(name)}</code>")
+
+    def _waiting(self, names: list[str]) -> str:
+        """The settings without a result, in one line, grouped by why."""
+        by_reason: dict[str, list[str]] = {}
+        for name in names:
+            s = self.settings.get(name)
+            paper = "" if s is None or s.paper_lds is None else f" (paper {s.paper_lds:.2f})"
+            by_reason.setdefault(lb.pending_reason(self.part(name)), []).append(self._link(name) + e(paper))
+        return "<b>No results yet</b>: " + "; ".join(f"{', '.join(v)} — {e(k)}" for k, v in by_reason.items()) + "."
+
+    def _matrix(self, names: list[str]) -> str:
+        parts = {n: self.part(n).set_index("solver", drop=False) for n in names}
+        best = {n: lb.best_row(p) for n, p in parts.items()}
+        dag = {n: lb.coupled(p) for n, p in parts.items()}
+        head = ["solver"] + [f"{html.escape(n)}<br><span class=muted>ceiling {e(lb.ceilings(parts[n]))}</span>"
+                             for n in names]
+        rows, classes, values = [], [], []
+        for solver in lb.matrix_rows(self.df, names):
+            cells = [f"<b>{e(solver)}</b>"]
+            for n in names:
+                if solver not in parts[n].index:
+                    cells.append(("", "n"))
+                    continue
+                r = parts[n].loc[solver]
+                code = lb.status_code(r["status"])
+                values.append([solver, n, r["lds"], r["lds_se"], r["lds_of_ceiling"], r["lds_ceiling"], code,
+                               solver == best[n], bool(dag[n][solver]), r["status"]])
+                if r["lds"] is None:
+                    cls = {"n/a": "n na", "not run": "n nr"}.get(code, "n")
+                    cells.append(("" if cls != "n" or code in lb.CURRENT else e(code), cls, fmt_text(r["status"])))
+                    continue
+                text = e(fmt_pm(r["lds"], r["lds_se"]))
+                text = (f"<b>{text}</b>" if solver == best[n] else text) + "†" * bool(dag[n][solver])
+                text += f" <span class=muted>({e(fmt_num(r['lds_of_ceiling'], 2))})</span>"
+                if code not in lb.CURRENT:
+                    text += f" {e(code)}"
+                cells.append((text, "n" + (" stale" if code in PROBLEMS else " best" * (solver == best[n])),
+                              fmt_text(r["status"]) if code != "ok" else ""))
+            rows.append(cells)
+            classes.append("")
+        columns = ["solver", "setting", "lds", "lds_se", "lds_of_ceiling", "lds_ceiling", "status_code", "best",
+                   "coupled", "status"]
+        return self.table("matrix", head, rows, cls="sortable matrix", row_cls=classes, head_html=True,
+                          data=(columns, values))
+
+    def _paper_table(self) -> str:
+        """Table 1 beside the paper: each setting with a paper value, our row of the paper's method and the
+        setting's best row, with their paired difference."""
+        names = [n for n in self.names if (s := self.settings.get(n)) is not None and s.paper_lds is not None]
+        if not names:
+            return ""
+        rows, values = [], []
+        for name in names:
+            part = self.part(name).set_index("solver", drop=False)
+            paper = self.settings[name].paper_lds
+            if lb.pending(part):
+                why = lb.pending_reason(part)
+                rows.append([f"<b>{self._link(name)}</b>", (e(f"{paper:.2f}"), "n"), ("", "n"), ("", "n"),
+                             e(f"no results yet: {why}"), ("", "n"), ("", "n"), ("", "n")])
+                values.append([name, paper, None, None, None, None, None, None, None, None, why])
+                continue
+            ours = part.loc[lb.PAPER_METHOD] if lb.PAPER_METHOD in part.index else None
+            best = lb.best_row(part)
+            diff = lb.paired(self.found, name, best) if best and best != lb.PAPER_METHOD else None
+            b = part.loc[best] if best else None
+            rows.append([f"<b>{self._link(name)}</b>", (e(f"{paper:.2f}"), "n"),
+                         (e(fmt_pm(ours["lds"], ours["lds_se"])) if ours is not None else "", "n",
+                          fmt_text(ours["status"]) if ours is not None else ""),
+                         (e(fmt_num(ours["lds_of_ceiling"], 2)) if ours is not None else "", "n"),
+                         f"<b>{e(best)}</b>" if best else "",
+                         (e(fmt_pm(b["lds"], b["lds_se"])) if b is not None else "", "n"),
+                         (e(lb.fmt_difference(diff)) if diff else "", "n"),
+                         (e(lb.ceilings(part)), "n")])
+            values.append([name, paper, *(None if ours is None else ours[c] for c in ("lds", "lds_se",
+                                                                                     "lds_of_ceiling")),
+                           best, None if b is None else b["lds"], None if diff is None else diff["difference"],
+                           None if diff is None else diff["se"], lb.ceilings(part), ""])
+        head = ("setting", "paper", f"our {lb.PAPER_METHOD}", "of ceiling", "best row", "its LDS",
+                f"best − {lb.PAPER_METHOD} (paired)", "noise ceiling")
+        columns = ["setting", "paper_lds", f"{lb.PAPER_METHOD}_lds", f"{lb.PAPER_METHOD}_lds_se",
+                   f"{lb.PAPER_METHOD}_of_ceiling", "best", "best_lds", f"best_minus_{lb.PAPER_METHOD}",
+                   f"best_minus_{lb.PAPER_METHOD}_se", "lds_ceiling", "note"]
+        return ('<h2 id="table1">Table 1 beside the paper</h2><p class="muted">The paper\'s LDS (Zhu &amp; '
+                f"Cangelosi, 2025, Table 1, EK-FAC) beside our <code>{e(lb.PAPER_METHOD)}</code> row (one model, "
+                "hyper-parameters chosen on validation queries) and the setting's best current row; their difference "
+                f"is paired query by query (<code>tdabench compare SETTING {e(lb.PAPER_METHOD)} ROW</code>).</p>"
+                + self.table("table1-paper", head, rows, data=(columns, values)))
+
+    def _wins(self, names: list[str]) -> str:
+        """Which method wins where, per setting, from the records: the best row and its paired difference from the
+        paper's method, and the best single model where that is another row."""
+        items = []
+        for name in names:
+            part = self.part(name).set_index("solver", drop=False)
+            best, single = lb.best_row(part), lb.best_row(part, single=True)
+            if best is None:
+                continue
+            text = [f"<code>{e(best)}</code> is best, {self._lds(part.loc[best])}" + self._vs(name, best)]
+            if single and single != best:
+                text.append(f"among single models <code>{e(single)}</code> leads, {self._lds(part.loc[single])}"
+                            + self._vs(name, single))
+            items.append(f'<li><a href="#{html.escape(name)}"><b>{html.escape(name)}</b></a>: {"; ".join(text)}.</li>')
+        return ('<ul class="wins">' + "".join(items) + "</ul>" if items else "") + (
+            '<p class="muted">Among each setting\'s current rows that explain zoo models (rows explaining the ground '
+            "truth's own model are not compared); differences paired over the same queries and target, as "
+            f"<code>tdabench compare SETTING {e(lb.PAPER_METHOD)} ROW</code> prints them; ensembles "
+            "(<code>-ens8</code>) average 8 explained models at 8 times the cost.</p>")
+
+    @staticmethod
+    def _lds(r) -> str:
+        return e(f"{fmt_pm(r['lds'], r['lds_se'])} ({fmt_num(r['lds_of_ceiling'], 2)} of the ceiling)")
+
+    def _vs(self, name: str, row: str) -> str:
+        if row == lb.PAPER_METHOD:
+            return ""
+        d = lb.paired(self.found, name, row)
+        if d is None:
+            return ""
+        return e(f", {lb.fmt_difference(d)} over ") + f"<code>{e(lb.PAPER_METHOD)}</code>" + e(
+            f" (higher on {d['wins']:.0%} of {d['n']} queries)")
+
+    def _leaderboard(self, name: str, part: pd.DataFrame, notes: bool = True) -> str:
+        """The setting's leaderboard table, the rows without a record in one line, and (``notes``) the full status
+        of every row not plainly ok."""
+        rows, classes = leaderboard_rows(part)
+        data = (list(COLUMNS), [[r[c] for c in COLUMNS] for _, r in part.iterrows()])
+        out = [self.table(f"{name}-leaderboard", LEADERBOARD_HEAD, rows, cls="sortable leaderboard",
+                          row_cls=classes, data=data) if rows else ""]
+        absent = lb.absent_groups(part)
+        if absent:
+            out.append('<p class="absent">Not in the table — ' + ". ".join(
+                f"<b>{e(code)}</b>: " + "; ".join(e(", ".join(names) + (f" ({why})" if why else ""))
+                                              for names, why in items) for code, items in absent) + ".</p>")
+        if notes:
+            odd = [(r["solver"], r["status"]) for _, r in _by_lds(part).iterrows()
+                   if lb.status_code(r["status"]) not in ("ok", *lb.ABSENT)]
+            if odd:
+                out.append('<ul class="absent">' + "".join(f"<li><b>{e(n)}</b>: {e(s)}</li>" for n, s in odd)
+                           + "</ul>")
+        return "\n".join(o for o in out if o)
 
     def _summary(self, name: str, part: pd.DataFrame) -> str:
         s = self.settings.get(name)
         gts = "; ".join(sorted({str(g) for g in part["ground_truth"] if g})) or "none"
-        ceilings = ", ".join(dict.fromkeys(fmt_num(c) for c in part["lds_ceiling"] if c is not None))
+        ceilings = lb.ceilings(part)
         ceiling = f" Noise ceiling: LDS {ceilings}." if ceilings else ""
         paper = "" if s is None or s.paper_lds is None else f" Paper (Table 1): LDS {s.paper_lds:.2f}."
         return (f"{e(s.description if s else 'no longer a registered setting')}. Ground truth: {e(gts)}."
                 f"{e(ceiling)}{e(paper)}")
 
-    def _lds_cost(self, name: str, part: pd.DataFrame) -> str:
+    def _lds_cost(self, name: str, part: pd.DataFrame, width: int = 440) -> str:
         if not part["lds"].notna().any():
             return ""
         path, rel = self.img(name, "lds_cost.png")
         if not path.is_file():  # the index and the setting's page show the same figure
             figures.lds_vs_cost(part, self.palette, path)
-        return f"<figure>{_img(rel, name + ': LDS against cost', width=440)}</figure>"
+        return f"<figure>{_img(rel, name + ': LDS against cost', width=width)}</figure>"
 
     # ------------------------------------------------------------------------------------------ setting pages
-    def setting_page(self, name: str) -> str:
-        part = self.df[self.df["setting"] == name]
+    def setting_page(self, name: str) -> str | None:
+        """The setting's page; None where it would show nothing but rows without a record (no ground truth, no
+        study): the index says that in one line instead."""
+        part = self.part(name)
         setting = self.settings.get(name)
+        sections = []
+        if setting is not None:
+            sections = [self._table1(setting, part), self._gap(setting), self._mislabel(name), self._ihvp(name),
+                        self._gallery(setting)]
+            has_gt = gt_artifact.current(self.store, setting) is not None
+        else:
+            has_gt = False
+        if lb.pending(part) and not has_gt and not any(sections):
+            return None
         body = ['<p><a href="index.html">← all settings</a></p>', f"<h1>{html.escape(name)}</h1>",
                 f'<p class="lead">{self._summary(name, part)}</p>',
-                "<h2>Leaderboard</h2>", leaderboard_table(part), self._lds_cost(name, part)]
+                "<h2>Leaderboard</h2>", self._leaderboard(name, part), self._lds_cost(name, part)]
         if setting is not None:
-            body += [self._ground_truth(setting), self._table1(setting, part), self._gap(setting), self._mislabel(name),
-                     self._ihvp(name), self._gallery(setting)]
+            body += [self._ground_truth(setting), *sections]
         return _page(f"tdabench: {name}", "\n".join(b for b in body if b))
 
     def _ground_truth(self, setting) -> str:
@@ -297,11 +524,12 @@ class _Site:
 
     def _table1(self, setting, part: pd.DataFrame) -> str:
         rows, classes = [], []
-        for _, r in part[part["lds"].notna()].iterrows():
+        for _, r in _by_lds(part[part["lds"].notna()]).iterrows():
             ci = f"{r['lds_ci_low']:.3f} – {r['lds_ci_high']:.3f}"
             rows.append([e(r["solver"]), (e(fmt_pm(r["lds"], r["lds_se"])), "n"), (e(ci), "n"),
                          (e(fmt_num(r["lds_of_ceiling"], 2)), "n"),
-                         (e(fmt_num(setting.paper_lds, 2)), "n"), e(r["params"]), (e(r["status"]), "st")])
+                         (e(fmt_num(setting.paper_lds, 2)), "n"), (e(r["params"]), "params"),
+                         _status_cell(r["status"])])
             classes.append(_row_class(r["status"]))
         for g in table1.gap_reported(self.store, setting, self.methods):
             rep, lds = g["reported"], g["reported"]["lds"]
@@ -310,15 +538,16 @@ class _Site:
                          (e(fmt_pm(lds["mean"], lds["se"])), "n"),
                          (e(f"{lds['ci_low']:.3f} – {lds['ci_high']:.3f}"), "n"),
                          (e(fmt_num(lds.get("of_ceiling"), 2)), "n"), (e(fmt_num(setting.paper_lds, 2)), "n"),
-                         e(fmt_params(rep["params"])), (e(f"STALE: {stale}" if stale else f"ok ({g['path']})"), "st")])
+                         (e(fmt_params(rep["params"])), "params"),
+                         ("STALE", "st", f"STALE: {stale}") if stale else ("ok", "st", f"ok ({g['path']})")])
             classes.append("stale" if stale else "")
         if not rows:
             return ""
         return ("<h2>Table 1 beside the paper</h2><p class=muted>LDS on the reported queries, hyper-parameters chosen "
                 "on validation queries; the gap study's rows use the protocol it chose on validation (more "
                 "models, another measurement) — see below.</p>"
-                + _table(("method", "LDS ± se", "95% CI", "of ceiling", "paper", "params", "status"), rows,
-                         cls="sortable", row_cls=classes))
+                + self.table(f"{setting.name}-table1", ("method", "LDS ± se", "95% CI", "of ceiling", "paper",
+                                                        "params", "status"), rows, cls="sortable", row_cls=classes))
 
     def _gap(self, setting) -> str:
         out = []
@@ -328,14 +557,34 @@ class _Site:
                 continue  # another setting whose name starts the same way
             fig, rel = self.img(setting.name, f"gap_{rec['solver']}.png")
             figures.gap_study(rec, fig, setting.paper_lds)
+            block = self._markdown_block(tables.gap_table(rec), f"{setting.name}-gap-{rec['solver']}")
             out.append(f"<h3>{e(rec['solver'])} <span class=muted>({e(self.store.relative(path))}, "
-                       f"{e(rec.get('created'))})</span></h3><div class=pair><div>"
-                       f"{_markdown_block(tables.gap_table(rec))}</div>"
+                       f"{e(rec.get('created'))})</span></h3><div class=pair><div>{block}</div>"
                        f"<figure>{_img(rel, 'gap study ' + rec['solver'], width=620)}</figure></div>")
         if not out:
             return ""
         return ("<h2>Gap study: what moves LDS</h2><p class=muted>Each factor varied alone from the baseline on the "
                 "validation queries (<code>tdabench gap</code>).</p>" + "".join(out))
+
+    def _markdown_block(self, text: str, stem: str) -> str:
+        """A Markdown table with lines around it (what :func:`tables.gap_table` writes) as HTML, its data beside
+        it as ``data/<stem>.csv`` / ``.json`` (more than one table: ``<stem>-2``, …)."""
+        out, table, n = [], [], 0
+        for line in text.splitlines() + [""]:
+            if line.startswith("|"):
+                cells = [c.strip() for c in line.strip().strip("|").split("|")]
+                if not all(set(c) <= set("-: ") for c in cells):
+                    table.append(cells)
+                continue
+            if table:
+                n += 1
+                out.append(self.table(stem if n == 1 else f"{stem}-{n}", table[0],
+                                      [[(_md(c), "n" if NUMERIC_CELL.fullmatch(c) else "") for c in r]
+                                       for r in table[1:]]))
+                table = []
+            if line.strip():
+                out.append(f"<p>{_md(line)}</p>")
+        return "\n".join(out)
 
     def _mislabel_items(self, name: str) -> list:
         return [(solver, rec["mislabel"]) for (s, solver), rec in self.found.items()
@@ -385,8 +634,9 @@ class _Site:
         return (f"<h2>IHVP error</h2><p class=muted>Against the exact damped inverse on {e(df['queries'].iloc[0])} "
                 f"test-query gradients, {e(df['train_size'].iloc[0])} training points, {e(df['parameters'].iloc[0])} "
                 f"parameters (<code>{e(self.store.relative(csv))}</code>).</p>"
-                "<h3>relative error ‖r − r*‖ / ‖r*‖ (± se)</h3>" + _table(head, err)
-                + "<h3>Spearman of the influence scores with the exact inverse's</h3>" + _table(head, agree)
+                "<h3>relative error ‖r − r*‖ / ‖r*‖ (± se)</h3>" + self.table(f"{name}-ihvp-error", head, err)
+                + "<h3>Spearman of the influence scores with the exact inverse's</h3>"
+                + self.table(f"{name}-ihvp-spearman", head, agree)
                 + f"<figure>{_img(rel, f'{name}: IHVP error', style='width:100%')}</figure>")
 
     def _gallery(self, setting) -> str:
@@ -412,10 +662,12 @@ class _Site:
             chosen = (rec.get("lds") or {}).get("params")
             if item.get("ground_truth_root_hash") not in (None, pin):
                 notes.append(f"{item['solver']} explains another ground truth's model than the current one")
-            if chosen is not None and chosen != item["params"]:
+            # with the solver's defaults filled in on both sides: a default recorded since is not another choice
+            full = self._defaults(item["solver"])
+            if chosen is not None and {**full, **chosen} != {**full, **item["params"]}:
                 notes.append(f"{item['solver']} used {fmt_params(item['params'])}, its run record now chooses "
                              f"{fmt_params(chosen)}")
-        out = [head] + [f"<p class=warn>Drawn from older choices: {e('; '.join(notes))}.</p>"] * bool(notes)
+        out = [head] + [f"{OLDER}{e('; '.join(notes))}.</p>"] * bool(notes)
         queries = list(dict.fromkeys(q["index"] for item in items for q in item["queries"]))
         top = max(len(q["positive"]) for item in items for q in item["queries"])
         for qi in queries:
@@ -442,20 +694,29 @@ class _Site:
         gallery = "\n".join(out)
         return gallery if missing is None else self._kept_gallery(setting.name, gallery, head, missing)
 
+    def _defaults(self, row: str) -> dict:
+        """Every option of the row's solver at its default ({} where no solver of this build defines it)."""
+        method = next((m for m in self.methods if m.name == records.parse_row_name(row)[0]), None)
+        defaults = getattr(method, "defaults", None)
+        return {**COMMON_OPTIONS, **defaults} if isinstance(defaults, dict) else {}
+
     def _kept_gallery(self, name: str, unlabelled: str, head: str, missing: DataError) -> str:
         """Without the data here, the gallery of the site being replaced, with its images, where it shows what
-        would be drawn now (``unlabelled``: drawn without labels and images); else a note. Either way one line."""
+        would be drawn now (``unlabelled``: drawn without labels and images); else a note. Either way one line.
+        The note on older choices is the records', not the data's: it is compared apart and always the new one."""
         why = str(missing).splitlines()[0]
         page = self.previous / f"{name}.html" if self.previous is not None else None
         old = _gallery_section(page.read_text()) if page is not None and page.is_file() else None
         srcs = list(dict.fromkeys(html.unescape(s) for s in re.findall(r'src="(img/[^"]+)"', old or "")))
-        if old is not None and _unlabel(old) == unlabelled and all((self.previous / s).is_file() for s in srcs):
+        if (old is not None and _OLDER.sub("", _unlabel(old)) == _OLDER.sub("", unlabelled)
+                and all((self.previous / s).is_file() for s in srcs)):
             for src in srcs:
                 (self.out / src).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(self.previous / src, self.out / src)
             self.log(f"{name}.html: its gallery and {len(srcs)} images kept as they were, the data to draw them is "
                      f"not here ({why})")
-            return old
+            note = _OLDER.search(unlabelled)
+            return _OLDER.sub("", old).replace(head, head + (note.group(0) if note else ""), 1)
         self.log(f"{name}.html: no gallery images, the data to draw them is not here ({why})")
         return head + f"<p class=warn>Images unavailable here: {e(why)}</p>"
 
@@ -489,6 +750,8 @@ def _kept_slots(previous: Path | None) -> dict | None:
 
 
 GALLERY_HEAD = "<h2>Which training images each solver blames</h2>"
+OLDER = "<p class=warn>Drawn from older choices: "  # the gallery's note, from the records (see _gallery)
+_OLDER = re.compile("\n" + re.escape(OLDER) + r"[^<]*</p>")
 # A label where the data is not here to name it, and the two places a gallery shows labels (_gallery, _train_cell).
 LABEL_SLOT = "…"
 _LABELS = (re.compile(r"(</b>, label )[^<]*(</div>)"), re.compile(r"( y=)[^<]*(<br>τ=)"))
@@ -514,24 +777,6 @@ def _gallery_section(page: str) -> str | None:
 NUMERIC_CELL = re.compile(r"[-+−]?[\d.]+(e[-+]?\d+)?( ± [\d.]+)?†?")
 
 
-def _markdown_block(text: str) -> str:
-    """A Markdown table with lines around it (what :func:`tables.gap_table` writes) as HTML."""
-    out, table = [], []
-    for line in text.splitlines() + [""]:
-        if line.startswith("|"):
-            cells = [c.strip() for c in line.strip().strip("|").split("|")]
-            if not all(set(c) <= set("-: ") for c in cells):
-                table.append(cells)
-            continue
-        if table:
-            out.append(_table(table[0], [[(_md(c), "n" if NUMERIC_CELL.fullmatch(c) else "") for c in r]
-                                         for r in table[1:]]))
-            table = []
-        if line.strip():
-            out.append(f"<p>{_md(line)}</p>")
-    return "\n".join(out)
-
-
 def build(store: ResultsStore, settings: list[settings_mod.Setting], df: pd.DataFrame, found: dict, methods: list, *,
           out: Path | None = None, keep_from: Path | None = None, screenshot: bool = True, log=print) -> Path:
     """Write the site into ``out`` (default ``<store>/report/``; replaced whole) and return its ``index.html``.
@@ -547,9 +792,11 @@ def build(store: ResultsStore, settings: list[settings_mod.Setting], df: pd.Data
     try:
         site = _Site(store, tmp, settings, df, found, methods, previous if previous.is_dir() else None, log)
         with figures.house_style():
+            pages = {name: site.setting_page(name) for name in site.names}  # first: the index links the pages
+            site.pages = {name for name, page in pages.items() if page is not None}
+            for name in site.pages:
+                (tmp / f"{name}.html").write_text(pages[name])
             (tmp / "index.html").write_text(site.index())
-            for name in site.names:
-                (tmp / f"{name}.html").write_text(site.setting_page(name))
         write_json(tmp / PALETTE, site.palette.slots)
         why = "not asked for"
         if screenshot:
@@ -565,7 +812,7 @@ def build(store: ResultsStore, settings: list[settings_mod.Setting], df: pd.Data
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log(f"wrote {store.relative(final / 'index.html')}, {len(site.names)} setting pages and their images")
+    log(f"wrote {store.relative(final / 'index.html')}, {len(site.pages)} setting pages, their images and data")
     return final / "index.html"
 
 

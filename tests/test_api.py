@@ -233,6 +233,13 @@ def test_a_score_file_becomes_a_sealed_external_record_with_the_engines_numbers(
     assert main(["--results", str(store.root), "compare", S.name, "identity", "my-method"]) == 0
     table = capsys.readouterr().out
     assert "my-method" in table and "STALE" not in table
+    # ...and the leaderboard lists it as a current row of external scores, checked, not "no solver file"
+    from benchmark.report import leaderboard
+
+    df, _ = leaderboard.collect(store, [S], [identity], progress=False)
+    mine = df[df["solver"] == "my-method"].iloc[0]
+    assert "external scores (s.pt" in mine["status"] and leaderboard.status_code(mine["status"]) in ("ok", "ok*")
+    assert mine["lds"] == rec["lds"]["mean"]
 
     # --validation scores the validation queries and writes nothing
     np.save(tmp_path / "v.npy", bench.solver_scores(identity, bench.queries.validation))

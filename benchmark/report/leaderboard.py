@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..evaluate import campaign, metrics, records
+from ..evaluate import campaign, external, metrics, records
 from ..evaluate.engine import BASELINES, LOSS, RANDOM
 from ..setup import settings as settings_mod
 from ..setup.artifacts import atomic_write_bytes
@@ -145,6 +145,8 @@ def collect(store: ResultsStore, settings: list[settings_mod.Setting], methods: 
                     row["status"] = "not yet run"
                 rows.append(row)
                 continue
+            if method is None and external.is_external(rec):  # `tdabench evaluate --scores`: no solver file
+                method = external.method_of(rec)
             found[(setting.name, name)] = rec
             rows.append(_row(store, setting, method, rec, row, has_mis, failures, rtk.get(name), ensemble))
     bar.close()
@@ -163,6 +165,11 @@ def _row(store, setting, method, rec, row, has_mis, failures, rtk=None, ensemble
     status = []
     if method is None:
         status.append("no solver file defines it any more: its record cannot be checked")
+    if external.is_external(rec):
+        scores = rec["external"]["scores"]
+        status.append(f"external scores ({scores['file']}, sha256 {scores['sha256'][:12]}…)")
+    elif recorded := records.recorded_with(rec, method):  # a peer adapter whose library is not installed here
+        status.append(recorded)
     if lds:
         used = lds["ground_truth"]
         row.update(lds=lds["mean"], lds_se=lds["se"], lds_ci_low=lds["ci_low"], lds_ci_high=lds["ci_high"],
@@ -193,6 +200,8 @@ def _row(store, setting, method, rec, row, has_mis, failures, rtk=None, ensemble
         status.append("LDS not yet run")
     if not mis and has_mis:
         na = records.mislabel_not_applicable(method, ensemble) if method is not None else None
+        if external.is_external(rec):
+            na = "no self-influence scores were submitted (`tdabench evaluate --self-scores`)"
         status.append(f"mislabel n/a: {na}" if na else "mislabel not yet run")
     cost = rec.get("cost", {})
     row.update(status="; ".join(status) or "ok", fit_s=cost.get("fit_s"), score_s=cost.get("score_s"),

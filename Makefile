@@ -172,7 +172,7 @@ bench-solvers: venv ## the solver part of the cost benchmarks (not saved)
 # Our EK-FAC against Kronfluence's on mnist-cnn's explained model, each in its own process (about 15 min on 2
 # idle cores): results/perf/peers-<device>.json. Installs the peers extra into the venv first.
 bench-peers: venv ## our EK-FAC vs Kronfluence's on mnist-cnn (installs the peers extra): results/perf/peers-*.json
-	@$(PY) -c "import kronfluence, trak" 2>/dev/null || $(PY) -m pip install -q -e '.[peers]'
+	@$(PY) -c "import kronfluence, trak, dattri" 2>/dev/null || $(PY) -m pip install -q -e '.[peers]'
 	$(PY) -m benchmarks.bench_peers
 
 # Mutation testing (docs/testing.md): mutmut changes the code that computes numbers one mutant at a time and runs
@@ -183,10 +183,10 @@ bench-peers: venv ## our EK-FAC vs Kronfluence's on mnist-cnn (installs the peer
 # slower ones (curvature, solver API, training, our solvers: their tests fit models), the first mutant of every
 # function and every one whose number ends in 0 or 5 (~22%), so that the default run fits 30 min on 2 cores.
 # Left out: the run engine (orchestration; its tests run whole benchmark tasks, test_runner) and the peer
-# adapters (kronfluence, traker: their numbers are the peer library's, their tests need the peers extra).
+# adapters (kronfluence, traker, dattri: their numbers are the peer library's, their tests need the peers extra).
 MUTATE_ALL     ?= benchmark.core.stats benchmark.evaluate.metrics benchmark.groundtruth.protocol
 MUTATE_SAMPLED ?= benchmark.core.kronecker benchmark.core.products benchmark.evaluate.solver benchmark.setup.training \
-                  $(patsubst solvers/%.py,solvers.%,$(filter-out solvers/kronfluence.py solvers/traker.py,$(wildcard solvers/*.py)))
+                  $(patsubst solvers/%.py,solvers.%,$(filter-out solvers/kronfluence.py solvers/traker.py solvers/dattri.py,$(wildcard solvers/*.py)))
 MUTATE ?= $(foreach m,$(MUTATE_ALL),$(m).*) \
           benchmark.setup.config.x_unit_seed__mutmut_* benchmark.setup.config.x_stable_hash__mutmut_* \
           $(foreach m,$(MUTATE_SAMPLED),$(m).*__mutmut_1 $(m).*__mutmut_*[05])

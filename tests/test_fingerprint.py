@@ -15,6 +15,18 @@ RUNS = Path(__file__).resolve().parents[1] / "results" / "runs"
 SOLVERS = registry.available()
 NUDGE = fingerprint.PERTURBATIONS + 7  # a nudge the tolerance was not learnt from
 SLOW_PROBES = {"lissa"}  # depth 1000 on 48 self-influences: 5-10 s a probe
+# dattri's LiSSA runs its 1,000 steps one vector at a time (solvers/dattri.py): minutes a probe, too slow for the suite
+UNPROBED = {"dattri-if-lissa": "its probe takes minutes (1,000 LiSSA steps per vector, one vector at a time)"}
+# Peer solvers whose probe at their library's defaults round-off moves past SOLVER_RTOL_CAP, and why: their records
+# stay strict (another machine's round-off makes them stale, with this reason), never unable to go stale.
+ILL_CONDITIONED_PROBES = {
+    "dattri-if-cg": "dattri's CG runs 10 steps from x₀ = v at λ = 1e-3, far from converged",
+    "dattri-if-arnoldi": "dattri's Arnoldi runs 100 steps without re-orthogonalisation in the probe's few parameters",
+    "dattri-if-ekfac": "the probe's covariances are rank-deficient, so round-off picks their eigenvectors, and dattri's "
+                       "rotation (Q where EK-FAC uses Qᵀ) does not cancel that choice",
+    "dattri-trak": "proj_dim 2,048 on the probe's 48 training points without a ridge: a singular kernel",
+    "traker": "proj_dim 2,048 on the probe's 48 training points without a ridge (lambda_reg 0): a singular kernel",
+}
 
 
 def _available(name):
@@ -37,9 +49,15 @@ def test_a_round_off_nudge_of_the_probe_inputs_does_not_move_the_fingerprint(nam
     another machine's round-off amounts to) keeps the fingerprint; only TRAK's query scores need a tolerance
     above the strict one, and it stays below 5%."""
     cls = _available(name)
+    if name in UNPROBED:
+        pytest.skip(UNPROBED[name])
     base = fingerprint.solver_probe(cls, cls.defaults)
     nudged = fingerprint.solver_probe(cls, cls.defaults, perturbation=NUDGE)
     assert "error" not in base and nudged != base  # the nudge reached the probe
+    if name in ILL_CONDITIONED_PROBES:
+        diff = fingerprint.compare_solver(nudged, base, cls, cls.defaults)
+        assert diff is not None and "too ill-conditioned" in diff, diff  # a fixed probe: drop it from the list
+        return
     assert fingerprint.compare_solver(nudged, base, cls, cls.defaults) is None
     strict = fingerprint.compare(nudged, base, fingerprint.SOLVER_RTOL)
     if name == "trak":

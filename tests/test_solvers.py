@@ -40,7 +40,11 @@ from benchmark.setup.plugins import REPO_ROOT
 SOLVERS = sorted(registry.available())
 TIGHT = dict(rtol=1e-8, atol=1e-10)
 # Options that keep a contract test small (and well posed: TRAK's projected kernel needs proj_dim < N).
-SMALL = {"cg": {"tol": 1e-10}, "lissa": {"depth": 20, "batch_size": 8}, "traker": {"proj_dim": 8}}
+SMALL = {"cg": {"tol": 1e-10}, "lissa": {"depth": 20, "batch_size": 8}, "traker": {"proj_dim": 8},
+         # dattri's CG runs max_iter steps whatever the residual
+         "dattri-if-cg": {"max_iter": 25}, "dattri-if-lissa": {"recursion_depth": 20, "batch_size": 8}}
+# Solvers that factor nn.Linear layers only: the scores contract runs on the tiny MLP instead of the CNN.
+LINEAR_ONLY = {"dattri-if-ekfac"}
 FLOAT32 = {"traker"}  # computes in float32 whatever the model's precision (its half precision needs a GPU)
 
 
@@ -633,12 +637,12 @@ def test_scores_follow_the_definition_and_chunking_changes_nothing(name):
     without an IHVP or self-influence refuses them with a SolverError; its scores are checked against their
     features here (TracIn) or against their definition in tests/test_peers.py (traker)."""
     cls = installed(name)
-    task = for_solver(cls, problem("cnn", n=24)[0])
+    task = for_solver(cls, problem("mlp" if name in LINEAR_ONLY else "cnn", n=24)[0])
     x, y = task.train_x, task.train_y
     kw = {"damping": 0.1} if "damping" in cls.defaults else {}
     kw.update(SMALL.get(name, {}))
     s = cls(**kw).fit(task)
-    qx, qy = data(5, (1, 6, 6), seed=7)
+    qx, qy = data(5, tuple(x.shape[1:]), seed=7)
     whole = s.scores(qx, qy, x, y, query_chunk=100, train_chunk=100)
     chunked = s.scores(qx, qy, x, y, query_chunk=2, train_chunk=7)
     scale = 1e-7 if name not in FLOAT32 else 1e-6 * float(whole.abs().max())
@@ -1248,6 +1252,8 @@ IHVP_NOT_THE_DAMPED_INVERSE = {
                "its curvature the empirical Fisher, inverted as an average of rank-one inverses (measured: 48)",
     "trak": "it inverts the projected empirical Fisher of the margin (no logit Hessian) with a ridge relative to the "
             "kernel's mean eigenvalue (measured: 7.8)",
+    "dattri-if-datainf": "DataInf's curvature is the empirical Fisher, inverted as an average of rank-one inverses "
+                         "(absolute damping; measured: 1.02)",
 }
 IHVP_SOLVERS = [n for n in SOLVERS if registry.get(n).has_ihvp()]
 

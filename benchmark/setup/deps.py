@@ -1,7 +1,7 @@
 """Floor 2: optional dependencies, imported only when a feature needs them.
 
 ``ray`` (distributed ground truth), ``timm``/``datasets``/``torchvision`` (natural-image settings),
-``kronfluence``/``trak`` (peer libraries as solvers) are extras, not requirements: the core benchmark installs and runs without them. :func:`require` imports one
+``kronfluence``/``trak``/``dattri`` (peer libraries as solvers) are extras, not requirements: the core benchmark installs and runs without them. :func:`require` imports one
 and, when it is missing, raises an error that names the feature and the install line.
 """
 
@@ -13,7 +13,7 @@ from types import ModuleType
 
 # module -> the pyproject extra that installs it
 EXTRAS = {"ray": "distributed", "timm": "vision", "datasets": "vision", "torchvision": "vision",
-          "huggingface_hub": "vision", "kronfluence": "peers", "trak": "peers"}
+          "huggingface_hub": "vision", "kronfluence": "peers", "trak": "peers", "dattri": "peers"}
 
 
 class MissingDependency(ImportError):

@@ -285,3 +285,28 @@ def test_the_hugging_face_dataset_gives_the_same_lds_as_the_ground_truth(tmp_pat
     assert gt.root_hash() in card and "license: cc-by-sa-3.0" in card and "cff-version" in card
     for t in hf.TABLES:
         assert sha256_file(folder / "data" / f"{t}.parquet") in card
+
+
+def test_pinning_the_same_bundle_again_leaves_the_pin_file_byte_identical(tmp_path, monkeypatch):
+    """A re-export of unchanged results re-pins nothing: the pin file (committed) keeps its bytes and its date."""
+    import datetime as dt
+
+    from benchmark.setup import bundle
+
+    member = tmp_path / "b.tar.gz"
+    member.write_bytes(b"x")
+    manifest = {"setting": "s", "root_hash": "a" * 64, "members": {}, "artifacts": {}}
+    pins = tmp_path / "pins.json"
+    bundle.pin(manifest, member, pins)
+    first = pins.read_bytes()
+
+    class Later(dt.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return dt.datetime(2030, 1, 1, tzinfo=tz)
+
+    monkeypatch.setattr(bundle._dt, "datetime", Later)
+    bundle.pin(manifest, member, pins)
+    assert pins.read_bytes() == first
+    bundle.pin({**manifest, "root_hash": "b" * 64}, member, pins)  # another bundle: a new pin, with its date
+    assert bundle.pinned("s", pins) == "b" * 64 and b"2030-01-01" in pins.read_bytes()

@@ -320,6 +320,8 @@ def pin(manifest: dict, bundle_file: Path, path: Path | None = None) -> None:
     """Record ``manifest``'s root hash as the pinned bundle of its setting (other settings' pins are kept)."""
     path = Path(path or PINS)
     data = read_pins(path)
+    if (data["bundles"].get(manifest["setting"]) or {}).get("root_hash") == manifest["root_hash"]:
+        return  # the same bundle: the pin (and its date) stays byte-identical
     data["bundles"][manifest["setting"]] = {
         "root_hash": manifest["root_hash"], "file": Path(bundle_file).name,
         "bytes": Path(bundle_file).stat().st_size, "members": len(manifest["members"]),

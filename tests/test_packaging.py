@@ -115,3 +115,33 @@ def test_the_installed_package_works_from_any_folder(installed_wheel, tmp_path):
     # Reading results that are not there yet: one line saying how to fetch them.
     out = _run(venv, "table1", "mnist-lr", cwd=elsewhere, XDG_CACHE_HOME=str(cache))
     assert out.returncode == 2 and "tdabench fetch" in out.stderr and out.stderr.count("\n") == 1
+
+
+@pytest.mark.slow
+def test_the_wheel_fetches_a_bundle_and_runs_the_readme_example_outside_a_clone(installed_wheel, tmp_path):
+    """The issue's whole path: a wheel outside any clone fetches the mnist-lr bundle from a local file into its
+    results root and runs README's API example, printing the committed EK-FAC LDS."""
+    from eval_helpers import require_real_data
+
+    from benchmark.cli import main
+    from benchmark.evaluate import records
+    from benchmark.setup import settings
+    from benchmark.setup.store import ResultsStore
+
+    require_real_data(settings.get("mnist-lr"))
+    venv, _ = installed_wheel
+    assert main(["export", "mnist-lr", "--out", str(tmp_path / "dist"), "--quiet"]) == 0
+    bundle = next((tmp_path / "dist").glob("tdabench-mnist-lr-*.tar.gz"))
+    elsewhere, root = tmp_path / "elsewhere", tmp_path / "cache-results"
+    elsewhere.mkdir()
+    out = _run(venv, "fetch", "mnist-lr", "--from", str(bundle), cwd=elsewhere, TDABENCH_RESULTS=str(root))
+    assert out.returncode == 0, out.stderr
+    example = subprocess.run([str(venv / "bin" / "python"), str(REPO_ROOT / "examples" / "api_example.py")],
+                             cwd=elsewhere, capture_output=True, text=True,
+                             env={**{k: v for k, v in os.environ.items() if not k.startswith("TDABENCH_")},
+                                  "TDABENCH_RESULTS": str(root), "TDABENCH_OFFLINE": "1"})
+    assert example.returncode == 0, example.stderr[-2000:]
+    committed = records.read_record(ResultsStore.default(), "mnist-lr", "ekfac")["lds"]
+    first = example.stdout.splitlines()[0]
+    assert f"LDS {committed['mean']:.4f} ± {committed['se']:.4f}" in first
+    assert "identical on all" in example.stdout.splitlines()[1]

@@ -28,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    # Parsed before anything heavy is imported: `--help` and argument errors answer without loading torch.
+    args = build_parser().parse_args(argv)
     from ..evaluate.engine import RunError
     from ..evaluate.solver import SolverError
     from ..groundtruth.executors import ExecutorError
@@ -38,7 +40,6 @@ def main(argv=None) -> int:
     from ..setup.store import StoreError, describe_os_error
     from ..studies.regress import RegressionError
 
-    args = build_parser().parse_args(argv)
     # torch's own forward-mode decompositions (torch/_decomp/decompositions_for_jvp.py) script a graph on
     # first use and warn that torch.jit.script is deprecated; nothing here can act on it.
     warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.* is deprecated", category=FutureWarning)

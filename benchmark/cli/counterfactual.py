@@ -42,7 +42,7 @@ def _cmd_unlearning(args) -> int:
 
 
 def _common(s) -> None:
-    s.add_argument("setting")
+    s.add_argument("setting", help=resolve.SETTING_HELP)
     s.add_argument("--solver", action="append", help="solver (repeatable; default: ekfac), with the hyper-parameters "
                                                      "chosen for LDS in its run record (else its defaults)")
     s.add_argument("--seeds", type=int, default=2, help="retraining seeds per experiment; seed 0 is the explained "

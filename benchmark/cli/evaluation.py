@@ -133,8 +133,9 @@ def _cmd_regress(args) -> int:
 
 
 def add_commands(sub) -> None:
-    s = sub.add_parser("run", help="evaluate one solver on one setting (LDS, mislabel) -> results/runs/<setting>/<solver>.json")
-    s.add_argument("--setting", required=True)
+    s = sub.add_parser("run", help="evaluate one solver on one setting (LDS, mislabel) -> results/runs/<setting>/<solver>.json; use it for one "
+                                   "row, `leaderboard` for every missing or stale one")
+    s.add_argument("--setting", required=True, help=resolve.SETTING_HELP)
     s.add_argument("--solver", required=True, help="a solver name (`tdabench solvers`) or baseline-random / baseline-loss")
     s.add_argument("--param", action="append", metavar="K=V", help="fix a hyper-parameter (not searched); repeatable")
     s.add_argument("--task", action="append", choices=["lds", "mislabel"],
@@ -156,14 +157,15 @@ def add_commands(sub) -> None:
     s = sub.add_parser("compare", help="rows of one setting side by side: LDS and the paired per-query difference "
                                        "from the first row (where both score the same queries and target, "
                                        "explaining models of the same artifact)")
-    s.add_argument("setting")
+    s.add_argument("setting", help=resolve.SETTING_HELP)
     s.add_argument("rows", nargs="+", metavar="ROW", help="leaderboard rows (solver names; <solver>-ens<n> for an "
                                                         "ensemble); the first is the reference")
     s.set_defaults(func=_cmd_compare)
 
     s = sub.add_parser("lds", help="Table 1 RECOMPUTED from the committed ground truth, beside the committed record "
-                                   "and the paper (exit 1 when they disagree beyond the standard error)")
-    s.add_argument("setting")
+                                   "and the paper (exit 1 when they disagree beyond the standard error); use it to "
+                                   "check a number yourself (minutes); never writes a record")
+    s.add_argument("setting", help=resolve.SETTING_HELP)
     s.add_argument("--solver", action="append", help="default: ekfac")
     s.add_argument("--search-queries", type=int, help="validation queries used for the grid search (default: all)")
     s.add_argument("--explain", choices=sorted(EXPLAIN),
@@ -172,13 +174,15 @@ def add_commands(sub) -> None:
     s.add_argument("--device")
     s.set_defaults(func=_cmd_lds)
 
-    s = sub.add_parser("table1", help="Table 1 from the COMMITTED run records, without recomputing (marks stale ones)")
-    s.add_argument("setting")
+    s = sub.add_parser("table1", help="Table 1 from the COMMITTED run records, without recomputing (marks stale ones); "
+                                   "use it to read the numbers (seconds)")
+    s.add_argument("setting", help=resolve.SETTING_HELP)
     s.add_argument("--solver", action="append", help="default: ekfac")
     s.set_defaults(func=_cmd_table1)
 
     s = sub.add_parser("leaderboard", help="rerun what is missing or stale, write results/leaderboard.{csv,md}, "
-                                          "figures and the report (results/report/)")
+                                          "figures and the report (results/report/); use it after "
+                                          "adding a solver or changing code (--dry-run: the plan)")
     s.add_argument("--setting", action="append", help="rerun only these settings (the tables keep every row)")
     s.add_argument("--solver", action="append", help="rerun only these solvers (the tables keep every row)")
     s.add_argument("--no-rerun", action="store_true", help="only rewrite the tables from the existing records")

@@ -42,7 +42,7 @@ def _cmd_evaluate(args) -> int:
 def add_commands(sub) -> None:
     s = sub.add_parser("evaluate", help="evaluate a score matrix computed elsewhere (external scores): LDS on the "
                                         "reported queries -> results/runs/<setting>/<name>.json, or --validation")
-    s.add_argument("setting")
+    s.add_argument("setting", help=resolve.SETTING_HELP)
     s.add_argument("--scores", required=True, metavar="FILE",
                    help="(Q, N) scores, .npy / .pt / .safetensors: row q the reported query tdabench.load(SETTING)"
                         ".queries.reported.indices[q] (the ground truth's queries.npy, in order), column i training "

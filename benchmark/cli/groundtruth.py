@@ -207,7 +207,7 @@ def _ray_options(s) -> None:
 
 def add_commands(sub) -> None:
     s = sub.add_parser("gt", help="build, resume, extend, repair or verify a ground-truth artifact")
-    s.add_argument("setting")
+    s.add_argument("setting", help=resolve.SETTING_HELP)
     s.add_argument("--verify", action="store_true", help="verify the newest (or --version) artifact and print a summary")
     s.add_argument("--require-complete", action="store_true", help="with --verify: exit 3 if the artifact is incomplete")
     s.add_argument("--study", action="store_true",
@@ -240,7 +240,7 @@ def add_commands(sub) -> None:
     s.set_defaults(func=_cmd_gt)
 
     s = sub.add_parser("zoo", help="train explained models with per-epoch checkpoints -> results/models/<setting>/")
-    s.add_argument("setting")
+    s.add_argument("setting", help=resolve.SETTING_HELP)
     s.add_argument("--models", type=int, default=8, help="models the zoo should hold (it only grows; default 8)")
     s.add_argument("--base-seed", type=int, default=0)
     s.add_argument("--device")

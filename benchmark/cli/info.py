@@ -65,5 +65,5 @@ def add_commands(sub) -> None:
     s.set_defaults(func=_cmd_solvers)
 
     s = sub.add_parser("data", help="fetch and verify a setting's data files")
-    s.add_argument("setting", nargs="+")
+    s.add_argument("setting", nargs="+", help=resolve.SETTING_HELP)
     s.set_defaults(func=_cmd_data)

@@ -5,9 +5,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..evaluate import registry
-from ..setup import settings as settings_mod
 from ..setup.store import RESULTS_ENV, ResultsStore
+
+# Every command's setting argument says the same.
+SETTING_HELP = ("a setting (`tdabench settings` lists them), e.g. mnist-lr; SETTING@field=value,... derives "
+                "one with another recipe")
+
+# The registries import torch and every plugin: imported where a name is resolved, so that `tdabench --help` and
+# argument errors answer at once.
 
 
 def store(args, reading: bool = False) -> ResultsStore:
@@ -21,11 +26,13 @@ def store(args, reading: bool = False) -> ResultsStore:
     return chosen
 
 
-def setting(name: str) -> settings_mod.Setting:
+def setting(name: str):
+    from ..setup import settings as settings_mod
+
     return settings_mod.get(name)
 
 
-def settings(names: list[str] | None) -> list[settings_mod.Setting]:
+def settings(names: list[str] | None) -> list:
     """The named settings, or every leaderboard setting when none is named."""
     from ..evaluate.campaign import leaderboard_settings
 
@@ -34,15 +41,21 @@ def settings(names: list[str] | None) -> list[settings_mod.Setting]:
 
 def method(name: str):
     """A solver class or a baseline (``baseline-random``, ``baseline-loss``)."""
+    from ..evaluate import registry
+
     return registry.resolve(name)
 
 
 def solver(name: str):
+    from ..evaluate import registry
+
     return registry.get(name)
 
 
 def solvers(names: list[str] | None) -> dict:
     """{name: class} of the named solvers, or of every solver that imports when none is named."""
+    from ..evaluate import registry
+
     return {n: registry.get(n) for n in names} if names else registry.available()
 
 

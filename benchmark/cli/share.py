@@ -60,7 +60,7 @@ def _cmd_fetch(args) -> int:
 def add_commands(sub) -> None:
     s = sub.add_parser("export", help="write a setting's pinned artifacts and run records as one checksummed bundle "
                        "(or its ground truth as a Hugging Face dataset with --format hf)")
-    s.add_argument("setting")
+    s.add_argument("setting", help=resolve.SETTING_HELP)
     s.add_argument("--format", choices=["bundle", "hf"], default="bundle",
                    help="bundle: ground truth, zoo, mislabel artifacts and run records in one .tar.gz (default); "
                         "hf: the ground truth as a Hugging Face dataset folder")
@@ -73,7 +73,7 @@ def add_commands(sub) -> None:
 
     s = sub.add_parser("fetch", help="verify a setting's bundle against its pinned root hash and unpack it into the "
                        "results folder")
-    s.add_argument("setting")
+    s.add_argument("setting", help=resolve.SETTING_HELP)
     s.add_argument("--from", dest="source", required=True, metavar="PATH_OR_URL",
                    help="the bundle file, or an http(s) URL (refused under TDABENCH_OFFLINE)")
     s.add_argument("--root-hash", metavar="HASH",

@@ -105,7 +105,7 @@ def _cmd_figures(args) -> int:
 def add_commands(sub) -> None:
     s = sub.add_parser("gap", help="Table 1 gap study: LDS vs target replicas, ensemble, measurement, damping "
                                    "(validation queries) -> results/gap/")
-    s.add_argument("setting")
+    s.add_argument("setting", help=resolve.SETTING_HELP)
     s.add_argument("--solver", action="append", help="default: ekfac")
     s.add_argument("--param", action="append", metavar="K=V",
                    help="fix a hyper-parameter (default: those chosen on validation queries in the run record)")
@@ -120,7 +120,7 @@ def add_commands(sub) -> None:
     s.set_defaults(func=_cmd_gap)
 
     s = sub.add_parser("mislabel", help="mislabel detection: build the corrupted-label model, rank, print recall")
-    s.add_argument("setting")
+    s.add_argument("setting", help=resolve.SETTING_HELP)
     s.add_argument("--build", action="store_true", help="only build the corrupted-label artifact (unless --solver)")
     s.add_argument("--solver", action="append", help="default: ekfac")
     s.add_argument("--fraction", type=float, default=0.1)
@@ -155,7 +155,7 @@ def add_commands(sub) -> None:
 
     s = sub.add_parser("figures", help="qualitative: the training images each solver blames per query, and the top "
                                        "self-influence images -> results/qualitative/, results/figures/")
-    s.add_argument("setting")
+    s.add_argument("setting", help=resolve.SETTING_HELP)
     s.add_argument("--solver", action="append", help="default: ekfac")
     s.add_argument("--query", type=int, action="append", help="test-set index of a query (default: a seeded choice)")
     s.add_argument("--n-queries", type=int, default=3)

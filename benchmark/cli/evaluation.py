@@ -200,7 +200,8 @@ def add_commands(sub) -> None:
     s.add_argument("--params-from-records", action="store_true",
                    help="with --update: take each solver's hyper-parameters from its committed run record (chosen "
                         "there on the validation queries) instead of a grid search")
-    s.add_argument("--setting", action="append")
+    s.add_argument("--setting", action="append", help="check only these settings (repeatable; default: the CI set, "
+                   "regress.REGRESS_SETTINGS)")
     s.add_argument("--solver", action="append")
     s.add_argument("--device", default="cpu")
     s.set_defaults(func=_cmd_regress)

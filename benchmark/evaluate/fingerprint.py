@@ -151,9 +151,16 @@ def _relative_move(a, b) -> float:
 
 
 @functools.lru_cache(maxsize=256)
+def cached_probe(cls, params_json: str) -> dict:
+    """:func:`solver_probe` of ``cls`` with its parameters as sorted JSON, once per process: a record's check and
+    the tolerance measured after a strict failure share it."""
+    return solver_probe(cls, json.loads(params_json))
+
+
+@functools.lru_cache(maxsize=256)
 def _probe_moves(cls, params_json: str) -> tuple[tuple[str, float], ...]:
     params = json.loads(params_json)
-    base = solver_probe(cls, params)
+    base = cached_probe(cls, params_json)
     if "error" in base:
         return ()
     moves = {key: 0.0 for key in base}

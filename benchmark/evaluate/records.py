@@ -22,7 +22,6 @@ canonical JSON of the rest, written by :func:`run`) must match. One that does no
 from __future__ import annotations
 
 import datetime as _dt
-import functools
 import json
 import math
 from pathlib import Path
@@ -100,15 +99,10 @@ def target_hash(gt: GroundTruth, section: dict) -> str:
 
 # ---------------------------------------------------------------- fingerprints
 
-@functools.lru_cache(maxsize=256)
-def _solver_probe(cls: type[Solver], params_json: str) -> dict:
-    return fingerprint.solver_probe(cls, json.loads(params_json))
-
-
 def solver_fingerprint(method, params: dict | None) -> dict | None:
     if isinstance(method, Baseline):
         return None
-    return _solver_probe(method, json.dumps({**method.defaults, **(params or {})}, sort_keys=True))
+    return fingerprint.cached_probe(method, json.dumps({**method.defaults, **(params or {})}, sort_keys=True))
 
 
 def section_fingerprint(method, params: dict | None) -> dict:

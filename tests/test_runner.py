@@ -688,6 +688,14 @@ def test_compare_pairs_rows_that_explain_the_same_model_and_queries(toy, store, 
                              **QUIET)["lds"]
     ens = records.read_record(store, SETTING, "toy-exact", 2)["lds"]
     assert records.unpaired_reasons(ens, single_zoo) == []  # zoo 0–1 against zoo 0: the same queries and target
+    # the zoo grows (its root hash changes): a row explaining the new model still pairs with the older rows
+    zoo_mod.build(S, zoo_mod.ZooSpec(models=3), store=store, executor=LocalExecutor(1), progress=False,
+                  log=lambda *x: None)
+    later = records.run(store, S, bad, search=False, tasks=["lds"], ensemble=1, explain="zoo", write=False,
+                        **QUIET)["lds"]
+    assert later["explained"]["root_hash"] != ens["explained"]["root_hash"]
+    assert records.unpaired_reasons(ens, later) == []
+    assert records.unpaired_reasons(ens, {**later, "explained": {**later["explained"], "version": "v9"}})
     legacy = {k: v for k, v in a.items() if k != "explained"}  # records from before `explained` was written
     assert a["explained"]["source"] == "ground truth" and records.unpaired_reasons(a, legacy) == []
     assert records.explained_label(legacy) == records.explained_label(a) == "gt 0"

@@ -492,11 +492,14 @@ def unpaired_reasons(a: dict, b: dict) -> list[str]:
 
 
 def _explained_key(lds: dict) -> tuple:
-    """(artifact kind, its root hash, model indices) an LDS section explained: the zoo's models file for file, or
-    the ground truth's own full-data models 0..n-1 (older sections say so by omitting ``explained``)."""
+    """(artifact kind, which artifact, model indices) an LDS section explained: the zoo's models file for file, or
+    the ground truth's own full-data models 0..n-1 (older sections say so by omitting ``explained``). A zoo is
+    named by its setting, version and recipe, not its root hash: the zoo only grows, and a model's files are
+    checked on their own (``used_files_hash``), so a row explaining model 20 pairs with one explaining model 0
+    that was recorded before model 20 was trained."""
     e = lds.get("explained") or {}
     if e.get("source") == "zoo":
-        return "zoo", e.get("root_hash"), tuple(e.get("models") or (0,))
+        return "zoo", (e.get("setting"), e.get("version"), e.get("recipe_hash")), tuple(e.get("models") or (0,))
     return "gt", None, tuple(range(lds.get("ensemble") or 1))
 
 

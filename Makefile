@@ -73,6 +73,10 @@ gap-mnist: venv ## Table 1 gap study: LDS vs replicas, ensemble, measurement, da
 gap-fmnist: venv ## the same gap study on fmnist-cnn
 	$(TDABENCH) gap fmnist-cnn $(SOLVER_ARGS) $(GAP_ARGS)
 
+.PHONY: ceiling
+ceiling: venv ## the noise ceiling's bias and the corrected ceiling of every committed ground truth (results/ceiling.json)
+	$(TDABENCH) ceiling
+
 leaderboard: venv ## rerun missing/stale rows, write results/leaderboard.{csv,md}, figures and the report
 ##|   make leaderboard SETTINGS='mnist-lr mnist-mlp-small' SOLVERS=mysolver: only those rows
 	$(TDABENCH) leaderboard $(LB_ARGS)

@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.stats import spearmanr
 
-from benchmark.core.stats import bootstrap_se, mean_se, noise_ceiling, spearman_brown, spearman_rows
+from benchmark.core.stats import (CeilingSimulation, bootstrap_se, ceiling_bias, mean_se, noise_ceiling,
+                                  pairwise_agreement, simulate_ground_truth, spearman_brown, spearman_rows)
 
 
 @pytest.mark.filterwarnings("ignore::scipy.stats.ConstantInputWarning")  # constant rows are part of the test
@@ -105,6 +106,99 @@ def test_noise_ceiling_estimates_the_lds_of_the_true_datamodel():
     half = spearman_rows(outputs[:2].mean(0).T, outputs[2:].mean(0).T).mean()
     old = np.sqrt(2 * half / (1 + half))
     assert old - truth > 3 * nc["lds_ceiling_se"]
+
+
+# The real regime (issue 35): the CNN and MLP ground truths have M = 100 subsets, R = 4 replicas and a single-seed
+# agreement of 0.15-0.17 whose spread over queries is partly real. A Beta(4.8, 24.1) single-seed reliability (mean
+# 0.166, sd 0.068) is what the deconvolution finds for mnist-cnn; the estimator is low by about 0.008 there.
+REAL_REGIME_BETA = (4.8, 24.1)
+# Well below that bias; the realised error of a corrected ceiling over 12,000 queries has an sd of about 0.001.
+TIGHT = 0.003
+
+
+@pytest.fixture(scope="module")
+def real_regime():
+    rng = np.random.default_rng(35)
+    rho = rng.beta(*REAL_REGIME_BETA, size=12_000)
+    signal, outputs = simulate_ground_truth(rho, 4, 100, rng)
+    truth = spearman_rows(signal.T, outputs.mean(0).T).mean()  # the true datamodel's LDS against the 4-seed target
+    sim = CeilingSimulation(repeats=4, calibration_steps=8, calibration_draws=1, seed=0)
+    return rho, outputs, truth, ceiling_bias(outputs, sim=sim)
+
+
+def test_noise_ceiling_is_biased_low_in_the_real_regime(real_regime):
+    """With the data's single-seed agreement (≈ 0.16) and spread, M = 100 and R = 4, noise in each query's
+    split-half correlation passes through the concave step-up and root: the plain estimator falls short of the
+    true datamodel's LDS by more than the tight tolerance, and ceiling_bias measures that shortfall."""
+    rho, outputs, truth, res = real_regime
+    agreement = pairwise_agreement(outputs).mean()
+    assert 0.15 <= agreement <= 0.17, agreement
+    assert res["lds_ceiling"] == noise_ceiling(outputs)["lds_ceiling"]  # the recorded estimator, unchanged
+    assert truth - res["lds_ceiling"] > TIGHT, (res["lds_ceiling"], truth)
+    assert res["bias"] < -TIGHT and res["bias_se"] < TIGHT / 5, res
+
+
+def test_corrected_noise_ceiling_is_unbiased_in_the_real_regime(real_regime):
+    """The corrected ceiling, computed from the outputs alone (no knowledge of the true reliabilities), lands within
+    the tight tolerance of the true datamodel's LDS, and its interval covers it."""
+    rho, outputs, truth, res = real_regime
+    assert abs(res["corrected"] - truth) < TIGHT, (res["corrected"], truth, res["bias"])
+    assert res["interval"][0] <= truth <= res["interval"][1], (res["interval"], truth)
+    assert res["corrected"] == pytest.approx(res["lds_ceiling"] - res["bias"])
+    assert res["corrected_se"] == pytest.approx(np.hypot(res["lds_ceiling_se"], res["bias_se"]))
+
+
+def test_ceiling_calibration_deconvolves_the_reliability_spread(real_regime):
+    """The observed per-query agreements are the true reliabilities plus sampling noise: taken at face value
+    (the plug-in calibration) their spread is too wide; the deconvolved reliabilities recover the true mean and
+    spread, and their simulated agreements reproduce the observed distribution."""
+    rho, outputs, truth, res = real_regime
+    cal = res["calibration"]
+    assert cal["single_seed_reliability"]["mean"] == pytest.approx(rho.mean(), abs=0.005)
+    assert cal["single_seed_reliability"]["sd"] == pytest.approx(rho.std(ddof=1), abs=0.005)
+    plugin_sd = np.std(2 * np.sin(np.pi * pairwise_agreement(outputs) / 6), ddof=1)
+    assert plugin_sd > rho.std(ddof=1) + 0.01  # what the deconvolution removes
+    for p, x in cal["observed_agreement"]["quantiles"].items():
+        assert cal["simulated_agreement"]["quantiles"][p] == pytest.approx(x, abs=0.005), p
+    assert cal["mean_abs_quantile_gap"][-1] < cal["mean_abs_quantile_gap"][0] / 4
+
+
+def test_simulated_ground_truth_has_the_given_reliability():
+    """One replica correlates with another as the reliability says (Pearson), and Spearman as for a normal pair."""
+    rng = np.random.default_rng(1)
+    rho = np.array([0.1, 0.3, 0.7])
+    signal, outputs = simulate_ground_truth(rho, 2, 200_000, rng)
+    pearson = [np.corrcoef(outputs[0, :, q], outputs[1, :, q])[0, 1] for q in range(3)]
+    assert pearson == pytest.approx(rho, abs=0.01)
+    spearman = [spearmanr(outputs[0, :, q], outputs[1, :, q]).statistic for q in range(3)]
+    assert spearman == pytest.approx(6 / np.pi * np.arcsin(rho / 2), abs=0.01)
+    assert np.corrcoef(signal[:, 0], outputs[0, :, 0])[0, 1] ** 2 == pytest.approx(rho[0], abs=0.01)
+
+
+@pytest.mark.filterwarnings("ignore::scipy.stats.ConstantInputWarning")
+def test_pairwise_agreement_is_the_mean_spearman_over_replica_pairs():
+    rng = np.random.default_rng(3)
+    outputs = np.round(rng.normal(size=(1, 30, 5)) + rng.normal(size=(4, 30, 5)))  # ties
+    outputs[:, :, 4] = 1.0  # a query that never varies
+    expect = [np.mean([spearmanr(outputs[i, :, q], outputs[j, :, q]).statistic
+                       for i, j in itertools.combinations(range(4), 2)]) for q in range(4)]
+    got = pairwise_agreement(outputs)
+    assert got[:4] == pytest.approx(expect, abs=1e-12) and np.isnan(got[4])
+    assert np.nanmean(got) == pytest.approx(noise_ceiling(outputs)["pairwise_single_seed"])
+
+
+def test_ceiling_bias_is_deterministic_and_checks_its_input():
+    rng = np.random.default_rng(4)
+    outputs = rng.normal(size=(1, 60, 40)) + 2.0 * rng.normal(size=(4, 60, 40))
+    sim = CeilingSimulation(repeats=3, calibration_steps=2, calibration_draws=1, seed=7)
+    a, b = ceiling_bias(outputs, sim=sim), ceiling_bias(outputs, sim=sim)
+    assert a == b
+    assert ceiling_bias(outputs, sim=CeilingSimulation(repeats=3, calibration_steps=2, seed=8))["bias"] != a["bias"]
+    assert a["simulation"]["seed"] == 7 and a["simulation"]["queries"] == 40
+    with pytest.raises(ValueError, match="R >= 2"):
+        ceiling_bias(outputs[:1])
+    with pytest.raises(ValueError, match="repeats >= 2"):
+        CeilingSimulation(repeats=1)
 
 
 def test_noise_ceiling_needs_two_replicas():

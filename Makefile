@@ -148,6 +148,14 @@ unlearning-mnist: venv ## Newton unlearning / label repair vs retraining, mnist-
 ihvp-error: venv ## each solver's IHVP error against the exact inverse (results/ihvp_error.csv)
 	$(TDABENCH) ihvp-error
 
+# Datamodels (docs/counterfactual.md): 3,000 alpha = 0.5 subset models per setting, one thread, into
+# results/datamodels/<setting>/ (resumable; ≈ 0.2 s a model for mnist-lr, 0.5 s for mnist-mlp-small on an idle core),
+# then ridge regressions on the first 100, 300, 1,000 and 3,000 -> results/datamodels/<setting>.json.
+.PHONY: datamodels-small
+datamodels-small: venv ## datamodels (retraining as attribution) on mnist-lr and mnist-mlp-small (resumable)
+	$(TDABENCH) datamodels mnist-lr
+	$(TDABENCH) datamodels mnist-mlp-small
+
 # Cost benchmarks: benchmarks/ (pytest-benchmark), never part of `make test`. `make bench` saves a run under
 # results/perf/<device>/ (commit it to make it the reference); `make bench-compare` runs the suite and fails when a
 # benchmark's fastest round is more than BENCH_FAIL slower than in the last committed run of this machine
@@ -205,6 +213,15 @@ mutate: venv $(MUTATION_STAMP) ## mutation testing of the modules that compute n
 	rm -rf mutants
 	@start=$$(date +%s); TDABENCH_RESULTS=$(CURDIR)/results $(PY) -m mutmut run --max-children 2 $(foreach m,$(MUTATE),"$(m)") || exit 1; \
 	  $(PY) scripts/mutation_report.py --seconds $$(( $$(date +%s) - start )) --covered $(foreach m,$(MUTATE),"$(m)")
+
+# The cost-quality frontier (issue 35): LDS against total compute for ensembles of 1..32 zoo models, one model's
+# checkpoints, and both; every member is fitted and scored once into results/frontier/.units/ (ignored; a rerun
+# resumes there) and every point is an average of them. Needs the 32-model zoo: tdabench zoo mnist-cnn --models 32
+FRONTIER_FAMILIES ?= ekfac trak ekfac:ckpt ekfac:ckpt+zoo
+.PHONY: frontier-mnist
+frontier-mnist: venv ## the cost-quality frontier on mnist-cnn (CPU hours; resumable): results/frontier/, figures
+	$(TDABENCH) data mnist-cnn
+	$(TDABENCH) frontier mnist-cnn $(foreach f,$(FRONTIER_FAMILIES),--family $(f))
 
 # On a GPU machine: ground truth + EK-FAC for the timm settings, within BUDGET_S seconds, resumable
 # (docs/large-settings.md). e.g. make gpu-runbook BUDGET_S=3600 RUNBOOK_SETTINGS="fmnist-resnet mnist-vit"

@@ -12,7 +12,7 @@ import argparse
 import sys
 import warnings
 
-from . import counterfactual, evaluation, external, groundtruth, info, report, share, studies
+from . import counterfactual, datamodels, evaluation, external, frontier, groundtruth, info, report, share, studies
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,7 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the results folder to read and write (default: $TDABENCH_RESULTS, else the repository's "
                         "results/)")
     sub = p.add_subparsers(dest="command", required=True)
-    for module in (info, groundtruth, evaluation, external, studies, counterfactual, report, share):
+    for module in (info, groundtruth, evaluation, external, studies, counterfactual, datamodels, frontier, report,
+                   share):
         module.add_commands(sub)
     return p
 

@@ -6,7 +6,8 @@
 - :func:`remove_top_k` and :func:`unlearning`: the counterfactual-retraining studies (margin drop and flip rate vs k;
   distance ratio and recovered accuracy vs forget-set size);
 - :func:`influence_grid` (the paper's Fig. 1 and appendix Figs. 4-7) and :func:`self_influence_top` (Fig. 2),
-  from the qualitative study's data (:mod:`benchmark.studies.qualitative`).
+  from the qualitative study's data (:mod:`benchmark.studies.qualitative`);
+- :func:`frontier`: the cost–quality frontier, LDS against compute and trained models per family.
 """
 
 from __future__ import annotations
@@ -309,6 +310,63 @@ def _save(fig, out: Path, dpi: int = 120, *, tight: bool = True) -> Path:
     fig.savefig(out, dpi=dpi)
     _plt().close(fig)
     return out
+
+
+FRONTIER_EXTRAPOLATE_TO = 1024  # members an unreachable family's dashed curve is drawn out to
+
+
+def frontier(doc: dict, out: Path, datamodels: list[dict] | None = None) -> Path:
+    """The cost–quality frontier (:mod:`benchmark.studies.frontier`): LDS against compute seconds (left) and trained
+    models (right), log x, one line per family (``datamodels``: the retraining family's points, if given), the noise
+    ceiling and the two targets drawn, each fitted family's extrapolation dashed."""
+    from ..studies.frontier import CURVES, TARGET_LDS, TARGET_OF_CEILING
+
+    plt = _plt()
+    ceiling = doc.get("ceiling")
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    families = [f["name"] for f in doc["families"]] + (["datamodels"] if datamodels else [])
+    for i, name in enumerate(families):
+        color = colors[i % len(colors)]
+        if name == "datamodels":
+            pts = [{"compute_s": p["compute_s"], "trained_models": p["members"], "members": p["members"],
+                    "lds": {"mean": p["lds"], "se": p.get("lds_se") or 0.0}} for p in datamodels]
+        else:
+            pts = [p for p in doc["points"] if p["family"] == name]
+        if not pts:
+            continue
+        y = np.array([p["lds"]["mean"] for p in pts])
+        se = np.array([p["lds"]["se"] or 0.0 for p in pts])
+        for ax, key in zip(axes, ("compute_s", "trained_models")):
+            xs = np.array([p[key] for p in pts], float)
+            ax.errorbar(xs, y, yerr=1.96 * se, marker="o", ms=4, capsize=2, color=color, label=name)
+        fit = (doc.get("fits") or {}).get(name)
+        if fit and fit.get("fitted"):
+            f, keys = CURVES[fit["curve"]]
+            p = fit["fits"][fit["curve"]]["params"]
+            ends = [e["members"] for e in fit["extrapolation"].values() if e["members"]]
+            top = max([max(pt["members"] for pt in pts) * 4, FRONTIER_EXTRAPOLATE_TO if not ends else 0, *ends])
+            n = np.geomspace(max(pt["members"] for pt in pts), top, 60)
+            curve = f(n, *[p[k] for k in keys])
+            # trained models = members for zoo families; a checkpoint family trains one model whatever its members
+            per_model = pts[-1]["trained_models"] / pts[-1]["members"]
+            if per_model == 1:
+                axes[1].plot(n, curve, "--", color=color, lw=1)
+            axes[0].plot(fit["compute_fixed_s"] + fit["compute_per_member_s"] * n, curve, "--", color=color, lw=1)
+    for ax, xlabel in zip(axes, ("total compute (s): fit + score + training of the extra models",
+                                 "trained models (zoo models explained; datamodels: subset models)")):
+        ax.set_xscale("log")
+        if ceiling:
+            ax.axhline(ceiling, color="k", lw=1.2, label=f"noise ceiling {ceiling:.3f}")
+            ax.axhline(TARGET_OF_CEILING * ceiling, color="k", lw=0.8, ls=":",
+                       label=f"{TARGET_OF_CEILING} × ceiling")
+        ax.axhline(TARGET_LDS, color="grey", lw=0.8, ls="-.", label=f"LDS {TARGET_LDS}")
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3, which="both")
+    axes[0].set_ylabel("LDS (reported queries, ±1.96 se)")
+    axes[1].legend(fontsize=7, loc="lower right")
+    fig.suptitle(f"{doc['setting']}: the cost–quality frontier (dashed: fitted curve, extrapolated)")
+    return _save(fig, out, dpi=110)
 
 
 def gap_study(rec: dict, out: Path, paper_lds: float | None = None) -> Path:

@@ -42,7 +42,7 @@ from ..setup import settings as settings_mod
 from ..setup.artifacts import MANIFEST, ArtifactError, read_json, temp_dir_beside, write_json
 from ..setup.data import DataError
 from ..setup.store import ResultsStore
-from ..studies import ihvp_error, qualitative, table1
+from ..studies import frontier, ihvp_error, qualitative, table1
 from . import browser, figures, tables
 from . import leaderboard as lb
 from .leaderboard import CODES, COLUMNS, NOTES, fmt_num, fmt_params, fmt_pm, fmt_text
@@ -293,6 +293,13 @@ class _Site:
                      "score seconds (log scale; rows run on different machines differ in speed as well), with the "
                      "noise ceiling and the paper's value.</p>",
                      '<div class="figs">' + "".join(self._lds_cost(n, self.part(n), 560) for n in shown) + "</div>"]
+            fronts = [f for f in (self._frontier(n) for n in self.names) if f]
+            if fronts:
+                body += ['<h2 id="frontier">The cost–quality frontier</h2><p class="muted">What more compute buys: '
+                         "LDS against total compute (fit + score + training the extra models) and against trained "
+                         "models, for ensembles of zoo models, one model's checkpoints, both, and datamodels; "
+                         "dashed: the fitted saturating curve, extrapolated (<code>tdabench frontier</code>).</p>",
+                         *fronts]
         for name in shown:
             part = self.part(name)
             body.append(f'<h2 id="{html.escape(name)}"><a href="{html.escape(name)}.html">{html.escape(name)}</a></h2>')
@@ -465,6 +472,29 @@ class _Site:
             figures.lds_vs_cost(part, self.palette, path)
         return f"<figure>{_img(rel, name + ': LDS against cost', width=width)}</figure>"
 
+    def _frontier(self, name: str) -> str:
+        """The setting's frontier figure and its fits, drawn from results/frontier/<setting>.json where that file
+        is intact and current; one line saying why where it is not; nothing where there is none."""
+        setting = self.settings.get(name)
+        if setting is None or not frontier.frontier_path(self.store, setting).is_file():
+            return ""
+        try:
+            doc = frontier.read(self.store, setting)
+        except frontier.FrontierError as exc:
+            return f"<p>{html.escape(name)}: {html.escape(str(exc))}</p>"
+        classes = {m.name: m for m in self.methods if m.name in (doc.get("params") or {})}
+        why = frontier.stale_reasons(doc, self.store, setting, classes)
+        if why:
+            return (f"<p>{html.escape(name)}: the frontier is not current ({html.escape('; '.join(why))}); "
+                    f"recompute it with <code>tdabench frontier {html.escape(name)}</code>.</p>")
+        path, rel = self.img(name, "frontier.png")
+        if not path.is_file():  # the index and the setting's page show the same figure
+            figures.frontier(doc, path, frontier.datamodels_points(self.store, setting))
+        fits = "".join(f"<li>{html.escape(line)}</li>" for line in frontier.summary_table(doc).splitlines()
+                       if line.split(":")[0] in (doc.get("fits") or {}))
+        return (f"<figure>{_img(rel, name + ': the cost-quality frontier', style='width:100%')}</figure>"
+                f'<ul class="muted">{fits}</ul>')
+
     # ------------------------------------------------------------------------------------------ setting pages
     def setting_page(self, name: str) -> str | None:
         """The setting's page; None where it would show nothing but rows without a record (no ground truth, no
@@ -483,6 +513,9 @@ class _Site:
         body = ['<p><a href="index.html">← all settings</a></p>', f"<h1>{html.escape(name)}</h1>",
                 f'<p class="lead">{self._summary(name, part)}</p>',
                 "<h2>Leaderboard</h2>", self._leaderboard(name, part), self._lds_cost(name, part)]
+        front = self._frontier(name)
+        if front:
+            body += ["<h2>The cost–quality frontier</h2>", front]
         if setting is not None:
             body += [self._ground_truth(setting), *sections]
         return _page(f"tdabench: {name}", "\n".join(b for b in body if b))

@@ -43,6 +43,12 @@ class TRAKer(Solver):
     parameters = {}
     defaults = {"proj_dim": 2048, "lambda_reg": 0.0, "batch_size": 256}
 
+    @classmethod
+    def probe_params(cls, params):
+        # 2,048 projections of 48 probe examples without a ridge: a singular kernel that round-off decides; 16 < 48
+        # keeps it invertible
+        return {**params, "proj_dim": min(int(params.get("proj_dim", 2048)), 16)}
+
     def fit(self, task):
         super().fit(task)
         from trak import TRAKer as Traker

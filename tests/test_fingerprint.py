@@ -18,15 +18,9 @@ SLOW_PROBES = {"lissa"}  # depth 1000 on 48 self-influences: 5-10 s a probe
 # dattri's LiSSA runs its 1,000 steps one vector at a time (solvers/dattri.py): minutes a probe, too slow for the suite
 UNPROBED = {"dattri-if-lissa": "its probe takes minutes (1,000 LiSSA steps per vector, one vector at a time)"}
 # Peer solvers whose probe at their library's defaults round-off moves past SOLVER_RTOL_CAP, and why: their records
-# stay strict (another machine's round-off makes them stale, with this reason), never unable to go stale.
-ILL_CONDITIONED_PROBES = {
-    "dattri-if-cg": "dattri's CG runs 10 steps from x₀ = v at λ = 1e-3, far from converged",
-    "dattri-if-arnoldi": "dattri's Arnoldi runs 100 steps without re-orthogonalisation in the probe's few parameters",
-    "dattri-if-ekfac": "the probe's covariances are rank-deficient, so round-off picks their eigenvectors, and dattri's "
-                       "rotation (Q where EK-FAC uses Qᵀ) does not cancel that choice",
-    "dattri-trak": "proj_dim 2,048 on the probe's 48 training points without a ridge: a singular kernel",
-    "traker": "proj_dim 2,048 on the probe's 48 training points without a ridge (lambda_reg 0): a singular kernel",
-}
+# stay strict (another machine's round-off makes them stale, with this reason), never unable to go stale. Empty since
+# dattri's CG, Arnoldi, EK-FAC and TRAK and traker state well-conditioned probe parameters (Solver.probe_params).
+ILL_CONDITIONED_PROBES: dict[str, str] = {}
 
 
 def _available(name):
@@ -188,3 +182,14 @@ def test_the_dry_run_says_the_truth_about_an_ensemble_whose_single_model_row_rer
     records.run_path(store, S.name, "toy-exact", 2).unlink()
     lines, planned = dry_run(changed)
     assert planned == ["toy-exact", "toy-exact-ens2"] and "(no record)" in lines[0]
+
+
+def test_the_probe_runs_with_the_parameters_a_solver_states_for_it():
+    """``Solver.probe_params`` decides what the fingerprint runs: a solver that probes at another damping gets that
+    damping's probe, and the default is the record's own parameters."""
+    cls = SOLVERS["identity"] if "identity" in SOLVERS else next(iter(SOLVERS.values()))
+    exact = SOLVERS["exact"]
+    assert cls.probe_params({"a": 1}) == {"a": 1}
+    probed = type("ProbedExact", (exact,), {"probe_params": classmethod(lambda c, p: {**p, "damping": 10.0})})
+    assert fingerprint.solver_probe(probed, {"damping": 1e-3}) == fingerprint.solver_probe(exact, {"damping": 10.0})
+    assert fingerprint.solver_probe(exact, {"damping": 1e-3}) != fingerprint.solver_probe(exact, {"damping": 10.0})

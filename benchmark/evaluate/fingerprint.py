@@ -88,8 +88,8 @@ def _round(values, digits: int = 8) -> list[float]:
 
 
 def solver_probe(cls, params: dict, perturbation: int | None = None) -> dict:
-    """Scores and self-scores of ``cls(**params)`` on the probe problem (or the error it raises there);
-    ``perturbation``: on its nudged variant (:func:`_probe_problem`)."""
+    """Scores and self-scores of ``cls(**cls.probe_params(params))`` on the probe problem (or the error it raises
+    there); ``perturbation``: on its nudged variant (:func:`_probe_problem`)."""
     from .solver import Task
 
     import os
@@ -99,7 +99,8 @@ def solver_probe(cls, params: dict, perturbation: int | None = None) -> dict:
     os.environ["TDABENCH_PROGRESS"] = "0"  # a probe takes seconds: no progress bars
     try:
         model, tx, ty, qx, qy, classes, trajectory = _probe_problem(perturbation)
-        solver = cls(**params).fit(Task(model, tx, ty, classes, "margin", seed=0, trajectory=trajectory))
+        solver = cls(**cls.probe_params(params)).fit(Task(model, tx, ty, classes, "margin", seed=0,
+                                                          trajectory=trajectory))
         probe = {"scores": _round(solver.scores(qx, qy, tx, ty))}
         if cls.has_self_influence:
             probe["self_scores"] = _round(solver.self_scores(tx, ty))

@@ -20,8 +20,9 @@ def _cmd_datamodels(args) -> int:
             print(f"no datamodels result for {setting.name}; compute it with `tdabench datamodels {setting.name}`")
             return 1
         why = datamodels.stale_reasons(result, store, setting)
+        # the verdict first: numbers that are no longer current are never read as if they were
+        print(f"STALE, rerun `tdabench datamodels {setting.name}`: {'; '.join(why)}" if why else "current")
         print(datamodels.table(result))
-        print("STALE, rerun `tdabench datamodels " + setting.name + "`: " + "; ".join(why) if why else "current")
         return 0
     sizes = tuple(sorted(set(args.models or DEFAULT_MODELS)))
     gt = gt_artifact.load(store, setting)

@@ -317,7 +317,9 @@ def test_the_committed_ekfac_row_of_mnist_lr_reproduces_from_a_score_file(tmp_pa
     shutil.copy(records.run_path(committed_store, setting.name, "ekfac"), root / "runs/mnist-lr/ekfac.json")
     store = ResultsStore(root)
     bench = Bench.load(store, setting, resolve=registry.resolve, device="cpu")
-    assert bench.explained.reference == committed["lds"]["explained"]
+    # the same zoo model, file for file (the zoo's root hash moves as the zoo grows; its models never change)
+    without_root = lambda ref: {k: v for k, v in ref.items() if k != "root_hash"}
+    assert without_root(bench.explained.reference) == without_root(committed["lds"]["explained"])
     ekfac = registry.get("ekfac")
     np.save(tmp_path / "ekfac.npy", bench.solver_scores(ekfac, bench.queries.reported, committed["lds"]["params"]))
     np.save(tmp_path / "self.npy", bench.mislabel.self_scores(ekfac, committed["mislabel"]["params"]))

@@ -368,3 +368,20 @@ def test_noise_ceiling_averages_float32_replicas_in_float64():
     nc = noise_ceiling(x)
     assert nc["split_half"] == pytest.approx(np.mean(halves), rel=1e-12)
     assert nc["reliability"] == pytest.approx(rel[0], rel=1e-12)
+
+
+def test_many_replicas_average_a_fixed_sample_of_splits():
+    """32 replicas have 3 × 10⁸ distinct half splits: a seeded sample of MAX_SPLITS distinct disjoint halves stands in
+    (the same every time), small R keeps every split, and the ceiling of a quiet target comes out as simulated."""
+    from benchmark.core.stats import MAX_SPLITS, replica_splits
+
+    assert len(replica_splits(4)) == 3 and len(replica_splits(8)) == 35
+    splits = replica_splits(32)
+    assert splits == replica_splits(32) and len(splits) == MAX_SPLITS
+    assert len({frozenset(s) for s in splits}) == MAX_SPLITS
+    assert all(len(a) == len(b) == 16 and not set(a) & set(b) for a, b in splits)
+    rng = np.random.default_rng(5)
+    rho = np.full(300, 0.16)
+    signal, outputs = simulate_ground_truth(rho, 32, 100, rng)
+    truth = spearman_rows(signal.T, outputs.mean(0).T).mean()
+    assert noise_ceiling(outputs)["lds_ceiling"] == pytest.approx(truth, abs=0.01)

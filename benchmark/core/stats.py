@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,10 +37,27 @@ def mean_se(values: np.ndarray) -> tuple[float, float]:
     return float(v.mean()), float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else float("nan")
 
 
+# Beyond this many distinct splits (R = 8 has 35; R = 32 has 3 × 10⁸) a fixed seeded sample of them is averaged: the
+# reliability's average over splits converges long before, and enumerating them all would not end.
+MAX_SPLITS = 64
+
+
 def replica_splits(replicas: int) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
     """Every distinct way to pick two disjoint halves of ⌊R/2⌋ replicas each (the order of the halves does
-    not count): 3 splits of 4 replicas, 1 of 2, 3 of 3 (one replica left out each time)."""
+    not count): 3 splits of 4 replicas, 1 of 2, 3 of 3 (one replica left out each time); where there are more
+    than :data:`MAX_SPLITS`, that many distinct ones drawn with a fixed seed."""
     h = replicas // 2
+    if math.comb(replicas, h) * math.comb(replicas - h, h) // 2 > MAX_SPLITS:
+        rng = np.random.default_rng(replicas)
+        seen, out = set(), []
+        while len(out) < MAX_SPLITS:
+            perm = rng.permutation(replicas)
+            a, b = tuple(sorted(perm[:h].tolist())), tuple(sorted(perm[h:2 * h].tolist()))
+            key = frozenset((a, b))
+            if key not in seen:
+                seen.add(key)
+                out.append((a, b))
+        return out
     seen, out = set(), []
     for a in itertools.combinations(range(replicas), h):
         rest = [r for r in range(replicas) if r not in a]

@@ -36,7 +36,7 @@ venv: $(STAMP) ## .venv with the project and its test, vision and distributed ex
 data: venv ## fetch and verify MNIST and FashionMNIST (seconds; FashionMNIST needs Debian's dataset-fashion-mnist)
 	$(TDABENCH) data mnist-cnn fmnist-cnn
 
-test: venv ## run the test suite (what CI runs; about 18 min on 2 cores)
+test: venv ## run the test suite (what CI runs; about 20 min on 2 cores)
 	$(PY) -m pytest -q
 
 test-fast: venv ## the test suite without the tests marked slow

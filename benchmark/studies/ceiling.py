@@ -13,8 +13,6 @@ import datetime as _dt
 import math
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from ..core.stats import CeilingSimulation, ceiling_bias
 from ..evaluate import records
 from ..groundtruth import artifact as gt_artifact
@@ -121,7 +119,7 @@ def run(store: ResultsStore, study: CeilingStudy, log=print) -> dict:
            "what": "the noise ceiling's bias (estimate minus the true datamodel's LDS, from a simulation "
                    "calibrated to each ground truth) and the ceiling corrected for it; docs/protocol.md",
            "settings": {k: entries[k] for k in sorted(entries)}}
-    write_json(out, _finite(doc))
+    write_json(out, records._clean(doc))  # JSON-safe: NaN as null, plain numbers
     return doc
 
 
@@ -134,16 +132,3 @@ def stale(store: ResultsStore, setting: settings_mod.Setting, entry: dict) -> st
     if now == entry.get("root_hash"):
         return None
     return f"computed on ground truth {str(entry.get('root_hash'))[:12]}, the current one is {now[:12]}"
-
-
-def _finite(obj):
-    """JSON-safe: numpy scalars to floats, NaN to None."""
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    if isinstance(obj, (float, np.floating)):
-        return float(obj) if np.isfinite(obj) else None
-    if isinstance(obj, np.integer):
-        return int(obj)
-    return obj
